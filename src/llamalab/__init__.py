@@ -1,0 +1,36 @@
+"""llamalab — a readable, exact Llama: build, train, run, evaluate, serve and explain it.
+
+Public API::
+
+    model, tok = llamalab.load(path_or_name)       # HF dir, .gguf file, run dir, or a preset name
+    model = llamalab.Llama.from_pretrained(dir)    # config.json + *.safetensors
+    model.save_pretrained(dir)                     # loadable by transformers
+    logits = model(input_ids)                      # (B, T) -> (B, T, vocab) float32
+    text = llamalab.generate(model, tok, prompt, max_new_tokens=64, temperature=0.0)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llamalab.config import PRESETS, LlamaConfig
+from llamalab.errors import ConfigError, LlamalabError, TokenizerError, WeightsError
+from llamalab.loading import load
+from llamalab.model import Llama
+
+__version__ = "0.1.0"
+
+__all__ = ["Llama", "LlamaConfig", "PRESETS", "load", "generate", "stream", "ConfigError", "LlamalabError",
+           "TokenizerError", "WeightsError", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llamalab.generate import generate, stream
+
+
+def __getattr__(name: str) -> Any:
+    # generation pulls in more machinery; import it on first use
+    if name in ("generate", "stream"):
+        from llamalab import generate as _gen
+
+        return getattr(_gen, name)
+    raise AttributeError(f"module 'llamalab' has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""`llamalab.load(path_or_name)` -> (model, tokenizer) for an HF dir, a run dir, a .gguf file or a preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamalab.config import PRESETS, LlamaConfig
+from llamalab.errors import WeightsError
+
+
+def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+         **kwargs):
+    """Load a model and its tokenizer (the tokenizer is None where none is stored).
+
+    * a directory with config.json + safetensors (HF layout; llamalab run dirs and checkpoints too),
+    * a ``.gguf`` file (llama architecture; quantized tensors are dequantized unless
+      ``keep_quantized=True``),
+    * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer).
+    """
+    from llamalab.weights.hf import load_hf, resolve_dtype
+
+    p = Path(path_or_name)
+    if p.suffix == ".gguf" or (p.is_file() and p.read_bytes()[:4] == b"GGUF" if p.is_file() else False):
+        if not p.exists():
+            raise WeightsError(f"no such GGUF file: {p}")
+        from llamalab.weights.gguf import load_gguf
+
+        return load_gguf(p, dtype=dtype, device=device, **kwargs)
+    if p.is_dir():
+        run_model = _resolve_run_dir(p)
+        model = load_hf(run_model, dtype=dtype, device=device)
+        from llamalab.tokenizer import load_tokenizer
+
+        return model, load_tokenizer(run_model)
+    if str(path_or_name) in PRESETS:
+        config = LlamaConfig.from_preset(str(path_or_name))
+        target = resolve_dtype(dtype)
+        with torch.device(device):
+            model = Llama_from_config(config)
+        return model.to(target).eval(), None
+    if p.exists():
+        raise WeightsError(f"{p} is neither a model directory nor a .gguf file")
+    raise WeightsError(f"no such model: {path_or_name!s} (not a directory, a .gguf file or a preset name; "
+                       f"presets: {', '.join(sorted(PRESETS))})")
+
+
+def _resolve_run_dir(p: Path) -> Path:
+    """A training run dir keeps its latest model in a subdirectory; point at it."""
+    if (p / "config.json").exists():
+        return p
+    for name in ("final", "latest"):
+        if (p / name / "config.json").exists():
+            return p / name
+    ckpts = sorted((d for d in p.glob("checkpoints/step_*") if (d / "config.json").exists()),
+                   key=lambda d: int(d.name.split("_")[-1]) if d.name.split("_")[-1].isdigit() else -1)
+    if ckpts:
+        return ckpts[-1]
+    raise WeightsError(f"{p} has no config.json (not an HF model directory or a llamalab run dir)")
+
+
+def Llama_from_config(config: LlamaConfig):  # noqa: N802 - reads like a constructor
+    from llamalab.model import Llama
+
+    return Llama(config)

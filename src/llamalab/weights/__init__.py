@@ -1,0 +1,1 @@
+"""Checkpoint formats: Hugging Face safetensors directories (hf.py) and GGUF files (gguf.py)."""

@@ -1,0 +1,235 @@
+"""Hugging Face checkpoint directories: config.json + model.safetensors (or sharded + index.json).
+
+Loading is memory-light: the model is built on the ``meta`` device (no storage), each tensor is read
+from the memory-mapped safetensors file, cast once to the target dtype, and assigned into the module
+(``load_state_dict(assign=True)``), so there is never a second full copy of the weights. Tied
+embeddings (no ``lm_head.weight`` in the files) are re-tied after loading. Nothing is ever
+unpickled: safetensors, or ``torch.load(weights_only=True)`` for legacy ``pytorch_model.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llamalab.config import LlamaConfig
+from llamalab.errors import ConfigError, WeightsError
+
+_IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[key]
+
+
+def to_hf_key(name: str) -> str:
+    """Our parameter name -> the HF LlamaForCausalLM state-dict key."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_key(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", str(size).upper())
+    if not m:
+        raise ConfigError(f"cannot parse size {size!r} (e.g. 500MB, 2GB)")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _weight_files(directory: Path) -> tuple[list[Path], str]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index: {e}") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise WeightsError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files, "safetensors"
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files, "safetensors"
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if bins:
+        return bins, "bin"
+    raise WeightsError(f"no weights in {directory}: expected model.safetensors (or shards with an index)")
+
+
+def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint dir, keyed by HF names (memory-mapped where the format allows)."""
+    directory = Path(directory)
+    files, kind = _weight_files(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if kind == "safetensors":
+            tensors.update(_read_safetensors(f))
+        else:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - report any failure as one line
+                raise WeightsError(f"cannot read {f}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            tensors.update(sd)
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+        return out
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"corrupt or truncated safetensors file {path}: {msg}") from None
+
+
+def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"):
+    """Build a :class:`~llamalab.model.Llama` from an HF directory (config.json + safetensors)."""
+    from llamalab.model import Llama
+
+    directory = Path(path)
+    if not directory.exists():
+        raise WeightsError(f"no such model directory: {directory}")
+    if not directory.is_dir():
+        raise WeightsError(f"{directory} is not a directory (expected config.json + *.safetensors)")
+    if not (directory / "config.json").exists():
+        raise WeightsError(f"{directory} has no config.json")
+    config = LlamaConfig.from_json(directory / "config.json")
+    if config.quantization:
+        from llamalab import quantize
+
+        return quantize.load_quantized(directory, config, device=device)
+    tensors = read_state_dict(directory)
+    return model_from_state_dict(config, {from_hf_key(k): v for k, v in tensors.items()},
+                                 dtype=resolve_dtype(dtype), device=device, source=str(directory))
+
+
+def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                          device: torch.device | str = "cpu", source: str = "checkpoint"):
+    """Meta-build a Llama and assign `state` (our key names) into it, checking names and shapes."""
+    from llamalab.model import Llama
+
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{source}: missing tensor {to_hf_key(missing[0])}{more}")
+    unexpected = [k for k in state if k not in expected and not _IGNORED_KEY.match(k)
+                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected tensor {to_hf_key(unexpected[0])} (not part of a Llama with this "
+                           "config)")
+    final: dict[str, torch.Tensor] = {}
+    for name, p in expected.items():
+        t = state[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightsError(f"{source}: tensor {to_hf_key(name)} has shape {tuple(t.shape)}, config expects "
+                               f"{tuple(p.shape)}")
+        final[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(final, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def hf_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """HF-keyed tensors of a model, tied lm_head written once (omitted), contiguous, optionally cast."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[to_hf_key(name)] = t.contiguous().cpu()
+    return out
+
+
+def save_hf(model, path: str | Path, max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None,
+            extra_config: dict | None = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_size) that transformers loads."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = resolve_dtype(dtype, default=model.dtype)
+    tensors = hf_state_dict(model, target)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        stale.unlink()
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write_bytes(directory / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+    else:
+        weight_map = {}
+        n = len(shards)
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_write_bytes(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_text(directory / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(target).replace("torch.", "")
+    if extra_config:
+        cfg.update(extra_config)
+    atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2) + "\n")
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    return directory
