@@ -65,7 +65,7 @@ class Llama(nn.Module):
                 w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
                 with torch.no_grad():
                     module.weight.copy_(w)
-            elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter):
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
                 with torch.no_grad():
                     module.weight.fill_(1.0)
                     if getattr(module, "bias", None) is not None:

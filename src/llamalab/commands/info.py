@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {report['parameters'] / 1e6:.1f}M parameters, {config.n_layers} layers, "
           f"hidden {config.hidden_size}, {config.n_heads} query heads / {config.n_kv_heads} KV heads ({kind}), "
           f"head_dim {config.head_dim}, vocab {config.vocab_size}")
-    print(f"  weights: {report['weight_bytes'] / 2**20:,.1f} MiB; KV cache: {report['kv_cache_bytes_per_token'] / 1024:,.1f}"
-          f" KiB/token, {report['kv_cache_bytes'] / 2**20:,.1f} MiB at {report['context_len']:,} tokens")
+    kv_kib = report["kv_cache_bytes_per_token"] / 1024
+    kv_mib = report["kv_cache_bytes"] / 2**20
+    print(f"  weights: {report['weight_bytes'] / 2**20:,.1f} MiB; KV cache: {kv_kib:,.1f} KiB/token, "
+          f"{kv_mib:,.1f} MiB at {report['context_len']:,} tokens")
     rs = config.rope_scaling
     print(f"  RoPE: theta {config.rope_theta:g}" + (f", scaling {rs}" if rs else ", no scaling"))
     return 0

@@ -109,7 +109,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"):
     """Build a :class:`~llamalab.model.Llama` from an HF directory (config.json + safetensors)."""
-    from llamalab.model import Llama
 
     directory = Path(path)
     if not directory.exists():
