@@ -76,6 +76,10 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other HF keys, written back as-is
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
