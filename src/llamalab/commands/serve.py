@@ -1,0 +1,34 @@
+"""`llamalab serve --model PATH`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF dir, .gguf file or run dir (with a tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows; default 8)")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="context per sequence, capped by the model's (default 2048)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429 (default 64)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from llamalab.errors import LlamalabError
+    from llamalab.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise LlamalabError(f"--port must be in 0..65535, got {args.port}")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          dtype=args.dtype, log_level=args.log_level, max_batch=args.max_batch, max_len=args.max_len,
+          max_queue=args.max_queue, max_body_bytes=args.max_body)
+    return 0

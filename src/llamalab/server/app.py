@@ -1,0 +1,327 @@
+"""The HTTP side: an OpenAI-compatible FastAPI app in front of an :class:`~llamalab.server.engine.Engine`.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (non-streaming, or server-sent events ending with ``data: [DONE]``).
+
+Each request is checked (:mod:`llamalab.server.protocol`), tokenized (the chat template for chat),
+checked against the context, and queued on the engine as one job per prompt; the handler then waits
+on an asyncio queue that the engine thread feeds. A client that goes away cancels its jobs, so their
+rows are freed for others. With an API key set, ``/v1/*`` needs ``Authorization: Bearer KEY``
+(``/health`` stays open for liveness probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llamalab.generate import stop_token_ids
+from llamalab.server.engine import Delta, Engine, Failed, GenOptions, Job, QueueFull
+from llamalab.server.protocol import APIError, GenerationRequest, parse_json, parse_request
+
+log = logging.getLogger("llamalab.serve")
+
+DISCONNECT_POLL_S = 0.5
+
+
+def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """Build the app. ``engine`` must be started (:meth:`Engine.start`) before requests arrive."""
+    app = FastAPI(title="llamalab", description="OpenAI-compatible server for a llamalab model",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.model_id = model_id
+    created = int(time.time())
+    tok = engine.tok
+    config = engine.model.config
+    stop_ids = stop_token_ids(engine.model, tok)  # the tokenizer's stop tokens and the config's eos ids
+
+    # ----------------------------------------------------------------- errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+                            if e.status == 401 else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"internal error: {e}", type="server_error").body(), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {max_body_bytes}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
+    # ----------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped", "model": model_id, **engine.stats()},
+                            status_code=200 if ok else 503)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "llamalab",
+                "max_model_len": engine.max_len}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        if name != model_id:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        req = parse_request(await read_json(request), "completion", [model_id])
+        return await handle(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        req = parse_request(await read_json(request), "chat", [model_id])
+        return await handle(request, req)
+
+    # ----------------------------------------------------------------- generation
+    def tokenize(req: GenerationRequest) -> list[list[int]]:
+        out = []
+        for p in req.prompts:
+            if req.kind == "chat":
+                if not getattr(tok, "chat_template", None):
+                    raise APIError(400, "this model has no chat template; use /v1/completions",
+                                   param="messages", code="no_chat_template")
+                try:
+                    text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                    ids = tok.encode(text)
+                except Exception as e:
+                    raise APIError(400, f"could not apply the chat template: {e}", param="messages") from None
+            elif isinstance(p, str):
+                ids = tok.encode(p)
+            else:
+                bad = [t for t in p if not 0 <= t < config.vocab_size]
+                if bad:
+                    raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {config.vocab_size})",
+                                   param="prompt", code="invalid_value")
+                ids = list(p)
+            if not ids:
+                raise APIError(400, "the prompt is empty (no tokens)", param="prompt", code="invalid_value")
+            if len(ids) >= engine.max_len:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.max_len} "
+                                    "tokens and at least one must be left for the answer",
+                               param="messages" if req.kind == "chat" else "prompt",
+                               code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    def max_tokens_for(req: GenerationRequest, n_prompt: int) -> int:
+        room = engine.max_len - n_prompt
+        if req.max_tokens is None:
+            return room if req.kind == "chat" else min(16, room)
+        if req.max_tokens > room:
+            param = "max_completion_tokens" if req.kind == "chat" else "max_tokens"
+            raise APIError(400, f"max_tokens is {req.max_tokens} but the prompt has {n_prompt} tokens and the "
+                                f"context is {engine.max_len}: at most {room} tokens can be generated",
+                           param=param, code="context_length_exceeded")
+        return req.max_tokens
+
+    async def handle(request: Request, req: GenerationRequest):
+        if req.n > engine.max_batch:
+            raise APIError(400, f"'n' is {req.n} but this server runs at most {engine.max_batch} sequences at once",
+                           param="n", code="invalid_value")
+        prompt_ids = tokenize(req)
+        limits = [max_tokens_for(req, len(ids)) for ids in prompt_ids]
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | Failed] = asyncio.Queue()
+
+        def sink(ev: Delta | Failed) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        jobs = [Job(ids, req.params, GenOptions(max_tokens=mt, stop=req.stop, stop_token_ids=stop_ids, n=req.n,
+                                                first_index=i * req.n), sink)
+                for i, (ids, mt) in enumerate(zip(prompt_ids, limits))]
+        try:
+            engine.submit(jobs)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
+        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        total = len(jobs) * req.n
+        if req.stream:
+            return StreamingResponse(stream_events(request, req, rid, jobs, queue, total, prompt_ids),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return await collect(request, req, rid, jobs, queue, total, prompt_ids)
+        finally:
+            for j in jobs:
+                j.cancel()
+
+    async def next_event(request: Request, queue: asyncio.Queue) -> Delta | Failed | None:
+        """The next engine event, or None once the client has gone away."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def collect(request, req, rid, jobs, queue, total, prompt_ids) -> Response:
+        texts = [""] * total
+        lps: list[list] = [[] for _ in range(total)]
+        ids: list[list[int]] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        completion_tokens = 0
+        remaining = total
+        while remaining:
+            ev = await next_event(request, queue)
+            if ev is None:
+                return Response(status_code=499)  # client gone (nginx's code); the caller cancels its jobs
+            if isinstance(ev, Failed):
+                raise APIError(500, ev.message, type="server_error")
+            texts[ev.index] += ev.text
+            ids[ev.index] += ev.token_ids
+            if ev.logprobs:
+                lps[ev.index] += ev.logprobs
+            if ev.finish_reason:
+                finish[ev.index] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
+                remaining -= 1
+        prompt_tokens = sum(len(p) for p in prompt_ids)
+        choices = []
+        for i in range(total):
+            if req.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                                "logprobs": chat_logprobs(lps[i]) if req.params.logprobs else None,
+                                "finish_reason": finish[i]})
+            else:
+                prefix = echo_text(req, prompt_ids, i)
+                choices.append({"index": i, "text": prefix + texts[i],
+                                "logprobs": completion_logprobs(lps[i], len(prefix))
+                                if req.logprobs is not None else None,
+                                "finish_reason": finish[i]})
+        return JSONResponse({"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
+                             "created": int(time.time()), "model": model_id, "choices": choices,
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                       "total_tokens": prompt_tokens + completion_tokens}})
+
+    async def stream_events(request, req, rid, jobs, queue, total, prompt_ids) -> AsyncIterator[str]:
+        chat = req.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        offsets = [0] * total
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model_id,
+                                    "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            for i in range(total):
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                elif req.echo:
+                    prefix = echo_text(req, prompt_ids, i)
+                    offsets[i] = len(prefix)
+                    yield chunk([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}])
+            remaining, completion_tokens = total, 0
+            while remaining:
+                ev = await next_event(request, queue)
+                if ev is None:
+                    return
+                if isinstance(ev, Failed):
+                    err = APIError(500, ev.message, type="server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                if ev.finish_reason:
+                    remaining -= 1
+                    completion_tokens += ev.completion_tokens
+                if chat:
+                    delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}
+                    lp = chat_logprobs(ev.logprobs or []) if req.params.logprobs else None
+                    yield chunk([{"index": ev.index, "delta": delta, "logprobs": lp,
+                                  "finish_reason": ev.finish_reason}])
+                else:
+                    lp = completion_logprobs(ev.logprobs or [], offsets[ev.index]) \
+                        if req.logprobs is not None else None
+                    offsets[ev.index] += len(ev.text)
+                    yield chunk([{"index": ev.index, "text": ev.text, "logprobs": lp,
+                                  "finish_reason": ev.finish_reason}])
+            else:
+                if req.include_usage:
+                    pt = sum(len(p) for p in prompt_ids)
+                    yield chunk([], {"prompt_tokens": pt, "completion_tokens": completion_tokens,
+                                     "total_tokens": pt + completion_tokens})
+            yield "data: [DONE]\n\n"
+        finally:
+            for j in jobs:
+                j.cancel()
+
+    # ----------------------------------------------------------------- logprobs and echo
+    def token_text(t: int) -> str:
+        return tok.decode([t], skip_special_tokens=False)
+
+    def chat_logprobs(items) -> dict[str, Any]:
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            s = token_text(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+                            for x in items]}
+
+    def completion_logprobs(items, offset: int) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for x in items:
+            s = token_text(x.token_id)
+            tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+                "top_logprobs": [{token_text(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+
+    def echo_text(req: GenerationRequest, prompt_ids: list[list[int]], choice: int) -> str:
+        if not req.echo:
+            return ""
+        p = req.prompts[choice // req.n]
+        return p if isinstance(p, str) else tok.decode(prompt_ids[choice // req.n])
+
+    return app
