@@ -1,0 +1,1040 @@
+"""Training: a reusable loop (:func:`train_loop`) and the from-scratch recipe behind ``llamalab train``.
+
+Objective: next-token cross-entropy, ``L = -1/N Σ_t log p(x_{t+1} | x_{≤t})`` (nats per token); the
+validation loss is also reported in **bits per character**, ``L · tokens/chars / ln 2``, which does
+not depend on the tokenizer.
+
+Optimiser: AdamW (Loshchilov & Hutter, 2019) with weight decay on matrices only (embeddings and
+projections; not the norm gains), linear warmup then cosine decay to ``min_lr``
+(``lr(s) = min + ½(max − min)(1 + cos(π·(s − w)/(S − w)))``), global-norm gradient clipping,
+gradient accumulation, bf16 autocast where the hardware has bf16 (fp32 master weights; never fp16,
+which is ~400x slower on CPU), optional ``torch.compile``.
+
+Reusable core (fine-tuning builds on it)::
+
+    result = train_loop(model, batches, LoopConfig(steps=..., lr=...), run_dir,
+                         tokenizer=None,     # saved with each checkpoint (tok.save)
+                         loss_fn=None,       # loss_fn(model, batch) -> scalar; default: LM loss on (x, y)
+                         params=None,        # what to optimise (default: parameters with requires_grad)
+                         eval_fn=None,       # eval_fn(model) -> {"val_loss": ..., ...}, every eval_every steps
+                         save_fn=None,       # save_fn(model, dir): the model part of a checkpoint
+                                             # (default: model.save_pretrained(dir), HF layout)
+                         resume=False,       # continue from the newest valid checkpoint in run_dir
+                         ctx=None,           # llamalab.distributed.DistContext (None: single process)
+                         flops_per_token=None, tokens_per_step=None, progress=True)
+    # -> LoopResult(step, losses, val, run_dir, last_checkpoint, interrupted)
+
+``batches`` is any iterator of micro-batches (``next()``); with ``state_dict()``/``load_state_dict()``
+(as :class:`llamalab.data.Batches` has) its position is checkpointed and resume is exact.
+Each optimiser step takes ``grad_accum`` micro-batches.
+
+Run dir::
+
+    run_dir/train_config.toml   resolved config          log.jsonl   one JSON object per log/eval line
+    run_dir/loss.png            loss curve               samples.txt text sampled at the end
+    run_dir/checkpoints/step_N/ config.json + model.safetensors + tokenizer.json (HF layout), and
+                                trainer.json (step, data position, loop config), rng_rank*.pt,
+                                state/ (torch.distributed.checkpoint: model + optimizer, sharded),
+                                manifest.json (sha256 of every file, written last)
+    run_dir/final/              the final model (HF layout) + tokenizer: ``llamalab.load(run_dir)``
+
+A checkpoint is written into ``.tmp_step_N`` and renamed when complete (atomic); on resume each
+candidate's manifest is checked (sizes and hashes) and a corrupt one is reported and skipped.
+Saved every ``ckpt_every`` steps, at the end, and on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamalab.errors import ConfigError, LlamalabError
+
+# =============================================================================================== loop config
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    compile: bool = False
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
+
+    def lr_at(self, step: int) -> float:
+        """Warmup (linear from lr/warmup) then cosine decay to min_lr at the last step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class LoopResult:
+    step: int
+    run_dir: Path
+    losses: list[float] = field(default_factory=list)
+    val: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    interrupted: bool = False
+    tokens_per_s: float = 0.0
+    minutes: float = 0.0
+
+
+# =============================================================================================== helpers
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32 (never fp16 for training), got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(f"bf16 is not supported on this {device.type} device; use precision = \"fp32\"")
+    return precision
+
+
+_PEAK_CACHE: dict[tuple[str, str], float] = {}
+
+
+def measured_peak_flops(device: torch.device, precision: str) -> float:
+    """Matmul FLOP/s measured here (a 1024–4096 square GEMM), the denominator of MFU."""
+    key = (str(device), precision)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    reps = 4
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / reps)
+    _PEAK_CACHE[key] = 2 * n**3 / best
+    return _PEAK_CACHE[key]
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6·(matmul parameters) + 12·layers·(heads·head_dim)·seq_len (PaLM's estimate, forward + backward)."""
+    cfg = getattr(model, "config", None)
+    seen: set[int] = set()
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) not in seen:
+            seen.add(id(mod.weight))
+            n += mod.weight.numel()
+    attn = 0 if cfg is None else 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return 6 * n + attn
+
+
+def lm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch ``(x, y)`` (y = x shifted by one)."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def make_optimizer(params: list[nn.Parameter] | None, model: nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (ndim >= 2) only."""
+    ps = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    unique = list({id(p): p for p in ps}.values())
+    if not unique:
+        raise LlamalabError("nothing to train: no parameter requires grad")
+    decay = [p for p in unique if p.ndim >= 2]
+    no_decay = [p for p in unique if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.device.type == "cuda" for p in unique) and not any(
+        type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in unique)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=fused or None)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for d in (run_dir / "checkpoints").glob("step_*"):
+        tail = d.name.split("_")[-1]
+        if d.is_dir() and tail.isdigit():
+            out.append((int(tail), d))
+    return sorted(out)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not."""
+    manifest = ckpt / "manifest.json"
+    if not manifest.exists():
+        return "no manifest.json (incomplete)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"unreadable manifest.json ({e})"
+    for rel, info in files.items():
+        p = ckpt / rel
+        if not p.exists():
+            return f"missing {rel}"
+        if p.stat().st_size != info["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {info['size']}"
+        if _sha256(p) != info["sha256"]:
+            return f"{rel} is corrupt (checksum mismatch)"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    for step, ckpt in reversed(checkpoint_steps(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"warning: checkpoint {ckpt} is unusable: {problem}; trying an older one")
+        del step
+    return None
+
+
+# =============================================================================================== the loop
+class _Stopper:
+    """SIGTERM (torchrun, schedulers) behaves like Ctrl-C: checkpoint, then stop."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+
+    def __enter__(self) -> _Stopper:
+        if _in_main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Checkpointer:
+    """Writes and reads the run's checkpoints (all ranks take part; rank 0 renames and prunes)."""
+
+    def __init__(self, run_dir: Path, ctx: Any, tokenizer: Any = None, save_fn: Callable | None = None,
+                 keep: int = 2, model_config: Any = None, extra: dict | None = None) -> None:
+        self.run_dir, self.ctx, self.tokenizer, self.save_fn = run_dir, ctx, tokenizer, save_fn
+        self.keep, self.model_config, self.extra = keep, model_config, extra or {}
+
+    def _full_model_for_export(self, model: nn.Module) -> nn.Module | None:
+        """The plain model rank 0 saves in HF layout (gathered from FSDP shards when needed)."""
+        from llamalab.distributed import unwrap
+
+        inner = unwrap(model)
+        if self.ctx is not None and self.ctx.distributed and self.ctx.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            from llamalab.weights.hf import model_from_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.ctx.is_main:
+                return None
+            cfg = inner.config
+            full = {_clean_key(k): v for k, v in full.items()}
+            if cfg.tie_word_embeddings:
+                full.pop("lm_head.weight", None)
+            return model_from_state_dict(cfg, full, dtype=torch.float32)
+        return _strip_wrappers(inner) if self.ctx is None or self.ctx.is_main else None
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, trainer_state: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        ctx = self.ctx
+        is_main = ctx is None or ctx.is_main
+        root = self.run_dir / "checkpoints"
+        final = root / f"step_{step}"
+        tmp = root / f".tmp_step_{step}"
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if ctx is not None:
+            ctx.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+        export = self._full_model_for_export(model)
+        rank = 0 if ctx is None else ctx.rank
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if is_main:
+            assert export is not None
+            (self.save_fn or _default_save)(export, tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+            info = dict(trainer_state, step=step, world=1 if ctx is None else ctx.world, **self.extra)
+            if self.model_config is not None:
+                info["model_config"] = self.model_config.to_hf_dict()
+            _write_json_atomic(tmp / "trainer.json", info)
+        if ctx is not None:
+            ctx.barrier()
+        if is_main:
+            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_json_atomic(tmp / "manifest.json", {"step": step, "files": files})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            for _, old in checkpoint_steps(self.run_dir)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        if ctx is not None:
+            ctx.barrier()
+        return final
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, checkpoint_id=str(ckpt / "state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rank = 0 if self.ctx is None else self.ctx.rank
+        rng = ckpt / f"rng_rank{rank}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((ckpt / "trainer.json").read_text())
+
+
+def _clean_key(k: str) -> str:
+    for part in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        k = k.replace(part, "")
+    return k
+
+
+def _strip_wrappers(model: nn.Module) -> nn.Module:
+    """A model whose blocks were wrapped (activation checkpointing / compile) saved under clean names."""
+    names = [n for n, _ in model.named_parameters()]
+    if not any("_checkpoint_wrapped_module" in n or "_orig_mod" in n for n in names):
+        return model
+    from llamalab.weights.hf import model_from_state_dict
+
+    cfg = model.config
+    sd = {_clean_key(k): v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return model_from_state_dict(cfg, sd, dtype=torch.float32)
+
+
+def _default_save(model: nn.Module, directory: Path) -> None:
+    model.save_pretrained(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= upto_step:
+            rows.append(row)
+    return rows
+
+
+def plot_losses(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_log(log_path, 1 << 62)
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: str | Path, *,
+               tokenizer: Any = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+               params: list[nn.Parameter] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
+               save_fn: Callable[[nn.Module, Path], None] | None = None, resume: bool = False, ctx: Any = None,
+               flops_per_token: float | None = None, tokens_per_step: int | None = None, progress: bool = True,
+               model_config: Any = None, extra_state: dict | None = None) -> LoopResult:
+    """Run ``cfg.steps`` optimiser steps of ``loss_fn`` over ``batches``; see the module docstring."""
+    from tqdm import tqdm
+
+    from llamalab.distributed import DistContext, no_grad_sync
+
+    run_dir = Path(run_dir)
+    ctx = ctx or DistContext(device=next(model.parameters()).device)
+    is_main = ctx.is_main
+    loss_fn = loss_fn or lm_loss
+    device = ctx.device
+    precision = resolve_precision(cfg.precision, device)
+    fsdp_mp = ctx.distributed and ctx.strategy == "fsdp"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and not fsdp_mp
+                else nullcontext())
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model_config = model_config if model_config is not None else getattr(
+        getattr(model, "module", model), "config", None)
+    optimizer = make_optimizer(params, model, cfg)
+    ckpt = Checkpointer(run_dir, ctx, tokenizer, save_fn, cfg.keep_checkpoints, model_config, extra_state)
+    step = 0
+    tokens_seen = 0
+    elapsed = 0.0
+    if resume:
+        found = latest_valid_checkpoint(run_dir, say) if is_main else None
+        found_s = ctx.broadcast_str(str(found) if found else "")
+        if found_s:
+            state = ckpt.load(model, optimizer, Path(found_s))
+            step, tokens_seen, elapsed = state["step"], state.get("tokens", 0), state.get("elapsed_s", 0.0)
+            if hasattr(batches, "load_state_dict") and "data" in state:
+                batches.load_state_dict(state["data"])
+            say(f"resumed from {found_s} (step {step})")
+        elif is_main and checkpoint_steps(run_dir):
+            raise LlamalabError(f"no usable checkpoint in {run_dir / 'checkpoints'} to resume from")
+    log_path = run_dir / "log.jsonl"
+    if is_main:
+        kept = _read_log(log_path, step) if resume else []
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    train_model = torch.compile(model) if cfg.compile else model
+    peak = measured_peak_flops(device, precision) * ctx.world if flops_per_token else 0.0
+
+    def trainer_state() -> dict:
+        return {"tokens": tokens_seen, "elapsed_s": elapsed, "loop": asdict(cfg),
+                "data": batches.state_dict() if hasattr(batches, "state_dict") else None}
+
+    def log(row: dict) -> None:
+        if is_main:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def run_eval() -> dict:
+        if eval_fn is None:
+            return {}
+        model.eval()
+        with torch.no_grad(), autocast:
+            out = eval_fn(model)
+        model.train()
+        log({"step": step, **out})
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+        say(f"step {step}: {parts}")
+        return out
+
+    result = LoopResult(step=step, run_dir=run_dir)
+    last_ckpt_step = step if resume else -1
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    kill_at = os.environ.get("LLAMALAB_DEBUG_KILL_AT_STEP")  # test hook: SIGKILL this process at a step
+    kill_rank = int(os.environ.get("LLAMALAB_DEBUG_KILL_RANK", "-1"))
+    model.train()
+    t_window, tok_window = time.perf_counter(), 0
+    t_start = time.perf_counter() - elapsed
+    try:
+        with _Stopper():
+            while step < cfg.steps:
+                if kill_at is not None and int(kill_at) == step and kill_rank in (-1, ctx.rank):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                lr = cfg.lr_at(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                loss_sum = torch.zeros((), device=device)
+                step_tokens = 0
+                for micro in range(cfg.grad_accum):
+                    batch = _to_device(next(batches), device)
+                    with no_grad_sync(train_model, ctx, sync=micro == cfg.grad_accum - 1):
+                        with autocast:
+                            loss = loss_fn(train_model, batch)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float()
+                    if isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
+                        step_tokens += batch[0].numel()
+                grad_norm = 0.0
+                if cfg.grad_clip > 0:
+                    gn = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                        cfg.grad_clip)
+                    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_val = ctx.all_reduce_mean(loss_sum / cfg.grad_accum)
+                if not math.isfinite(loss_val):
+                    raise LlamalabError(f"loss became {loss_val} at step {step}: lower the learning rate")
+                step_tokens = tokens_per_step or step_tokens * ctx.world
+                tokens_seen += step_tokens
+                tok_window += step_tokens
+                elapsed = time.perf_counter() - t_start
+                result.losses.append(loss_val)
+                if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                    dt = time.perf_counter() - t_window
+                    tps = tok_window / max(dt, 1e-9)
+                    mfu = tps * flops_per_token / peak if peak else 0.0
+                    log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                         "tok_per_s": tps, "mfu": mfu, "elapsed_s": elapsed})
+                    bar.set_postfix_str(f"loss {loss_val:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}%",
+                                        refresh=False)
+                    result.tokens_per_s = tps
+                    t_window, tok_window = time.perf_counter(), 0
+                bar.update(1)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    result.val = run_eval()
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                    result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
+                    last_ckpt_step = step
+                if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
+                    say(f"time limit of {cfg.max_minutes} minutes reached at step {step}")
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        result.interrupted = True
+        if step > 0 and step != last_ckpt_step:
+            say(f"interrupted at step {step}: writing a checkpoint (resume with --resume)")
+            result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
+        result.step = step
+        raise
+    bar.close()
+    result.val = run_eval() or result.val
+    if step != last_ckpt_step:
+        result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
+    if is_main and log_path.exists():
+        try:
+            plot_losses(log_path, run_dir / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a plot must never lose a run
+            say(f"warning: could not draw the loss curve: {e}")
+    result.step = step
+    result.minutes = elapsed / 60
+    return result
+
+
+# =============================================================================================== TOML config
+DEFAULTS: dict[str, Any] = {
+    "name": "",  # run name (default: the config file's stem)
+    "out_dir": "runs",
+    "seed": 1337,
+    "data": {"corpus": "shakespeare", "tokenizer": "bpe", "vocab_size": 2048, "val_fraction": 0.05,
+             "cache_dir": "data_cache"},
+    "model": {"preset": "tiny"},  # plus any LlamaConfig field (hidden_size, n_layers, ...)
+    "train": {"steps": 1000, "batch_size": 32, "seq_len": 256, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4,
+              "warmup_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
+              "precision": "auto", "compile": False, "device": "auto", "max_minutes": 0.0},
+    "eval": {"every": 200, "tokens": 65536, "batch_size": 16},
+    "checkpoint": {"every": 500, "keep": 2},
+    "log": {"every": 10},
+    "sample": {"prompts": ["\n"], "max_new_tokens": 160, "temperature": 0.8, "top_k": 40, "count": 3},
+    "distributed": {"strategy": "auto", "activation_checkpointing": False, "compile_blocks": False,
+                    "timeout_s": 300, "backend": "auto"},
+}
+_MODEL_FIELDS = {"preset", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+                 "initializer_range", "norm_type"}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def _set_dotted(cfg: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _find_section(key: str) -> str:
+    if key in DEFAULTS and not isinstance(DEFAULTS[key], dict):
+        return key
+    hits = [s for s, v in DEFAULTS.items() if isinstance(v, dict) and key in v]
+    if key in _MODEL_FIELDS:
+        hits.append("model")
+    hits = list(dict.fromkeys(hits))
+    if len(hits) == 1:
+        return f"{hits[0]}.{key}"
+    if not hits:
+        raise ConfigError(f"unknown config key {key!r}")
+    raise ConfigError(f"ambiguous config key {key!r}: say {' or '.join(f'{h}.{key}' for h in hits)}")
+
+
+def _merge(base: dict, new: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        path = f"{where}{k}"
+        if where == "model.":
+            if k not in _MODEL_FIELDS:
+                raise ConfigError(f"unknown config key {path!r}; model keys: {', '.join(sorted(_MODEL_FIELDS))}")
+            out[k] = v
+            continue
+        if k not in base:
+            section = where.rstrip(".") or "top level"
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key {path!r} (in {section}; known: {known})")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {path!r} must be a section ([{path}])")
+            out[k] = _merge(base[k], v, f"{path}.")
+        else:
+            out[k] = _check_type(path, base[k], v)
+    return out
+
+
+def _check_type(path: str, default: Any, v: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(f"{path} must be true or false, got {v!r}")
+    elif isinstance(default, int):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{path} must be an integer, got {v!r}")
+    elif isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {v!r}")
+        v = float(v)
+    elif isinstance(default, str):
+        if not isinstance(v, str):
+            raise ConfigError(f"{path} must be a string, got {v!r}")
+    elif isinstance(default, list):
+        if not isinstance(v, list):
+            v = [v]
+    return v
+
+
+def load_config(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None,
+                **kwargs: Any) -> dict:
+    """Defaults ← TOML file (or dict) ← overrides (``["train.lr=1e-3", ...]`` or a dict) ← keyword args.
+
+    Keyword args may name a key by its leaf when unambiguous (``steps=100``) or with ``__`` for the dot
+    (``train__lr=1e-3``). Unknown keys and wrong types raise :class:`ConfigError`.
+    """
+    raw: dict[str, Any] = {}
+    name = ""
+    if isinstance(config, dict):
+        raw = copy.deepcopy(config)
+    elif config is not None:
+        path = resolve_config_path(config)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        name = path.stem
+    cfg = _merge(DEFAULTS, raw)
+    flat: dict[str, Any] = {}
+    if isinstance(overrides, dict):
+        flat.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-3)")
+            k, v = item.split("=", 1)
+            flat[k.strip()] = _parse_value(v.strip())
+    for k, v in kwargs.items():
+        flat[k.replace("__", ".")] = v
+    nested: dict[str, Any] = {}
+    for k, v in flat.items():
+        _set_dotted(nested, k if "." in k else _find_section(k), v)
+    cfg = _merge(cfg, nested)
+    if not cfg["name"]:
+        cfg["name"] = name or "run"
+    return cfg
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    p = Path(config)
+    if p.exists():
+        return p
+    repo_configs = Path(__file__).resolve().parents[2] / "configs"
+    for cand in (Path("configs") / f"{config}.toml", repo_configs / f"{config}.toml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"no such config file: {config}")
+
+
+def to_toml(cfg: dict) -> str:
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    lines = [f"{k} = {val(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"
+
+
+def model_config_from(cfg: dict, vocab_size: int, bos: int | None = None, eos: int | None = None):
+    """The LlamaConfig a training config describes (raises ConfigError for impossible shapes)."""
+    from llamalab.config import PRESETS, LlamaConfig
+
+    m = dict(cfg["model"])
+    preset = m.pop("preset", None) or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    if "n_heads" in m and "head_dim" not in m:
+        m["head_dim"] = None
+    try:
+        mc = LlamaConfig.from_preset(preset, **m, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos,
+                                     torch_dtype="float32")
+    except TypeError as e:
+        raise ConfigError(f"bad [model] section: {e}") from None
+    seq_len = cfg["train"]["seq_len"]
+    if seq_len > mc.max_position_embeddings:
+        raise ConfigError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings "
+                          f"{mc.max_position_embeddings}")
+    return mc
+
+
+def validate(cfg: dict, world: int = 1) -> None:
+    """Every check that needs no data: raises a one-line ConfigError before any work."""
+    from llamalab.data import check_corpus
+
+    t = cfg["train"]
+    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if t[key] <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {t[key]}")
+    if not t["lr"] > 0 or t["min_lr"] < 0 or t["min_lr"] > t["lr"]:
+        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (got lr {t['lr']}, min_lr {t['min_lr']})")
+    if t["warmup_steps"] < 0:
+        raise ConfigError("train.warmup_steps must be >= 0")
+    if t["batch_size"] % (t["grad_accum"] * world):
+        raise ConfigError(f"train.batch_size {t['batch_size']} must be divisible by grad_accum ({t['grad_accum']}) "
+                          f"x processes ({world})")
+    resolve_precision(t["precision"], torch.device("cpu") if t["device"] in ("auto", "cpu") else
+                      torch.device(t["device"])) if t["precision"] != "auto" else None
+    if cfg["distributed"]["strategy"] not in ("auto", "none", "ddp", "fsdp"):
+        raise ConfigError(f"distributed.strategy must be auto, none, ddp or fsdp, got "
+                          f"{cfg['distributed']['strategy']!r}")
+    d = cfg["data"]
+    if not 0 <= d["val_fraction"] < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d['val_fraction']}")
+    check_corpus(d["corpus"])
+    if d["tokenizer"] != "bpe" and not Path(d["tokenizer"]).exists():
+        raise ConfigError(f"data.tokenizer must be \"bpe\" (train one) or a model/tokenizer dir; "
+                          f"{d['tokenizer']} does not exist")
+    model_config_from(cfg, d["vocab_size"] if d["tokenizer"] == "bpe" else 1024)
+
+
+# =============================================================================================== from scratch
+def build_tokenizer(cfg: dict, progress: bool = True):
+    from llamalab import bpe, data
+
+    d = cfg["data"]
+    if d["tokenizer"] != "bpe":
+        from llamalab.tokenizer import load_tokenizer
+
+        p = Path(d["tokenizer"])
+        if p.suffix == ".gguf":
+            from llamalab.loading import load
+
+            _, tok = load(p)
+        else:
+            tok = load_tokenizer(p)
+        if tok is None:
+            raise ConfigError(f"no tokenizer found in {p}")
+        return tok, None
+    docs = data.load_documents(d["corpus"])
+    train_docs, _ = data.split_documents(docs, d["val_fraction"])
+    key = data.corpus_key(d["corpus"], d["val_fraction"])
+    tok = bpe.cached_tokenizer(key, [doc.text for doc in train_docs], d["vocab_size"], d["cache_dir"])
+    return tok, docs
+
+
+def make_eval_fn(corpus, seq_len: int, batch_size: int, max_tokens: int, ctx: Any) -> Callable[[nn.Module], dict]:
+    from llamalab.data import iter_eval_batches
+
+    def eval_fn(model: nn.Module) -> dict:
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, y in iter_eval_batches(corpus.val, seq_len, batch_size, max_tokens, ctx.rank, ctx.world):
+            logits = model(x.to(ctx.device))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(ctx.device).reshape(-1),
+                                   reduction="sum")
+            total += torch.tensor([float(loss), y.numel()], dtype=torch.float64)
+        total = ctx.all_reduce_sum(total)
+        if total[1] == 0:
+            return {}
+        val_loss = float(total[0] / total[1])
+        return {"val_loss": val_loss, "val_bpc": corpus.bits_per_char(val_loss)}
+
+    return eval_fn
+
+
+def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path) -> str:
+    s = cfg["sample"]
+    model.eval()
+    texts = []
+    prompts = list(s["prompts"]) or ["\n"]
+    for i in range(s["count"]):
+        prompt = prompts[i % len(prompts)]
+        try:
+            from llamalab.generate import generate
+
+            out = generate(model, tok, prompt, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                           top_k=s["top_k"], seed=cfg["seed"] + i)
+        except ImportError:
+            out = _simple_sample(model, tok, prompt, s["max_new_tokens"], s["temperature"], s["top_k"],
+                                 cfg["seed"] + i)
+        texts.append(f"--- sample {i + 1} (prompt {prompt!r})\n{prompt}{out}\n")
+    text = "\n".join(texts)
+    path.write_text(text)
+    return text
+
+
+def _simple_sample(model: nn.Module, tok: Any, prompt: str, n: int, temperature: float, top_k: int,
+                   seed: int) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    ids = tok.encode(prompt) or [tok.eos_token_id or 0]
+    x = torch.tensor([ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(x[:, -model.config.max_position_embeddings:], last_only=True)[0, -1] / max(temperature,
+                                                                                                      1e-5)
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.numel()))
+                logits[logits < v[-1]] = -float("inf")
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            if nxt in tok.stop_token_ids:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return tok.decode(out)
+
+
+def train(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None, *,
+          resume: bool = False, overwrite: bool = False, progress: bool = True, **kwargs: Any) -> Path:
+    """Train a Llama from scratch as a config describes; returns the run dir (``llamalab.load(run_dir)`` works).
+
+    ``train("configs/shakespeare.toml", ["train.steps=200"])`` or ``train("shakespeare", steps=200)``.
+    Under torchrun, every process calls this; only rank 0 writes logs and prints.
+    """
+    from llamalab import distributed
+
+    cfg = load_config(config, overrides, **kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched_by_torchrun() else 1
+    validate(cfg, world)
+    run_dir = Path(cfg["out_dir"]) / cfg["name"]
+    if not resume and checkpoint_steps(run_dir):
+        if not overwrite:
+            raise LlamalabError(f"run dir {run_dir} already has checkpoints: pass --resume to continue it, "
+                                "--overwrite to start again, or choose another name (--set name=...)")
+    dcfg, t = cfg["distributed"], cfg["train"]
+    ctx = distributed.init(dcfg["strategy"], t["device"], dcfg["backend"], dcfg["timeout_s"])
+    try:
+        return _train(cfg, ctx, run_dir, resume, overwrite, progress)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, progress: bool) -> Path:
+    from llamalab import data, distributed
+    from llamalab.model import Llama
+
+    t, d, dcfg = cfg["train"], cfg["data"], cfg["distributed"]
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if ctx.is_main and overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    # tokenizer + shards: rank 0 first (fills the caches), the others then read them
+    tok = corpus = None
+    for turn in (0, 1):
+        if (turn == 0) == ctx.is_main:
+            tok, docs = build_tokenizer(cfg, progress)
+            corpus = data.prepare(d["corpus"], tok, val_fraction=d["val_fraction"], cache_dir=d["cache_dir"],
+                                  progress=progress and ctx.is_main, documents=docs)
+        ctx.barrier()
+    assert tok is not None and corpus is not None
+    mc = model_config_from(cfg, tok.vocab_size, tok.bos_token_id, tok.eos_token_id)
+    precision = resolve_precision(t["precision"], ctx.device)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = copy.deepcopy(cfg)
+        (run_dir / "train_config.toml").write_text(to_toml(resolved))
+        say(f"run dir: {run_dir}  |  corpus {d['corpus']}: {corpus.train.n_tokens:,} train tokens, "
+            f"{corpus.val.n_tokens:,} val tokens ({corpus.val.n_chars:,} chars), vocab {tok.vocab_size}")
+    torch.manual_seed(cfg["seed"])
+    model = Llama(mc)
+    model.init_weights(seed=cfg["seed"])
+    model.to(ctx.device)
+    n_params = model.num_parameters()
+    fpt = model_flops_per_token(model, t["seq_len"])
+    say(f"model: {n_params / 1e6:.2f}M parameters ({mc.n_layers} layers, d={mc.hidden_size}, {mc.n_heads}/"
+        f"{mc.n_kv_heads} heads), precision {precision}, {ctx.world} process(es)"
+        + (f" [{ctx.strategy}, {ctx.backend}]" if ctx.distributed else ""))
+    wrapped = distributed.wrap(model, ctx, bf16=precision == "bf16",
+                               activation_checkpointing=dcfg["activation_checkpointing"],
+                               compile_per_block=dcfg["compile_blocks"])
+    micro_global = t["batch_size"] // t["grad_accum"]
+    batches = data.Batches(corpus.train, micro_global, t["seq_len"], seed=cfg["seed"], rank=ctx.rank,
+                           world=ctx.world)
+    loop = LoopConfig(steps=t["steps"], lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"],
+                      weight_decay=t["weight_decay"], beta1=t["beta1"], beta2=t["beta2"], grad_clip=t["grad_clip"],
+                      grad_accum=t["grad_accum"], precision=precision, compile=t["compile"],
+                      eval_every=cfg["eval"]["every"], ckpt_every=cfg["checkpoint"]["every"],
+                      keep_checkpoints=cfg["checkpoint"]["keep"], log_every=cfg["log"]["every"], seed=cfg["seed"],
+                      max_minutes=t["max_minutes"])
+    eval_fn = make_eval_fn(corpus, t["seq_len"], cfg["eval"]["batch_size"], cfg["eval"]["tokens"], ctx) \
+        if corpus.val.n_tokens > t["seq_len"] else None
+    result = train_loop(wrapped, batches, loop, run_dir, tokenizer=tok, eval_fn=eval_fn, resume=resume, ctx=ctx,
+                        flops_per_token=fpt, tokens_per_step=t["batch_size"] * t["seq_len"], progress=progress,
+                        model_config=mc, extra_state={"n_params": n_params})
+    if ctx.is_main:
+        assert result.last_checkpoint is not None
+        final = run_dir / "final"
+        tmp = run_dir / ".tmp_final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(result.last_checkpoint, tmp, ignore=shutil.ignore_patterns("state", "rng_rank*.pt",
+                                                                                   "manifest.json"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        summary = {"step": result.step, "minutes": round(result.minutes, 2), "tokens_per_s": round(result.tokens_per_s),
+                   **{k: round(v, 4) for k, v in result.val.items()}}
+        _write_json_atomic(run_dir / "summary.json", summary)
+        from llamalab.loading import load
+
+        final_model, final_tok = load(final)
+        text = write_samples(final_model, final_tok, cfg, run_dir / "samples.txt")
+        say(f"\ndone: {result.step} steps in {result.minutes:.1f} min"
+            + (f", val loss {result.val['val_loss']:.3f}, {result.val['val_bpc']:.3f} bits/char"
+               if "val_bpc" in result.val else ""))
+        say(text)
+        say(f"run dir: {run_dir}\n  loss curve: {run_dir / 'loss.png'}\n  samples:    {run_dir / 'samples.txt'}\n"
+            f"  model:      {final}  (llamalab generate {run_dir} --prompt ...)")
+    ctx.barrier()
+    return run_dir
