@@ -31,7 +31,7 @@ from llamalab.server.protocol import APIError, GenerationRequest, parse_json, pa
 
 log = logging.getLogger("llamalab.serve")
 
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.25
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -169,7 +169,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         prompt_ids = tokenize(req)
         limits = [max_tokens_for(req, len(ids)) for ids in prompt_ids]
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta | Failed] = asyncio.Queue()
+        queue: asyncio.Queue[Delta | Failed | None] = asyncio.Queue()
 
         def sink(ev: Delta | Failed) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
@@ -187,20 +187,30 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             return StreamingResponse(stream_events(request, req, rid, jobs, queue, total, prompt_ids),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = watch_disconnect(request, queue, jobs)
         try:
             return await collect(request, req, rid, jobs, queue, total, prompt_ids)
         finally:
+            watcher.cancel()
             for j in jobs:
                 j.cancel()
 
-    async def next_event(request: Request, queue: asyncio.Queue) -> Delta | Failed | None:
-        """The next engine event, or None once the client has gone away."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+    def watch_disconnect(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> asyncio.Task:
+        """Poll for the client going away (events may keep coming meanwhile); then cancel its jobs."""
+        async def watch() -> None:
+            while not all(j.done or j.cancelled for j in jobs):
+                await asyncio.sleep(DISCONNECT_POLL_S)
                 if await request.is_disconnected():
-                    return None
+                    for j in jobs:
+                        j.cancel()
+                    queue.put_nowait(None)
+                    return
+
+        return asyncio.create_task(watch())
+
+    async def next_event(queue: asyncio.Queue) -> Delta | Failed | None:
+        """The next engine event, or None once the client has gone away."""
+        return await queue.get()
 
     async def collect(request, req, rid, jobs, queue, total, prompt_ids) -> Response:
         texts = [""] * total
@@ -210,7 +220,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         completion_tokens = 0
         remaining = total
         while remaining:
-            ev = await next_event(request, queue)
+            ev = await next_event(queue)
             if ev is None:
                 return Response(status_code=499)  # client gone (nginx's code); the caller cancels its jobs
             if isinstance(ev, Failed):
@@ -254,6 +264,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        watcher = watch_disconnect(request, queue, jobs)
         try:
             for i in range(total):
                 if chat:
@@ -265,7 +276,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                     yield chunk([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}])
             remaining, completion_tokens = total, 0
             while remaining:
-                ev = await next_event(request, queue)
+                ev = await next_event(queue)
                 if ev is None:
                     return
                 if isinstance(ev, Failed):
@@ -293,6 +304,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                                      "total_tokens": pt + completion_tokens})
             yield "data: [DONE]\n\n"
         finally:
+            watcher.cancel()
             for j in jobs:
                 j.cancel()
 

@@ -1,0 +1,472 @@
+"""The OpenAI-compatible server, driven over loopback: the official `openai` client (streaming and
+not), raw HTTP for malformed requests, concurrency (16 clients == the same requests one at a time),
+queue limits, disconnects, failure isolation, auth, and the `llamalab serve` command.
+
+The model is a random-init tiny Llama with a byte-level BPE trained here on a few lines, so every
+test runs in well under a second of model time. Expected outputs come from a plain, cache-free
+greedy loop over the model (not from the server's own code path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from llamalab import Llama, LlamaConfig
+from llamalab.serve import BackgroundServer
+from llamalab.tokenizer import Tokenizer
+
+LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, how are you today? fine, thanks.",
+    "to be or not to be, that is the question",
+    "all the world's a stage, and all the men and women merely players",
+    "a rose by any other name would smell as sweet",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONTEXT = 192
+MODEL = "tiny-chat"
+
+
+def make_tokenizer() -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(LINES * 4, trainer)
+    return Tokenizer.from_hf(backend, eos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def make_model(tok: Tokenizer) -> Llama:
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
+                         n_kv_heads=2, max_position_embeddings=CONTEXT, rope_theta=10000.0, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id, initializer_range=0.1)
+    torch.manual_seed(0)
+    return Llama(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = make_tokenizer()
+    return make_model(tok), tok
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, tok = tiny
+    with BackgroundServer(model, tok, MODEL, max_batch=8, max_len=CONTEXT, max_queue=64) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(model, tok, ids: list[int], max_tokens: int, penalty: tuple[float, float] = (0.0, 0.0),
+              stop_ids: set[int] | None = None) -> tuple[list[int], str]:
+    """Greedy continuation by recomputing the whole sequence each step (no cache, no batching)."""
+    stop_ids = set(tok.stop_token_ids) if stop_ids is None else stop_ids
+    seq, out = list(ids), []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([seq]))[0, -1]
+            logits = logits - penalty[0] * counts - penalty[1] * (counts > 0).float()
+            t = int(logits.argmax())
+            out.append(t)
+            counts[t] += 1
+            if t in stop_ids:
+                break
+            seq.append(t)
+    text_ids = [t for t in out if t not in stop_ids]
+    return out, tok.decode(text_ids, skip_special_tokens=True)
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# --------------------------------------------------------------------------- the API, with the openai client
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["max_len"] == CONTEXT
+
+
+def test_completion_matches_reference_greedy(tiny, client):
+    model, tok = tiny
+    prompt = "to be or not to be"
+    expected_ids, expected = reference(model, tok, tok.encode(prompt), 24)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    c = r.choices[0]
+    assert c.text == expected
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.completion_tokens == len(expected_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert c.finish_reason == ("stop" if expected_ids[-1] in tok.stop_token_ids else "length")
+    # token ids as the prompt give the same answer
+    r2 = client.completions.create(model=MODEL, prompt=tok.encode(prompt), max_tokens=24, temperature=0)
+    assert r2.choices[0].text == expected
+
+
+def test_chat_streaming_equals_non_streaming(tiny, client):
+    model, tok = tiny
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    expected_ids, expected = reference(model, tok, ids, 30)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(expected_ids)
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            pieces.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(pieces) == expected
+    assert finish == r.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_stop_token_is_honoured(tiny, client):
+    _, tok = tiny
+    im_end = tok.token_to_id("<|im_end|>")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
+                                       temperature=0, logit_bias={str(im_end): 100})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == 1
+
+
+def test_stop_strings(tiny, client):
+    model, tok = tiny
+    prompt = "all the world"
+    _, full = reference(model, tok, tok.encode(prompt), 40, stop_ids=set())
+    # a stop string taken from the middle of the greedy text
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in
+                full[i:i + 2])
+    want = full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
+                                  logit_bias={str(i): -100 for i in tok.stop_token_ids})
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, stream=True,
+        logit_bias={str(i): -100 for i in tok.stop_token_ids}))
+    assert streamed == want
+
+
+def test_max_tokens_and_length(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
+                                       max_completion_tokens=7, temperature=0.0, logit_bias={"0": -100, "2": -100})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 7
+
+
+def test_seed_n_and_sampling(client):
+    kw = dict(model=MODEL, prompt="a rose", max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    a = client.completions.create(n=3, **kw)
+    b = client.completions.create(n=3, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert len({c.text for c in a.choices}) > 1  # the n choices differ
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens  # the prompt is counted once
+    assert a.usage.completion_tokens >= 3
+    # several prompts in one request: choices for each
+    r = client.completions.create(model=MODEL, prompt=["hello", "world"], max_tokens=3, temperature=0, n=2)
+    assert len(r.choices) == 4 and r.choices[0].text == r.choices[1].text
+
+
+def test_penalties_match_reference(tiny, client):
+    model, tok = tiny
+    prompt = "the quick brown fox"
+    _, expected = reference(model, tok, tok.encode(prompt), 20, penalty=(0.7, 1.3))
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, frequency_penalty=0.7,
+                                  presence_penalty=1.3)
+    assert r.choices[0].text == expected
+
+
+def test_logprobs(tiny, client):
+    model, tok = tiny
+    prompt = "hello world"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                  logit_bias={str(i): -100 for i in tok.stop_token_ids})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1], -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy = the top one
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    assert all(len(x.top_logprobs) == 2 and x.logprob <= 0 for x in content)
+
+
+# --------------------------------------------------------------------------- concurrency
+def test_16_concurrent_clients_equal_one_at_a_time(server, client):
+    prompts = [f"{LINES[i % len(LINES)][: 8 + 3 * i]}" for i in range(16)]
+    lengths = [6 + (i * 5) % 23 for i in range(16)]
+
+    def ask(i: int) -> tuple[str, str | None]:
+        if i % 2:
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                               max_tokens=lengths[i], temperature=0)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+        r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        return r.choices[0].text, r.choices[0].finish_reason
+
+    sequential = [ask(i) for i in range(16)]
+    before = server.engine.max_running
+    server.engine.max_running = 0
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(ask, range(16)))
+    assert concurrent == sequential
+    assert server.engine.max_running > 1, "requests were never decoded together"
+    server.engine.max_running = max(before, server.engine.max_running)
+
+
+def test_queue_full_answers_429(tiny):
+    model, tok = tiny
+    with BackgroundServer(model, tok, MODEL, max_batch=1, max_len=CONTEXT, max_queue=2) as srv:
+        srv.engine.pause()
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30) for _ in range(2)]
+            assert wait_until(lambda: srv.engine.stats()["queued"] == 2)
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            srv.engine.resume()
+            assert all(f.result().status_code == 200 for f in waiting)
+
+
+def test_client_disconnect_stops_generation(tiny):
+    model, tok = tiny
+    with BackgroundServer(model, tok, MODEL, max_batch=2, max_len=CONTEXT) as srv:
+        # FastDecoder bypasses model.forward; slow the engine's decode step itself
+        step = srv.engine.runner.decode
+
+        def slow_decode(rows, tokens):
+            time.sleep(0.02)
+            return step(rows, tokens)
+
+        srv.engine.runner.decode = slow_decode
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 150, "temperature": 0,
+                "logit_bias": {str(i): -100 for i in tok.stop_token_ids}}
+        # streaming: read one event, then hang up
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            next(r.iter_lines())
+        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=5)
+        assert srv.engine.steps < 100
+        # non-streaming: the client gives up after 0.3 s
+        steps = srv.engine.steps
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
+        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=5)
+        assert srv.engine.steps - steps < 100
+        assert httpx.post(srv.url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+
+
+def test_one_failing_request_does_not_hurt_others(tiny):
+    model, tok = tiny
+    poison = tok.token_to_id("<|im_start|>")
+    with BackgroundServer(model, tok, MODEL, max_batch=4, max_len=CONTEXT) as srv:
+        eng = srv.engine
+        forward, prefill = eng._forward, eng._prefill_chunk
+
+        def bad_forward(seqs):
+            if any(s.job.prompt_ids[0] == poison for s in seqs):
+                raise RuntimeError("boom in decode")
+            return forward(seqs)
+
+        def bad_prefill(job, budget):
+            if job.prompt_ids[:2] == [poison, poison]:
+                raise RuntimeError("boom in prefill")
+            return prefill(job, budget)
+
+        eng._forward, eng._prefill_chunk = bad_forward, bad_prefill
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        good = dict(model=MODEL, prompt="hello world", max_tokens=20, temperature=0,
+                    logit_bias={str(i): -100 for i in tok.stop_token_ids})
+        expected = c.completions.create(**good).choices[0].text
+        with ThreadPoolExecutor(4) as pool:
+            ok = [pool.submit(c.completions.create, **good) for _ in range(2)]
+            bad_decode = pool.submit(httpx.post, srv.url + "/v1/completions", timeout=30,
+                                     json={**good, "prompt": [poison, 5, 6]})
+            bad_pre = pool.submit(httpx.post, srv.url + "/v1/completions", timeout=30,
+                                  json={**good, "prompt": [poison, poison, 5]})
+            assert [f.result().choices[0].text for f in ok] == [expected, expected]
+            for f in (bad_decode, bad_pre):
+                r = f.result()
+                assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+        assert c.completions.create(**good).choices[0].text == expected
+
+
+# --------------------------------------------------------------------------- bad input
+BAD_REQUESTS = [
+    # (path, raw body, expected status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"", 400, None),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "\xff\xfe hi"}', 400, None),
+    ("/v1/completions", b'{"prompt": "hi"}', 400, "model"),
+    ("/v1/completions", b'{"model": "tiny-chat"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "gpt-17", "prompt": "hi"}', 404, "model"),
+    ("/v1/completions", b'{"model": 5, "prompt": "hi"}', 400, "model"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": {"a": 1}}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": "10"}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "temperature": -0.5}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "top_p": 0}', 400, "top_p"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "top_p": 1.5}', 400, "top_p"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "n": 0}', 400, "n"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "stop": 7}', 400, "stop"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "presence_penalty": 9}', 400,
+     "presence_penalty"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": [1, 99999]}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "temperature": NaN}', 400, None),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "stream": "yes"}', 400, "stream"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": "hi"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "wizard", "content": "x"}]}', 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": 5}]}', 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], '
+                             b'"top_logprobs": 3}', 400, "top_logprobs"),
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], '
+                             b'"max_completion_tokens": 0}', 400, "max_completion_tokens"),
+    ("/v1/nothing", b"{}", 404, None),
+]
+
+
+@pytest.mark.parametrize("path,raw,status,param", BAD_REQUESTS)
+def test_bad_input_gets_openai_error(server, path, raw, status, param):
+    r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_long_prompt_and_huge_body_then_still_serving(server, tiny, client):
+    _, tok = tiny
+    long_prompt = " ".join(LINES * 20)
+    assert len(tok.encode(long_prompt)) > CONTEXT
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    huge = b'{"model": "tiny-chat", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    r = httpx.post(server.url + "/v1/completions", content=huge, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(server.url + "/v1/completions", timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    assert client.completions.create(model=MODEL, prompt="hello", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_api_key(tiny):
+    model, tok = tiny
+    with BackgroundServer(model, tok, MODEL, max_batch=1, max_len=CONTEXT, api_key="s3cret") as srv:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 401
+        r = httpx.post(srv.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(**body).choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(srv.url + "/health").status_code == 200
+
+
+# --------------------------------------------------------------------------- the command
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "m"), "--port",
+                             str(port), "--max-batch", "2", "--max-len", "128", "--api-key", "k",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        assert wait_until(up, timeout=60) and proc.poll() is None
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["m"]
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                      temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    bad = subprocess.run([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "error" in bad.stderr
+
