@@ -1,0 +1,557 @@
+"""GGUF in and out: llama.cpp's single-file format (metadata key/values + typed, possibly quantized tensors).
+
+Reading (:func:`load_gguf`) parses the header, the metadata and the tensor table with a small
+struct-based reader (GGUF v2/v3, little-endian; the `gguf` package's GGUFReader is correct but takes
+seconds on a 49k-token vocabulary), memory-maps the data section and dequantizes each tensor:
+
+* F32 / F16 / BF16: a reinterpretation;
+* Q8_0 (blocks of 32: fp16 scale d, 32 int8 q):      w = d * q
+* Q4_0 (blocks of 32: fp16 d, 16 bytes of nibbles):   w = d * (q - 8)
+* Q4_1 (blocks of 32: fp16 d, fp16 m, 16 bytes):      w = d * q + m
+  (element j < 16 is the low nibble of byte j, element j >= 16 the high nibble of byte j - 16),
+  vectorised in torch; Q4_K, Q6_K and the other k-quants through ``gguf.quants.dequantize``.
+
+llama.cpp applies RoPE to adjacent pairs (x0, x1), (x2, x3), ... while HF Llama checkpoints (and this
+library) rotate halves (x_i, x_{i + d/2}). `convert_hf_to_gguf.py` therefore permutes the rows of
+``q_proj`` / ``k_proj`` within each head: row ``2i`` <- HF row ``i``, row ``2i+1`` <- HF row ``i + d/2``.
+:func:`unpermute_qk` undoes it on load, :func:`permute_qk` redoes it on export.
+
+Writing (:func:`save_gguf`) uses ``gguf.GGUFWriter``: llama hyper-parameters, RoPE settings (linear and
+YaRN as ``rope.scaling.*``; llama3 as the ``rope_freqs.weight`` tensor of per-frequency divisors that
+llama.cpp expects, plus ``llamalab.rope.*`` keys so that the exact parameters come back on load),
+tensors as f32 / f16 / bf16 / q8_0 (1-D norm weights stay f32, as llama.cpp's converter does), the
+tokenizer (``tokenizer.ggml.*``) and the chat template.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamalab.config import LlamaConfig
+from llamalab.errors import ConfigError, TokenizerError, WeightsError
+
+# GGML tensor types (ggml.h) that we read directly; the rest go through gguf.quants
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K",
+                   "Q2_K", "Q3_K"}
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_SCALAR = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+              7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+# GGUF tensor name -> ours (per-layer names take the block index)
+_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_IGNORED_TENSORS = {"rope_freqs.weight"}
+
+
+def gguf_to_ours(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def ours_to_gguf(name: str) -> str:
+    for g, o in _GLOBAL_NAMES.items():
+        if o == name:
+            return g
+    _, idx, rest = name.split(".", 2)
+    for g, o in _LAYER_NAMES.items():
+        if o == rest:
+            return f"blk.{idx}.{g}"
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------- q/k layout
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF (rotate-half) rows -> llama.cpp (adjacent-pair) rows, per head."""
+    out_dim = w.shape[0]
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp (adjacent-pair) rows -> HF (rotate-half) rows, per head."""
+    out_dim = w.shape[0]
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (rows first): reversed GGUF ne
+    type: int
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    buffer: Any  # mmap (kept open while tensors are read)
+
+    def raw(self, t: TensorInfo) -> np.ndarray:
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def close(self) -> None:
+        try:
+            self.buffer.close()
+        except BufferError:  # numpy views still alive; the mmap is freed with them
+            pass
+
+
+class _Cursor:
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+        self.size = len(buf)
+
+    def need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise WeightsError(f"truncated GGUF file {self.path}: header/metadata runs past the end of the file")
+
+    def scalar(self, t: int) -> Any:
+        fmt = _SCALAR[t]
+        n = struct.calcsize(fmt)
+        self.need(n)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self) -> str:
+        n = self.scalar(10)
+        self.need(n)
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, t: int) -> Any:
+        if t == _STRING:
+            return self.string()
+        if t == _ARRAY:
+            et = self.scalar(4)
+            count = self.scalar(10)
+            if et == _STRING:
+                return [self.string() for _ in range(count)]
+            if et in _NP_SCALAR:
+                dt = np.dtype(_NP_SCALAR[et]).newbyteorder("<")
+                self.need(count * dt.itemsize)
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos += count * dt.itemsize
+                return arr.tolist()
+            if et == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            raise WeightsError(f"corrupt GGUF file {self.path}: unknown array element type {et}")
+        if t in _SCALAR:
+            return self.scalar(t)
+        raise WeightsError(f"corrupt GGUF file {self.path}: unknown metadata value type {t}")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor table; tensor data stays memory-mapped."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no such GGUF file: {path}")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise WeightsError(f"{path} is empty, not a GGUF file") from None
+    cur = _Cursor(buf, path)
+    if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
+        raise WeightsError(f"{path} is not a GGUF file (bad magic)")
+    cur.pos = 4
+    version = cur.scalar(4)
+    if version not in (2, 3):
+        raise WeightsError(f"{path}: unsupported GGUF version {version} (big-endian or too new?)")
+    n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
+    if n_tensors > 1 << 24 or n_kv > 1 << 24:
+        raise WeightsError(f"corrupt GGUF file {path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar(4))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar(4)
+        if n_dims > 8:
+            raise WeightsError(f"corrupt GGUF file {path}: tensor {name} has {n_dims} dimensions")
+        ne = [cur.scalar(10) for _ in range(n_dims)]
+        ttype = cur.scalar(4)
+        offset = cur.scalar(10)
+        infos.append((name, ne, ttype, offset))
+    align = int(meta.get("general.alignment", 32))
+    data_start = (cur.pos + align - 1) // align * align
+    tensors: dict[str, TensorInfo] = {}
+    for name, ne, ttype, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise WeightsError(f"{path}: tensor {name} has unknown GGML type {ttype}") from None
+        n = math.prod(ne)
+        if ne and ne[0] % block:
+            raise WeightsError(f"corrupt GGUF file {path}: tensor {name} row of {ne[0]} is not a whole number of "
+                               f"{qtype.name} blocks")
+        nbytes = n // block * type_size
+        start = data_start + offset
+        if start + nbytes > len(buf):
+            raise WeightsError(f"truncated GGUF file {path}: tensor {name} ends at byte {start + nbytes:,} but the "
+                               f"file has {len(buf):,} bytes")
+        tensors[name] = TensorInfo(name, tuple(reversed(ne)), ttype, start, nbytes)
+    return GGUFFile(path, meta, tensors, buf)
+
+
+def dequantize(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor bytes -> float32 torch tensor of `shape` (torch order); vectorised numpy."""
+    if ttype == F32:
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if ttype == F16:
+        return torch.from_numpy(raw.view(np.float16).astype(np.float32).reshape(shape))
+    if ttype == BF16:
+        widened = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return torch.from_numpy(widened.reshape(shape))
+    if ttype == Q8_0:
+        blocks = raw.reshape(-1, 34)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        out = blocks[:, 2:].view(np.int8).astype(np.float32)
+        out *= d
+        return torch.from_numpy(out.reshape(shape))
+    if ttype in (Q4_0, Q4_1):
+        head = 2 if ttype == Q4_0 else 4
+        blocks = raw.reshape(-1, head + 16)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        qs = blocks[:, head:]
+        out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+        out[:, :16] = qs & 0x0F
+        out[:, 16:] = qs >> 4
+        if ttype == Q4_0:
+            out -= 8.0
+            out *= d
+        else:
+            out *= d
+            out += blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        return torch.from_numpy(out.reshape(shape))
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType(ttype)
+        out = quants.dequantize(raw.reshape(shape[:-1] + (-1,)) if len(shape) > 1 else raw, qtype)
+    except NotImplementedError:
+        raise WeightsError(f"GGML type {GGMLQuantizationType(ttype).name} is not supported") from None
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+
+
+def _get(meta: dict[str, Any], key: str, default: Any = None, required: bool = False) -> Any:
+    if key in meta:
+        return meta[key]
+    if required:
+        raise WeightsError(f"GGUF metadata lacks {key!r}")
+    return default
+
+
+def config_from_metadata(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> LlamaConfig:
+    """LlamaConfig from ``llama.*`` GGUF metadata (plus the tensor table for what metadata may omit)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"unsupported GGUF architecture {arch!r}: llamalab reads llama-architecture files only")
+    a = "llama."
+    hidden = int(_get(meta, a + "embedding_length", required=True))
+    n_heads = int(_get(meta, a + "attention.head_count", required=True))
+    n_kv = int(_get(meta, a + "attention.head_count_kv", n_heads))
+    head_dim = int(_get(meta, a + "attention.key_length", hidden // n_heads))
+    if int(_get(meta, a + "attention.value_length", head_dim)) != head_dim:
+        raise ConfigError("GGUF key_length != value_length is not supported")
+    rot = int(_get(meta, a + "rope.dimension_count", head_dim))
+    if rot != head_dim:
+        raise ConfigError(f"partial RoPE (rope.dimension_count {rot} < head_dim {head_dim}) is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(a + "vocab_size")
+    if vocab is None:
+        emb = tensors.get("token_embd.weight")
+        vocab = emb.shape[0] if emb is not None else (len(tokens) if tokens else None)
+    if vocab is None:
+        raise WeightsError("GGUF file has neither llama.vocab_size nor token_embd.weight")
+    ctx = int(_get(meta, a + "context_length", 2048))
+    rope_scaling = _rope_scaling(meta, tensors, ctx)
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(_get(meta, a + "feed_forward_length", required=True)),
+        n_layers=int(_get(meta, a + "block_count", required=True)), n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=head_dim, max_position_embeddings=ctx,
+        rms_norm_eps=float(_get(meta, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_get(meta, a + "rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _rope_scaling(meta: dict[str, Any], tensors: dict[str, TensorInfo], ctx: int) -> dict[str, Any] | None:
+    a = "llama.rope."
+    if "llamalab.rope.scaling.type" in meta:  # written by save_gguf: exact parameters
+        prefix = "llamalab.rope.scaling."
+        d = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+        return {"rope_type": d.pop("type"), **d}
+    stype = meta.get(a + "scaling.type")
+    factor = meta.get(a + "scaling.factor") or meta.get(a + "scale_linear")
+    if stype in (None, "none") and factor in (None, 1.0, 0.0):
+        return None  # (a rope_freqs.weight tensor, llama3 scaling, is resolved in load_gguf)
+    orig = meta.get(a + "scaling.original_context_length") or ctx
+    if stype in ("linear", None, "none"):
+        return {"rope_type": "linear", "factor": float(factor)}
+    if stype == "yarn":
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor),
+                               "original_max_position_embeddings": int(orig)}
+        for key, ours in (("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow")):
+            if a + key in meta:
+                out[ours] = float(meta[a + key])
+        return out
+    raise ConfigError(f"unsupported GGUF rope scaling type {stype!r}")
+
+
+def _llama3_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, ctx: int) -> dict[str, Any]:
+    """Recover llama3 rope_scaling (factor, low/high_freq_factor, original length) from rope_freqs divisors."""
+    from llamalab.components.rope import compute_inv_freq
+
+    f = np.asarray(freqs, dtype=np.float64)
+    factor = float(f.max())
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    mid = (f > 1.0 + 1e-6) & (f < factor - 1e-6)
+    guesses = [dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)]
+    if mid.sum() >= 2:
+        # smooth_i = (1/f_i - 1/factor) / (1 - 1/factor) = orig/(high-low) / wavelen_i - low/(high-low)
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)
+        low = 1.0
+        span = -low / intercept if intercept < 0 else 3.0
+        guesses.append(dict(factor=factor, low_freq_factor=low, high_freq_factor=low + span,
+                            original_max_position_embeddings=int(round(slope * span))))
+    for g in guesses:
+        rs = {"rope_type": "llama3", **g}
+        try:
+            ours, _ = compute_inv_freq(head_dim, theta, rs, ctx)
+        except Exception:  # noqa: BLE001
+            continue
+        if np.allclose(inv / ours.double().numpy(), f, rtol=1e-3):
+            return rs
+    raise ConfigError("GGUF rope_freqs.weight does not match llama3 RoPE scaling; not supported")
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+              keep_quantized: bool = False):
+    """Read a llama-architecture GGUF file -> (Llama, Tokenizer | None)."""
+    from llamalab.tokenizer import from_gguf_metadata
+    from llamalab.weights.hf import model_from_state_dict, resolve_dtype
+
+    g = read_gguf(path)
+    try:
+        config = config_from_metadata(g.metadata, g.tensors)
+        if "rope_freqs.weight" in g.tensors and not (config.rope_scaling or {}).get("rope_type") == "llama3":
+            t = g.tensors["rope_freqs.weight"]
+            freqs = dequantize(g.raw(t), t.type, t.shape).numpy()
+            config.rope_scaling = _llama3_from_freqs(freqs, config.head_dim, config.rope_theta,
+                                                     config.max_position_embeddings)
+            config = config.replace()  # re-validate
+        target = resolve_dtype(dtype)
+        config.torch_dtype = str(target).replace("torch.", "")
+        if keep_quantized:
+            return _load_keep_quantized(g, config, device), _tokenizer(g.metadata, from_gguf_metadata)
+        state: dict[str, torch.Tensor] = {}
+        for name, t in g.tensors.items():
+            ours = gguf_to_ours(name)
+            if ours is None:
+                if name in _IGNORED_TENSORS:
+                    continue
+                raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
+            if _type_name(t.type) not in SUPPORTED_TYPES:
+                raise WeightsError(f"{g.path}: tensor {name} has unsupported type {_type_name(t.type)}")
+            w = dequantize(g.raw(t), t.type, t.shape)
+            if ours.endswith("q_proj.weight"):
+                w = unpermute_qk(w, config.n_heads)
+            elif ours.endswith("k_proj.weight"):
+                w = unpermute_qk(w, config.n_kv_heads)
+            state[ours] = w.to(target)
+        model = model_from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
+        return model.eval(), _tokenizer(g.metadata, from_gguf_metadata)
+    finally:
+        g.close()
+
+
+def _tokenizer(meta: dict[str, Any], build):
+    try:
+        return build(meta)
+    except TokenizerError as e:
+        warnings.warn(f"GGUF tokenizer not loaded: {e}", stacklevel=3)
+        return None
+
+
+def _type_name(ttype: int) -> str:
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ttype).name
+    except ValueError:
+        return str(ttype)
+
+
+def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, device):
+    raise WeightsError("keep_quantized=True is not supported yet (needs llamalab.quantize's int8/int4 modules)")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+
+
+def _encode_tensor(w: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
+    """(array for GGUFWriter.add_tensor, raw_dtype or None) for one float tensor."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType as Q
+
+    w = w.detach().to("cpu", torch.float32).contiguous()
+    if kind == "f32" or w.dim() == 1:
+        return w.numpy(), None
+    if kind == "f16":
+        return w.to(torch.float16).numpy(), None
+    if kind == "bf16":
+        return w.to(torch.bfloat16).view(torch.uint16).numpy().view(np.uint8), Q.BF16
+    if kind == "q8_0":
+        if w.shape[-1] % 32:
+            return w.to(torch.float16).numpy(), None  # rows that are not whole blocks stay f16
+        return quants.quantize(w.numpy(), Q.Q8_0), Q.Q8_0
+    raise ConfigError(f"unknown GGUF export type {kind!r}; use one of {', '.join(EXPORT_TYPES)}")
+
+
+def save_gguf(model, tokenizer, path: str | Path, type: str = "f32", name: str | None = None) -> Path:  # noqa: A002
+    """Write `model` (+ `tokenizer`, may be None) as a llama-architecture GGUF file llama.cpp can run."""
+    import gguf
+
+    from llamalab.components.rope import compute_inv_freq
+    from llamalab.tokenizer import gguf_metadata
+
+    kind = type.lower()
+    if kind not in EXPORT_TYPES:
+        raise ConfigError(f"unknown GGUF export type {type!r}; use one of {', '.join(EXPORT_TYPES)}")
+    cfg: LlamaConfig = model.config
+    if cfg.norm_type != "rmsnorm":
+        raise ConfigError("GGUF export needs norm_type 'rmsnorm' (llama.cpp's llama architecture)")
+    if cfg.quantization:
+        raise ConfigError("GGUF export of a llamalab-quantized model is not supported; export the float model")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name or path.stem)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(_FILE_TYPE[kind])
+    rs = cfg.rope_scaling
+    rope_freqs = None
+    if rs:
+        rtype = rs["rope_type"]
+        for k, v in rs.items():
+            key = "llamalab.rope.scaling." + ("type" if k == "rope_type" else k)
+            if isinstance(v, str):
+                w.add_string(key, v)
+            elif isinstance(v, bool):
+                w.add_bool(key, v)
+            elif isinstance(v, int):
+                w.add_uint32(key, v)
+            elif isinstance(v, float):
+                w.add_float32(key, v)
+        if rtype == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+        elif rtype == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings",
+                                                       cfg.max_position_embeddings)))
+        elif rtype == "llama3":
+            base, _ = compute_inv_freq(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings)
+            scaled, _ = compute_inv_freq(cfg.head_dim, cfg.rope_theta, rs, cfg.max_position_embeddings)
+            rope_freqs = (base.double() / scaled.double()).float()
+        else:
+            raise ConfigError(f"GGUF export of rope_type {rtype!r} is not supported (llama.cpp has no equivalent)")
+    if tokenizer is not None:
+        for key, value in gguf_metadata(tokenizer).items():
+            _add_value(w, key, value)
+    else:
+        warnings.warn("exporting GGUF without a tokenizer: llama.cpp will not be able to load it", stacklevel=2)
+
+    state = model.state_dict()
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.numpy())
+    for ours, tensor in state.items():
+        if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gname = ours_to_gguf(ours)
+        t = tensor
+        if ours.endswith("q_proj.weight"):
+            t = permute_qk(t, cfg.n_heads)
+        elif ours.endswith("k_proj.weight"):
+            t = permute_qk(t, cfg.n_kv_heads)
+        arr, raw_dtype = _encode_tensor(t, kind)
+        w.add_tensor(gname, arr, raw_dtype=raw_dtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    tmp.replace(path)
+    return path
+
+
+def _add_value(w, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, list):
+        w.add_array(key, value)
+    else:
+        raise TypeError(f"cannot write {key}={value!r} to GGUF")
