@@ -25,7 +25,9 @@ Public API::
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -518,3 +520,15 @@ def stream_batch(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], re
                  **kwargs: Any) -> Iterator[tuple[int, str]]:
     """Yields (prompt index, piece) as a batch generates; ``results`` gets the completions at the end."""
     yield from _events(model, tok, prompts, results=results, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing the submodule ``llamalab.generate`` makes Python bind that name on the package to the
+    module, shadowing the lazily exported function; calling the module calls :func:`generate`, so
+    ``llamalab.generate(model, tok, prompt)`` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str | list[str]:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,219 @@
+"""Generation: greedy == step-by-step argmax, batched == alone, fast step == model forward,
+speculative == plain, stop tokens/strings (split across tokens), UTF-8-safe streaming on Chinese,
+chat messages, context errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llamalab
+from llamalab import Llama, LlamaConfig
+from llamalab.errors import LlamalabError
+from llamalab.generate import FastDecoder, IncrementalDetokenizer, StopStrings, complete, stream
+from llamalab.sampling import SamplingParams
+from llamalab.speculative import early_exit_draft
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello llama!",
+          "To be, or not to be, that is the question.", "A stop word: STOP here and nowhere else."]
+SONG = "Hello world! 床前明月光，疑是地上霜。 The end."
+
+
+def make_tokenizer():
+    """A small byte-level BPE trained here; Chinese stays as single-byte tokens (3 per character)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llamalab.tokenizer import Tokenizer
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS * 3, trainer)
+    return Tokenizer.from_hf(backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                             chat_template=CHAT_TEMPLATE, add_bos=False)
+
+
+def make_parrot(steps: int = 70, seed: int = 0):
+    """A tiny model trained to recite SONG after its first token (and then <|im_end|>)."""
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
+                      n_kv_heads=2, max_position_embeddings=128, rope_theta=1000.0, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = Llama(cfg)
+    ids = torch.tensor([tok.encode(SONG) + [tok.eos_token_id]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def parrot():
+    return make_parrot()
+
+
+@pytest.fixture(scope="module")
+def rand_model():
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4, n_kv_heads=2,
+                      max_position_embeddings=96, rope_theta=500.0, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(1)
+    return Llama(cfg).eval()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22, 23], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+
+
+def _reference_greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_greedy_equals_stepwise_argmax(rand_model, fast):
+    for p in PROMPTS[:2]:
+        out = complete(rand_model, None, [p], max_new_tokens=12, fast=fast)[0]
+        assert out.token_ids == _reference_greedy(rand_model, p, 12)
+        assert out.finish_reason == "length"
+
+
+def test_batched_equals_alone(rand_model):
+    batched = complete(rand_model, None, PROMPTS, max_new_tokens=10)
+    alone = [complete(rand_model, None, [p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    sp = dict(temperature=0.9, top_k=20, seed=3)
+    assert [c.token_ids for c in complete(rand_model, None, PROMPTS, max_new_tokens=8, **sp)] == \
+        [complete(rand_model, None, [p], max_new_tokens=8, **sp)[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_step_matches_model_forward(rand_model, dtype):
+    model = Llama(rand_model.config).eval()
+    model.load_state_dict(rand_model.state_dict())
+    model = model.to(dtype)
+    dec = FastDecoder(model, 64)
+    cache_a, cache_b = model.new_cache(2, 64), model.new_cache(2, 64)
+    for r, p in enumerate(PROMPTS[:2]):  # ragged: rows of different lengths
+        for c in (cache_a, cache_b):
+            model(torch.tensor([p]), cache=c, cache_rows=slice(r, r + 1))
+    tokens = torch.tensor([17, 33])
+    with torch.no_grad():
+        want = model(tokens[:, None], cache=cache_a, last_only=True)[:, 0]
+    got = dec.step(tokens, cache_b)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert torch.allclose(got, want, atol=tol, rtol=0)
+    assert torch.equal(cache_a.lengths, cache_b.lengths)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_equals_plain_greedy(rand_model, k):
+    draft = early_exit_draft(rand_model, 1)
+    plain = complete(rand_model, None, PROMPTS[:3], max_new_tokens=15)
+    spec = complete(rand_model, None, PROMPTS[:3], max_new_tokens=15, draft_model=draft, num_draft_tokens=k)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    assert 0 <= spec[0].stats["acceptance_rate"] <= 1
+    same = complete(rand_model, None, PROMPTS[:1], max_new_tokens=15, draft_model=rand_model, num_draft_tokens=4)
+    assert same[0].token_ids == plain[0].token_ids and same[0].stats["acceptance_rate"] == 1.0
+    with pytest.raises(LlamalabError, match="greedy"):
+        complete(rand_model, None, PROMPTS[:1], draft_model=draft, temperature=0.7)
+
+
+def test_parrot_recites_and_stops_on_stop_token(parrot):
+    model, tok = parrot
+    first = tok.encode(SONG)[:1]
+    out = complete(model, tok, [first], max_new_tokens=100)[0]
+    assert out.finish_reason == "stop"  # ended on <|im_end|>, which is not in the text
+    assert tok.decode(first) + out.text == SONG
+
+
+def test_streaming_is_utf8_safe_on_chinese(parrot):
+    model, tok = parrot
+    first = tok.encode(SONG)[:1]
+    pieces = list(stream(model, tok, first, max_new_tokens=100))
+    assert tok.decode(first) + "".join(pieces) == SONG
+    assert all("\ufffd" not in p for p in pieces)
+    han = [p for p in pieces if any("\u4e00" <= ch <= "\u9fff" for ch in p)]
+    assert han, "the song's Chinese characters come out"
+    # each Chinese character is 3 byte tokens here: the detokenizer held the first two back
+    ids = tok.encode("明月光")
+    assert len(ids) == 9
+    detok = IncrementalDetokenizer(tok)
+    assert [detok.add(i) for i in ids] == ["", "", "明", "", "", "月", "", "", "光"]
+
+
+def test_stop_strings_across_token_boundaries(parrot):
+    model, tok = parrot
+    first = tok.encode(SONG)[:1]
+    out = complete(model, tok, [first], max_new_tokens=100, stop=["ld! 床"])[0]
+    assert out.finish_reason == "stop" and tok.decode(first) + out.text == "Hello wor"
+    pieces = list(stream(model, tok, first, max_new_tokens=100, stop=["霜。", "zzz"]))
+    assert tok.decode(first) + "".join(pieces) == "Hello world! 床前明月光，疑是地上"
+    s = StopStrings(["<END>"])
+    assert s.feed("abc<E") == ("abc", False)
+    assert s.feed("N") == ("", False)
+    assert s.feed("x") == ("<ENx", False)
+    assert s.feed("<EN") == ("", False) and s.feed("D>tail") == ("", True)
+
+
+def test_max_new_tokens_and_public_api(parrot):
+    model, tok = parrot
+    text = llamalab.generate(model, tok, "Hello", max_new_tokens=3)
+    assert isinstance(text, str)
+    out = complete(model, tok, ["Hello"], max_new_tokens=3)[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length" and out.text == text
+    both = llamalab.generate(model, tok, ["Hello", "The quick brown"], max_new_tokens=4)
+    assert both[0] == llamalab.generate(model, tok, "Hello", max_new_tokens=4)
+    assert "".join(llamalab.stream(model, tok, "Hello", max_new_tokens=5)) == \
+        llamalab.generate(model, tok, "Hello", max_new_tokens=5)
+
+
+def test_chat_messages_use_template(parrot):
+    model, tok = parrot
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    assert complete(model, tok, [msgs], max_new_tokens=6)[0].token_ids == \
+        complete(model, tok, [ids], max_new_tokens=6)[0].token_ids
+
+
+def test_logprobs_reported(parrot):
+    model, tok = parrot
+    out = complete(model, tok, ["Hello"], max_new_tokens=4, logprobs=True, top_logprobs=2)[0]
+    assert len(out.logprobs) == len(out.token_ids) == 4
+    assert all(lp <= 0 for lp in out.logprobs)
+    assert all(out.token_ids[i] in out.top_logprobs[i] for i in range(4))
+
+
+def test_seeded_sampling_reproducible(parrot):
+    model, tok = parrot
+    a = llamalab.generate(model, tok, "Hello", max_new_tokens=8, temperature=1.5, seed=11)
+    assert a == llamalab.generate(model, tok, "Hello", max_new_tokens=8, temperature=1.5, seed=11)
+
+
+def test_context_errors_and_truncation(rand_model):
+    long = list(range(1, 100))  # context is 96
+    with pytest.raises(LlamalabError, match="context"):
+        complete(rand_model, None, [long], max_new_tokens=4)
+    out = complete(rand_model, None, [long], max_new_tokens=4, truncate=True)[0]
+    assert out.prompt_tokens == 92 and len(out.token_ids) == 4
+    near = list(range(1, 94))  # 93 tokens: only 3 slots left -> stops at the context
+    assert complete(rand_model, None, [near], max_new_tokens=10)[0].finish_reason == "length"
+    with pytest.raises(LlamalabError, match="no tokenizer"):
+        complete(rand_model, None, ["text"])
+    with pytest.raises(LlamalabError, match="top_p"):
+        complete(rand_model, None, [[1]], top_p=1.5)
+    with pytest.raises(LlamalabError, match="temperature"):
+        complete(rand_model, None, [[1]], params=SamplingParams(), temperature=-1)
+    with pytest.raises(LlamalabError, match="vocabulary"):
+        complete(rand_model, None, [[1000]])
