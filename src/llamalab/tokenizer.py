@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -334,6 +335,27 @@ def _spm_specs(data: bytes) -> tuple[dict[int, Any], dict[int, Any]]:
     return trainer, normalizer
 
 
+def _spm_pieces(data: bytes) -> tuple[list[str], list[float], list[int]]:
+    """(pieces, scores, types) of a sentencepiece ModelProto; its piece types equal GGUF's token types."""
+    pieces: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    for field, wire, value in _proto_fields(data):
+        if field == 1 and wire == 2:
+            piece, score, ptype = "", 0.0, TOKEN_NORMAL
+            for f2, w2, v2 in _proto_fields(value):
+                if f2 == 1 and w2 == 2:
+                    piece = v2.decode("utf-8")
+                elif f2 == 2 and w2 == 5:
+                    (score,) = struct.unpack("<f", v2)
+                elif f2 == 3 and w2 == 0:
+                    ptype = v2
+            pieces.append(piece)
+            scores.append(score)
+            types.append(ptype)
+    return pieces, scores, types
+
+
 def _load_sentencepiece(path: Path, bos: str | None, eos: str | None, cfg: dict[str, Any],
                         kwargs: dict[str, Any]) -> Tokenizer:
     import sentencepiece as spm
@@ -348,21 +370,9 @@ def _load_sentencepiece(path: Path, bos: str | None, eos: str | None, cfg: dict[
     if model_type == "unsupported":
         raise TokenizerError(f"{path}: only BPE and unigram sentencepiece models are supported")
     add_dummy_prefix = bool(normalizer.get(3, 1))
-    n = sp.get_piece_size()
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    scores = [sp.get_score(i) for i in range(n)]
-    types = []
-    for i in range(n):
-        if sp.is_unknown(i):
-            types.append(TOKEN_UNKNOWN)
-        elif sp.is_control(i):
-            types.append(TOKEN_CONTROL)
-        elif sp.is_byte(i):
-            types.append(TOKEN_BYTE)
-        elif sp.is_unused(i):
-            types.append(TOKEN_UNUSED)
-        else:
-            types.append(TOKEN_NORMAL)
+    pieces, scores, types = _spm_pieces(data)
+    if len(pieces) != sp.get_piece_size():
+        raise TokenizerError(f"cannot read the pieces of sentencepiece model {path}")
     backend = spm_backend(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, model_type=model_type)
     unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
     bos = bos or (sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
@@ -395,8 +405,8 @@ def spm_backend(pieces: Sequence[str], scores: Sequence[float], types: Sequence[
                                byte_fallback=has_bytes)
     tok = HFTokenizer(model)
     norm = [normalizers.Replace(" ", SPIECE_SPACE)]
-    if add_dummy_prefix:
-        norm.insert(0, normalizers.Prepend(SPIECE_SPACE))
+    if add_dummy_prefix:  # like llama.cpp: before every text fragment that starts the text or follows a
+        norm.insert(0, normalizers.Prepend(SPIECE_SPACE))  # special token
     tok.normalizer = normalizers.Sequence(norm)
     dec = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_dummy_prefix:
@@ -571,8 +581,9 @@ def gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
         normalizer = json.dumps(spec.get("normalizer"))
         meta["tokenizer.ggml.model"] = "llama"
         meta["tokenizer.ggml.scores"] = scores
-        meta["tokenizer.ggml.add_space_prefix"] = "Prepend" in normalizer or "prepend_scheme" in json.dumps(
-            spec.get("pre_tokenizer"))
+        pre_spec = json.dumps(spec.get("pre_tokenizer"))
+        meta["tokenizer.ggml.add_space_prefix"] = "Prepend" in normalizer or any(
+            f'"prepend_scheme": "{x}"' in pre_spec for x in ("first", "always"))
     else:
         pre = tok.pre or detect_pre(tok.backend)
         if pre is None:
