@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     # generation pulls in more machinery; import it on first use
     if name in ("generate", "stream"):
-        from llamalab import generate as _gen
+        import importlib
 
-        return getattr(_gen, name)
+        gen = importlib.import_module("llamalab.generate")  # binds llamalab.generate: a callable module
+        return getattr(gen, name) if name == "stream" else gen
     raise AttributeError(f"module 'llamalab' has no attribute {name!r}")
