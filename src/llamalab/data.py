@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llamalab.errors import LlamalabError
+from llamalab.errors import ConfigError
 
 CLEANER_VERSION = 1  # bump when a cleaner changes: it is part of the cache key
 BUILTIN_CORPORA = ("shakespeare", "tang", "python")
@@ -59,7 +59,7 @@ DEFAULT_CACHE = Path(os.environ.get("LLAMALAB_DATA_CACHE", "data_cache"))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".text", ""}
 
 
-class DataError(LlamalabError):
+class DataError(ConfigError):
     """A corpus that cannot be found or read."""
 
 
