@@ -11,8 +11,12 @@ from llamalab.errors import WeightsError
 
 
 def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-         **kwargs):
+         adapter: str | Path | None = None, merge_adapter: bool = True, **kwargs):
     """Load a model and its tokenizer (the tokenizer is None where none is stored).
+
+    ``adapter``: a LoRA adapter dir (PEFT layout) applied on top, merged into the weights unless
+    ``merge_adapter=False``. A path that *is* an adapter dir (adapter_config.json, no config.json)
+    loads its ``base_model_name_or_path`` with the adapter (see :mod:`llamalab.lora`).
 
     * a directory with config.json + safetensors (HF layout; llamalab run dirs and checkpoints too),
     * a ``.gguf`` file (llama architecture; quantized tensors are dequantized unless
@@ -22,6 +26,20 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     from llamalab.weights.hf import load_hf, resolve_dtype
 
     p = Path(path_or_name)
+    if adapter is None and p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        from llamalab.lora import adapter_base
+
+        adapter, p = p, adapter_base(p)
+    if adapter is not None:
+        from llamalab.lora import load_adapter
+
+        model, tok = load(p, dtype=dtype, device=device, **kwargs)
+        load_adapter(model, adapter, merge=merge_adapter)
+        if tok is None:
+            from llamalab.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(Path(adapter))
+        return model.eval(), tok
     if p.suffix == ".gguf" or (p.is_file() and p.read_bytes()[:4] == b"GGUF" if p.is_file() else False):
         if not p.exists():
             raise WeightsError(f"no such GGUF file: {p}")
