@@ -1,0 +1,179 @@
+"""LoRA: parameter counts, zero-init identity, merge equivalence, PEFT layout and interop, loading."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from llamalab import LlamaConfig
+from llamalab.errors import ConfigError, WeightsError
+from llamalab.lora import (
+    ALL_LINEAR,
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+
+
+def _expected_lora_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> int:
+    h, q, kv, i = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, \
+        config.intermediate_size
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+              "up_proj": (h, i), "down_proj": (i, h)}
+    return config.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def _randomize_b(model) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("r,targets", [(4, ("q_proj", "v_proj")), (2, ALL_LINEAR)])
+def test_rank_r_adds_exact_parameters_and_zero_b_is_identity(tiny_model, r, targets):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    ref = tiny_model(ids)
+    before = sum(p.numel() for p in tiny_model.parameters())
+    apply_lora(tiny_model, LoraConfig(r=r, alpha=2 * r, target_modules=targets))
+    expected = _expected_lora_params(tiny_model.config, r, targets)
+    assert trainable_parameters(tiny_model) == expected
+    assert sum(p.numel() for p in tiny_model.parameters()) == before + expected
+    assert all(not p.requires_grad for n, p in tiny_model.named_parameters() if "lora_" not in n)
+    assert torch.equal(tiny_model(ids), ref)  # B = 0 at step 0: exactly the base model
+
+
+def test_merged_equals_base_plus_adapter(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    base_w = tiny_model.layers[1].mlp.down_proj.weight.detach().clone()
+    apply_lora(tiny_model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomize_b(tiny_model)
+    lora_out = tiny_model(ids)
+    m = tiny_model.layers[1].mlp.down_proj
+    assert isinstance(m, LoRALinear)
+    expected_w = base_w + (m.lora_B.weight @ m.lora_A.weight) * (8 / 4)
+    merge_lora(tiny_model)
+    assert type(tiny_model.layers[1].mlp.down_proj) is torch.nn.Linear
+    torch.testing.assert_close(tiny_model.layers[1].mlp.down_proj.weight, expected_w)
+    torch.testing.assert_close(tiny_model(ids), lora_out, atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(mod, LoRALinear) for mod in tiny_model.modules())
+
+
+def test_gradients_reach_only_adapters(tiny_model):
+    apply_lora(tiny_model, LoraConfig(r=2, target_modules=("q_proj", "down_proj")))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 8))
+    tiny_model.train()
+    tiny_model(ids).logsumexp(-1).mean().backward()
+    for name, p in tiny_model.named_parameters():
+        if "lora_A" in name:  # B = 0, so A's gradient is zero at step 0; B's is not
+            continue
+        if "lora_B" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_peft_layout_and_reload(tiny_model, tmp_path):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 7))
+    base = copy.deepcopy(tiny_model)
+    apply_lora(tiny_model, LoraConfig(r=4, alpha=16, target_modules=("q_proj", "v_proj")))
+    _randomize_b(tiny_model)
+    out = tiny_model(ids)
+    save_adapter(tiny_model, tmp_path / "ad", base_model_name_or_path="base")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in keys
+    assert len(keys) == 2 * 2 * tiny_model.config.n_layers
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    torch.testing.assert_close(reloaded(ids), out)
+    merged = load_adapter(copy.deepcopy(base), tmp_path / "ad", merge=True)
+    torch.testing.assert_close(merged(ids), out, atol=1e-5, rtol=1e-5)
+
+
+def test_llamalab_load_with_adapter(tiny_model, tmp_path):
+    import llamalab
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
+    tiny_model.save_pretrained(tmp_path / "base")
+    apply_lora(tiny_model, LoraConfig(r=2, target_modules=("o_proj",)))
+    _randomize_b(tiny_model)
+    out = tiny_model(ids)
+    save_adapter(tiny_model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    m1, _ = llamalab.load(tmp_path / "base", adapter=tmp_path / "ad")
+    m2, _ = llamalab.load(tmp_path / "ad")  # the adapter dir names its base
+    for m in (m1, m2):
+        torch.testing.assert_close(m(ids), out, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_errors(tiny_model, tmp_path):
+    with pytest.raises(ConfigError):
+        LoraConfig(r=0)
+    with pytest.raises(ConfigError, match="unknown LoRA target"):
+        LoraConfig(target_modules=("qkv",))
+    with pytest.raises(WeightsError, match="adapter_config.json"):
+        load_adapter(tiny_model, tmp_path)
+    other = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2)
+    from llamalab import Llama
+
+    small = Llama(other)
+    apply_lora(small, LoraConfig(r=2))
+    save_adapter(small, tmp_path / "ad")
+    with pytest.raises(WeightsError, match="shape"):
+        load_adapter(tiny_model, tmp_path / "ad")
+
+
+def test_lora_on_int8_base_trains_and_merges(tiny_model):
+    from llamalab.quantize import Int8Linear, quantize_model
+
+    quantize_model(tiny_model, "int8")
+    apply_lora(tiny_model, LoraConfig(r=2, target_modules=("q_proj", "gate_proj")))
+    assert isinstance(tiny_model.layers[0].self_attn.q_proj.base, Int8Linear)
+    _randomize_b(tiny_model)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
+    tiny_model.train()
+    tiny_model(ids).logsumexp(-1).mean().backward()  # gradient flows through the int8 base
+    assert tiny_model.layers[0].self_attn.q_proj.lora_B.weight.grad is not None
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(ids)
+        merge_lora(tiny_model)
+        assert type(tiny_model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        # merged layers compute in float32 while int8 layers use bf16 activations: close, not equal
+        torch.testing.assert_close(tiny_model(ids), out, atol=0.05, rtol=0.05)
+
+
+def test_peft_loads_our_adapter_on_transformers(tiny_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 8))
+    tiny_model.save_pretrained(tmp_path / "base")
+    apply_lora(tiny_model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomize_b(tiny_model)
+    ours = tiny_model(ids)
+    save_adapter(tiny_model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    with torch.no_grad():
+        theirs = pm(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    # and an adapter PEFT writes loads into ours
+    pm.save_pretrained(tmp_path / "peft_saved")
+    from llamalab import Llama
+
+    again = load_adapter(Llama.from_pretrained(tmp_path / "base"), tmp_path / "peft_saved")
+    torch.testing.assert_close(again(ids), ours, atol=1e-5, rtol=1e-5)
