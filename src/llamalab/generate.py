@@ -134,54 +134,67 @@ class FastDecoder:
     """A one-token decode step prepared for memory-bound batch-1 inference.
 
     Built once from a :class:`~llamalab.model.Llama`; it shares the model's parameters' values but
-    stores each layer's matrices transposed, contiguous and fused — ``W_qkv`` (hidden, q+k+v) and
-    ``W_gu`` (hidden, 2·intermediate) — so a step is 4 matrix-vector products per layer instead of 7,
-    each reading a contiguous weight, plus cos/sin tables indexed by position. It reads and writes
-    the same :class:`KVCache` the model's forward uses (prefill goes through the model), and its
-    logits equal the model's up to float rounding. ``dtype`` may differ from the model's to store
-    decode weights in another precision (e.g. bfloat16 for a float32 model); activations stay in
-    the model's dtype.
+    stores each layer's matrices fused — ``W_qkv`` (q+k+v rows) and ``W_gu`` (gate+up rows) — so a
+    step is 4 matrix-vector products per layer instead of 7, plus cos/sin tables indexed by position.
+    It reads and writes the same :class:`KVCache` the model's forward uses (prefill goes through the
+    model), and its logits equal the model's up to float rounding.
+
+    Two kernels for the products:
+
+    * eager (default): weights stored transposed and contiguous, ``x @ Wᵀ`` — stock PyTorch's gemv on
+      that layout reads weights faster than ``F.linear`` on the original one;
+    * ``compile=True``: at batch 1 each layer is two ``torch.compile``-d functions (norm → q|k|v →
+      RoPE; o-proj → residual → norm → gate|up → SwiGLU → down → residual) in which every product is
+      written as the reduction ``Σ_j W[i, j] · x[j]`` over the original row-major weight, accumulated
+      in float32. Inductor turns each into one vectorised loop that streams the weight once, fused with
+      the element-wise work around it. Compiling takes a while (seconds to a minute, once per shape);
+      it pays for long generations.
     """
 
-    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None,
-                 weight_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None, compile: bool = False) -> None:
         cfg = model.config
+        if getattr(cfg, "norm_type", "rmsnorm") != "rmsnorm":
+            raise LlamalabError("FastDecoder supports RMSNorm models only")
         self.config = cfg
         self.dtype = model.dtype
-        wd = weight_dtype or self.dtype
+        self.compiled = compile
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.inter = cfg.intermediate_size
 
-        def t(*ws: torch.Tensor) -> torch.Tensor:
-            return torch.cat([w.detach() for w in ws], 0).to(wd).t().contiguous()
+        def prep(*ws: torch.Tensor) -> torch.Tensor:
+            w = torch.cat([w.detach() for w in ws], 0) if len(ws) > 1 else ws[0].detach()
+            return w.contiguous() if compile else w.t().contiguous()
 
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
-                layer.input_layernorm.weight.detach(), t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                t(a.o_proj.weight), layer.post_attention_layernorm.weight.detach(),
-                t(m.gate_proj.weight, m.up_proj.weight), t(m.down_proj.weight)))
+                layer.input_layernorm.weight.detach(), prep(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                prep(a.o_proj.weight), layer.post_attention_layernorm.weight.detach(),
+                prep(m.gate_proj.weight, m.up_proj.weight), prep(m.down_proj.weight)))
         self.eps = cfg.rms_norm_eps
         self.embed = model.embed_tokens.weight.detach()
         self.norm = model.norm.weight.detach()
-        self.lm_head = t(model.lm_head.weight)
+        self.lm_head = prep(model.lm_head.weight)
         n = max_seq_len or cfg.max_position_embeddings
         pos = torch.arange(n, device=self.embed.device)[None]
         cos, sin = model.rotary(pos)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # float32, as the model rotates
         self.max_seq_len = n
         self.scale = 1.0 / self.head_dim ** 0.5
-        if getattr(model.config, "norm_type", "rmsnorm") != "rmsnorm":
-            raise LlamalabError("FastDecoder supports RMSNorm models only")
+        if compile:
+            self._pre = torch.compile(_pre_attention, dynamic=False)
+            self._post = torch.compile(_post_attention, dynamic=False)
+            self._head = torch.compile(_head, dynamic=False)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return _rmsnorm(x, w, self.eps)
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (x.to(w.dtype) @ w).to(x.dtype) if w.dtype != x.dtype else x @ w
+        if self.compiled:
+            return F.linear(x, w)
+        return x @ w
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,19 +213,18 @@ class FastDecoder:
         cos, sin = self.cos[lengths][:, None], self.sin[lengths][:, None]  # (B, 1, D)
         h = self.embed[tokens.view(B)]
         H, K, D = self.n_heads, self.n_kv, self.head_dim
-        half = D // 2
+        sizes = (self.q_size, self.kv_size, D // 2)
+        fused = self.compiled and B == 1
         batch_slice = None
-        if B == 1 or (isinstance(rows, torch.Tensor) and B == cache.batch_size
-                      and bool((rows == torch.arange(B, device=rows.device)).all())):
+        if B == 1 or (B == cache.batch_size and bool((rows == torch.arange(B, device=rows.device)).all())):
             r0 = int(rows[0])
             batch_slice = slice(r0, r0 + B)
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            qkv = self._mm(self._norm(h, w_in), w_qkv)
-            q = qkv[:, :self.q_size].view(B, H, D)
-            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(B, K, D)
-            v = qkv[:, self.q_size + self.kv_size:].view(B, K, D)
-            q = _rope(q, cos, sin, half)
-            k = _rope(k, cos, sin, half)
+            if fused:
+                q, k, v = self._pre(h, w_in, w_qkv, cos, sin, self.eps, sizes)
+            else:
+                q, k, v = _split_rope(self._mm(self._norm(h, w_in), w_qkv), cos, sin, sizes)
+            q, k, v = q.view(B, H, D), k.view(B, K, D), v.view(B, K, D)
             ck, cv = cache.k[i], cache.v[i]
             if batch_slice is not None and uniform:
                 s = int(lengths[0])
@@ -223,21 +235,62 @@ class FastDecoder:
                 ck[rows, :, lengths] = k.to(ck.dtype)
                 cv[rows, :, lengths] = v.to(cv.dtype)
                 kk, vv = ck[rows, :, :hi], cv[rows, :, :hi]
-            # queries grouped per kv head: (B, K, n_rep, D) against (B, K, S, D)
+            # queries grouped per kv head: (B, K, n_rep, D) against (B, K, S, D); no K/V copies
             qg = q.view(B, K, H // K, D)
             o = F.scaled_dot_product_attention(qg, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=self.scale)
-            h = h + self._mm(o.reshape(B, H * D), w_o)
-            gu = self._mm(self._norm(h, w_post), w_gu)
-            h = h + self._mm(F.silu(gu[:, :self.inter]) * gu[:, self.inter:], w_down)
+            o = o.reshape(B, H * D)
+            if fused:
+                h = self._post(h, o, w_o, w_post, w_gu, w_down, self.eps, self.inter)
+            else:
+                h = h + self._mm(o, w_o)
+                gu = self._mm(self._norm(h, w_post), w_gu)
+                h = h + self._mm(F.silu(gu[:, :self.inter]) * gu[:, self.inter:], w_down)
         cache.lengths[rows] += 1
         cache.valid[rows, lengths] = True
+        if fused:
+            return self._head(h, self.norm, self.lm_head, self.eps)
         return self._mm(self._norm(h, self.norm), self.lm_head).float()
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
     x32 = x.float()
     x1, x2 = x32[..., :half], x32[..., half:]
     return (x32 * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def _split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sizes: tuple[int, int, int]):
+    """(B, q+k+v) -> RoPE-rotated q (B, Hq, D), k (B, Hkv, D) and v (B, Hkv, D) (flat views)."""
+    q_size, kv_size, half = sizes
+    B = qkv.shape[0]
+    q = qkv[:, :q_size].view(B, -1, 2 * half)
+    k = qkv[:, q_size:q_size + kv_size].view(B, -1, 2 * half)
+    v = qkv[:, q_size + kv_size:]
+    return _rope(q, cos, sin, half), _rope(k, cos, sin, half), v
+
+
+def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(1, in) · (out, in)ᵀ as an explicit float32 reduction (compiled into one streaming loop)."""
+    return (w.float() * x.float()[:, None, :]).sum(-1)
+
+
+def _pre_attention(h, w_in, w_qkv, cos, sin, eps: float, sizes: tuple[int, int, int]):
+    x = _rmsnorm(h, w_in, eps)
+    return _split_rope(_matvec(w_qkv, x).to(h.dtype), cos, sin, sizes)
+
+
+def _post_attention(h, o, w_o, w_post, w_gu, w_down, eps: float, inter: int):
+    h = h + _matvec(w_o, o).to(h.dtype)
+    gu = _matvec(w_gu, _rmsnorm(h, w_post, eps)).to(h.dtype)
+    return h + _matvec(w_down, F.silu(gu[:, :inter]) * gu[:, inter:]).to(h.dtype)
+
+
+def _head(h, w_norm, lm_head, eps: float):
+    return _matvec(lm_head, _rmsnorm(h, w_norm, eps))
 
 
 # --------------------------------------------------------------------------- model runner
@@ -249,12 +302,10 @@ class Runner:
         self.model = model
         self.cache = model.new_cache(batch_size, max_seq_len)
         self.decoder = decoder
-        if self.decoder is None and fast and getattr(model.config, "norm_type", "rmsnorm") == "rmsnorm" \
+        if self.decoder is None and (fast or compile) and getattr(model.config, "norm_type", "rmsnorm") == "rmsnorm" \
                 and not getattr(model.config, "quantization", None) and _plain_linears(model):
-            self.decoder = FastDecoder(model, max_seq_len)
+            self.decoder = _cached_decoder(model, compile)
         self._step = self.decoder.step if self.decoder is not None else None
-        if compile and self.decoder is not None:
-            self._step = torch.compile(self.decoder.step, dynamic=False)
 
     @torch.inference_mode()
     def prefill(self, row: int, ids: Sequence[int], chunk: int = PREFILL_CHUNK, all_logits: bool = False
@@ -292,6 +343,19 @@ class Runner:
 
     def length(self, row: int) -> int:
         return int(self.cache.lengths[row])
+
+
+def _cached_decoder(model: torch.nn.Module, compile: bool) -> FastDecoder:
+    """One prepared decoder per (model, kernel), kept on the model and rebuilt whenever any parameter
+    changed since (in-place updates bump a tensor's ``_version``), so training never leaves it stale.
+    It holds a second copy of the weights; pass ``fast=False`` where memory is tight."""
+    key = "_llamalab_decoder_compiled" if compile else "_llamalab_decoder"
+    stamp = tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
+    cached = model.__dict__.get(key)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, FastDecoder(model, model.config.max_position_embeddings, compile=compile))
+        model.__dict__[key] = cached
+    return cached[1]
 
 
 def _plain_linears(model: torch.nn.Module) -> bool:
