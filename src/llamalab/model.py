@@ -125,7 +125,8 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 (B, 1, vocab) with ``last_only``).
 
-        * ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (e.g. left-padded batches).
+        * ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (e.g. left-padded batches); or a
+          boolean (B, 1, T, T) mask, True where a query may attend (with explicit ``position_ids``).
         * ``position_ids`` (B, T): explicit RoPE positions; by default they count real tokens.
         * ``cache``: write these tokens' keys/values after what each cache row already holds and attend
           over everything there (prefill, then one or more tokens per call). ``cache_rows`` selects
@@ -148,7 +149,13 @@ class Llama(nn.Module):
         mask = None
         step = None
         if cache is None:
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                # an explicit (B, 1, T, T) boolean mask, True = may attend (e.g. block-diagonal for packed
+                # sequences); position_ids then come from the caller
+                mask = attention_mask.to(torch.bool)
+                if position_ids is None:
+                    raise ValueError("a 4-D attention_mask needs explicit position_ids")
+            elif attention_mask is not None:
                 am = attention_mask.to(torch.bool)
                 if position_ids is None:
                     position_ids = (am.long().cumsum(-1) - 1).clamp_min(0)
