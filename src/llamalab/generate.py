@@ -186,6 +186,7 @@ class FastDecoder:
         if compile:
             self._pre = torch.compile(_pre_attention, dynamic=False)
             self._post = torch.compile(_post_attention, dynamic=False)
+            self._down = torch.compile(_mlp_out, dynamic=False)
             self._head = torch.compile(_head, dynamic=False)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -240,7 +241,8 @@ class FastDecoder:
             o = F.scaled_dot_product_attention(qg, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=self.scale)
             o = o.reshape(B, H * D)
             if fused:
-                h = self._post(h, o, w_o, w_post, w_gu, w_down, self.eps, self.inter)
+                h, act = self._post(h, o, w_o, w_post, w_gu, self.eps, self.inter)
+                h = self._down(h, act, w_down)
             else:
                 h = h + self._mm(o, w_o)
                 gu = self._mm(self._norm(h, w_post), w_gu)
@@ -283,10 +285,14 @@ def _pre_attention(h, w_in, w_qkv, cos, sin, eps: float, sizes: tuple[int, int, 
     return _split_rope(_matvec(w_qkv, x).to(h.dtype), cos, sin, sizes)
 
 
-def _post_attention(h, o, w_o, w_post, w_gu, w_down, eps: float, inter: int):
+def _post_attention(h, o, w_o, w_post, w_gu, eps: float, inter: int):
     h = h + _matvec(w_o, o).to(h.dtype)
     gu = _matvec(w_gu, _rmsnorm(h, w_post, eps)).to(h.dtype)
-    return h + _matvec(w_down, F.silu(gu[:, :inter]) * gu[:, inter:]).to(h.dtype)
+    return h, F.silu(gu[:, :inter]) * gu[:, inter:]  # an output, so SwiGLU is computed once, not per row
+
+
+def _mlp_out(h, act, w_down):
+    return h + _matvec(w_down, act).to(h.dtype)
 
 
 def _head(h, w_norm, lm_head, eps: float):
