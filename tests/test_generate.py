@@ -4,6 +4,8 @@ chat messages, context errors."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -39,6 +41,7 @@ def make_tokenizer():
                              chat_template=CHAT_TEMPLATE, add_bos=False)
 
 
+@functools.cache  # trained once per session, shared with test_cli_generate.py
 def make_parrot(steps: int = 70, seed: int = 0):
     """A tiny model trained to recite SONG after its first token (and then <|im_end|>)."""
     tok = make_tokenizer()
