@@ -384,7 +384,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
         target = resolve_dtype(dtype)
         config.torch_dtype = str(target).replace("torch.", "")
         if keep_quantized:
-            return _load_keep_quantized(g, config, device), _tokenizer(g.metadata, from_gguf_metadata)
+            model = _load_keep_quantized(g, config, target, device)
+            return model, _tokenizer(g.metadata, from_gguf_metadata)
         state: dict[str, torch.Tensor] = {}
         for name, t in g.tensors.items():
             ours = gguf_to_ours(name)
@@ -423,8 +424,64 @@ def _type_name(ttype: int) -> str:
         return str(ttype)
 
 
-def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, device):
-    raise WeightsError("keep_quantized=True is not supported yet (needs llamalab.quantize's int8/int4 modules)")
+def _blocks(raw: np.ndarray, ttype: int, shape: tuple[int, ...]):
+    """Unpacked codes (out, in) and per-32 scales (and mins) (out, in/32) of a Q8_0/Q4_0/Q4_1 tensor."""
+    out_f, in_f = shape
+    if ttype == Q8_0:
+        blocks = raw.reshape(-1, 34)
+        d = blocks[:, :2].copy().view(np.float16).reshape(out_f, in_f // 32)
+        q = blocks[:, 2:].copy().view(np.int8).reshape(out_f, in_f)
+        return torch.from_numpy(q), torch.from_numpy(d), None
+    head = 2 if ttype == Q4_0 else 4
+    blocks = raw.reshape(-1, head + 16)
+    d = blocks[:, :2].copy().view(np.float16).reshape(out_f, in_f // 32)
+    m = blocks[:, 2:4].copy().view(np.float16).reshape(out_f, in_f // 32) if ttype == Q4_1 else None
+    qs = blocks[:, head:]
+    codes = np.concatenate((qs & 0x0F, qs >> 4), axis=1).reshape(out_f, in_f)
+    return torch.from_numpy(codes), torch.from_numpy(d), None if m is None else torch.from_numpy(m)
+
+
+def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, device):
+    """Q8_0 / Q4_0 / Q4_1 linear layers of the blocks become llamalab.quantize Int8Linear / Int4Linear
+    (exactly the file's codes and per-32 scales); everything else is dequantized to `target`."""
+    from llamalab.quantize import Int4Linear, Int8Linear, replace_linear
+    from llamalab.weights.hf import model_from_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, torch.nn.Module] = {}
+    for name, t in g.tensors.items():
+        ours = gguf_to_ours(name)
+        if ours is None:
+            if name in _IGNORED_TENSORS:
+                continue
+            raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
+        heads = config.n_heads if ours.endswith("q_proj.weight") else (
+            config.n_kv_heads if ours.endswith("k_proj.weight") else None)
+        if ours.startswith("layers.") and t.type in (Q8_0, Q4_0, Q4_1) and len(t.shape) == 2:
+            q, d, m = _blocks(g.raw(t), t.type, t.shape)
+            if heads is not None:
+                q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
+                m = None if m is None else unpermute_qk(m, heads)
+            if t.type == Q8_0:
+                layer = Int8Linear.from_blocks(q, d, group_size=32)
+            else:
+                layer = Int4Linear.from_blocks(q, d, mins=m, group_size=32)
+            quantized[ours[: -len(".weight")]] = layer.to(device)
+            state[ours] = torch.zeros((), dtype=target).expand(t.shape)  # placeholder, replaced below
+            continue
+        w = dequantize(g.raw(t), t.type, t.shape)
+        if heads is not None:
+            w = unpermute_qk(w, heads)
+        state[ours] = w.to(target)
+    if not quantized:
+        raise WeightsError(f"{g.path}: keep_quantized needs Q8_0/Q4_0/Q4_1 linear weights; this file has none")
+    model = model_from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
+    for name, layer in quantized.items():
+        replace_linear(model, name, layer)
+    method = "int4" if any(isinstance(m, Int4Linear) for m in quantized.values()) else "int8"
+    model.config.quantization = {"method": method, "group_size": 32, "symmetric": False, "lm_head": False,
+                                 "format": 1}
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- writing

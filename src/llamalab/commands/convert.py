@@ -1,0 +1,95 @@
+"""`llamalab convert SRC OUT`: re-write a model in another format.
+
+* ``OUT`` ending in ``.gguf``: a llama-architecture GGUF file for llama.cpp (``--type f32|f16|bf16|q8_0``);
+* any other ``OUT``: an HF-layout directory (config.json + safetensors + tokenizer files), ``--dtype``.
+
+``SRC`` is anything :func:`llamalab.load` reads: an HF directory, a llamalab run dir, or a ``.gguf`` file.
+The command is three small steps — load, transform, write — so that new options slot in as a
+transform (e.g. changing the number of KV heads) or as a writer (another output format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamalab.errors import LlamalabError
+
+HELP = "convert a model: HF dir / run dir / .gguf -> .gguf (f32, f16, bf16, q8_0) or an HF directory"
+
+Transform = Callable[[Any, Any, argparse.Namespace], tuple[Any, Any]]
+Writer = Callable[[Any, Any, Path, argparse.Namespace], Path]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="HF model dir, llamalab run dir, or .gguf file")
+    p.add_argument("out", help="OUT.gguf for llama.cpp, or a directory for the HF layout")
+    p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF tensor type (2-D weights; norms stay f32). Default f32")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of an HF-layout output (default: float32)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def load_source(args: argparse.Namespace):
+    from llamalab.loading import load
+
+    src = Path(args.src)
+    if not src.exists():
+        raise LlamalabError(f"no such model: {src}")
+    return load(src)
+
+
+# (name, transform) pairs applied in order; each returns the (model, tokenizer) it was given when its
+# option is not set. The lead adds e.g. ("to_gqa", _to_gqa) with a `--to-gqa N` argument.
+TRANSFORMS: list[tuple[str, Transform]] = []
+
+
+def write_gguf(model, tok, out: Path, args: argparse.Namespace) -> Path:
+    from llamalab.weights.gguf import save_gguf
+
+    if args.dtype is not None:
+        raise LlamalabError("--dtype is for HF-layout output; a .gguf output takes --type")
+    return save_gguf(model, tok, out, type=args.type)
+
+
+def write_hf(model, tok, out: Path, args: argparse.Namespace) -> Path:
+    if args.type != "f32":
+        raise LlamalabError("--type is for .gguf output; an HF directory takes --dtype")
+    model.save_pretrained(out, dtype=args.dtype)
+    if tok is not None:
+        tok.save(out)
+    return out
+
+
+def pick_writer(out: Path) -> Writer:
+    return write_gguf if out.suffix.lower() == ".gguf" else write_hf
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists() or force:
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    raise LlamalabError(f"{out} already exists (use --force to overwrite)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    writer = pick_writer(out)
+    _check_out(out, args.force)
+    t0 = time.perf_counter()
+    model, tok = load_source(args)
+    for _, transform in TRANSFORMS:
+        model, tok = transform(model, tok, args)
+    written = writer(model, tok, out, args)
+    size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) if written.is_dir() \
+        else written.stat().st_size
+    what = f"GGUF {args.type}" if writer is write_gguf else f"HF dir ({args.dtype or 'float32'})"
+    print(f"wrote {written} [{what}, {size / 2**20:,.1f} MiB, {model.num_parameters() / 1e6:.1f}M parameters"
+          f"{', no tokenizer' if tok is None else ''}] in {time.perf_counter() - t0:.1f}s")
+    return 0
