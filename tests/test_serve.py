@@ -466,7 +466,13 @@ def test_cli_serve(tiny, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    bad = subprocess.run([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "missing")],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "error" in bad.stderr
+
+
+def test_cli_serve_errors_are_one_line(tmp_path, capsys):
+    from llamalab.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamalab serve: error:") and err.strip().count("\n") == 0
+    assert main(["serve", "--model", str(tmp_path), "--port", "70000"]) == 2
 
