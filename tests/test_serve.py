@@ -476,3 +476,20 @@ def test_cli_serve_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("llamalab serve: error:") and err.strip().count("\n") == 0
     assert main(["serve", "--model", str(tmp_path), "--port", "70000"]) == 2
 
+
+
+# --------------------------------------------------------------------------- a real chat model
+def test_smollm2_chat(smollm2):
+    """SmolLM2-135M-Instruct through the server: its ChatML template and <|im_end|> stop, same as generate()."""
+    import llamalab
+
+    model, tok = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with BackgroundServer(model, tok, "smollm2", max_batch=2, max_len=256) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+    answer = r.choices[0].message.content
+    assert "Paris" in answer
+    assert answer == llamalab.generate(model, tok, messages, max_new_tokens=24, temperature=0)
+    if r.choices[0].finish_reason == "stop":
+        assert "<|im_end|>" not in answer and r.usage.completion_tokens < 24
