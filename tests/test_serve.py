@@ -379,6 +379,9 @@ BAD_REQUESTS = [
                              b'"top_logprobs": 3}', 400, "top_logprobs"),
     ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], '
                              b'"max_completion_tokens": 0}', 400, "max_completion_tokens"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "logit_bias": {"99999": 5}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "seed": 99999999999999999999999}', 400, "seed"),
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "n": 9}', 400, "n"),
     ("/v1/nothing", b"{}", 404, None),
 ]
 

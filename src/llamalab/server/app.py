@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llamalab.errors import LlamalabError
 from llamalab.generate import stop_token_ids
 from llamalab.server.engine import Delta, Engine, Failed, GenOptions, Job, QueueFull
 from llamalab.server.protocol import APIError, GenerationRequest, parse_json, parse_request
@@ -166,6 +167,13 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         if req.n > engine.max_batch:
             raise APIError(400, f"'n' is {req.n} but this server runs at most {engine.max_batch} sequences at once",
                            param="n", code="invalid_value")
+        if len(req.prompts) > engine.max_queue:
+            raise APIError(400, f"{len(req.prompts)} prompts in one request; this server queues at most "
+                                f"{engine.max_queue}", param="prompt", code="invalid_value")
+        try:
+            req.params.validate(config.vocab_size)
+        except LlamalabError as e:
+            raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
         prompt_ids = tokenize(req)
         limits = [max_tokens_for(req, len(ids)) for ids in prompt_ids]
         loop = asyncio.get_running_loop()

@@ -174,7 +174,7 @@ def parse_request(body: dict, kind: str, model_ids: list[str]) -> GenerationRequ
     top_p = get_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
     presence = get_number(body, "presence_penalty", 0.0, lo=-2, hi=2)
     frequency = get_number(body, "frequency_penalty", 0.0, lo=-2, hi=2)
-    seed = get_int(body, "seed", None)
+    seed = get_int(body, "seed", None, lo=-(2**63), hi=2**63 - 1 - MAX_N)
     logit_bias = body.get("logit_bias")
     if logit_bias is not None and not isinstance(logit_bias, dict):
         raise APIError(400, "'logit_bias' must be an object of token id -> bias", param="logit_bias",
