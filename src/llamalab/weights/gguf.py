@@ -31,13 +31,15 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from llamalab.config import LlamaConfig
 from llamalab.errors import ConfigError, TokenizerError, WeightsError
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 # GGML tensor types (ggml.h) that we read directly; the rest go through gguf.quants
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
@@ -49,6 +51,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NP_SCALAR = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
               7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 # GGUF tensor name -> ours (per-layer names take the block index)
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
@@ -84,16 +87,16 @@ def ours_to_gguf(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- q/k layout
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF (rotate-half) rows -> llama.cpp (adjacent-pair) rows, per head."""
+def permute_qk(w: T, n_heads: int) -> T:
+    """HF (rotate-half) rows -> llama.cpp (adjacent-pair) rows, per head (torch tensor or numpy array)."""
     out_dim = w.shape[0]
-    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp (adjacent-pair) rows -> HF (rotate-half) rows, per head."""
+def unpermute_qk(w: T, n_heads: int) -> T:
+    """llama.cpp (adjacent-pair) rows -> HF (rotate-half) rows, per head (torch tensor or numpy array)."""
     out_dim = w.shape[0]
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -147,6 +150,22 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, count: int) -> list[str]:
+        """An array of strings (the vocabulary, the merges): a tight loop, the hot spot of parsing."""
+        self.need(count * 8)
+        buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        if pos > self.size:
+            raise WeightsError(f"truncated GGUF file {self.path}: header/metadata runs past the end of the file")
+        self.pos = pos
+        return out
+
     def value(self, t: int) -> Any:
         if t == _STRING:
             return self.string()
@@ -154,7 +173,7 @@ class _Cursor:
             et = self.scalar(4)
             count = self.scalar(10)
             if et == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if et in _NP_SCALAR:
                 dt = np.dtype(_NP_SCALAR[et]).newbyteorder("<")
                 self.need(count * dt.itemsize)
@@ -228,20 +247,24 @@ def read_gguf(path: str | Path) -> GGUFFile:
 
 
 def dequantize(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Raw GGUF tensor bytes -> float32 torch tensor of `shape` (torch order); vectorised numpy."""
+    """Raw GGUF tensor bytes -> float32 torch tensor of `shape` (torch order)."""
+    return torch.from_numpy(np.ascontiguousarray(dequantize_np(raw, ttype, shape)))
+
+
+def dequantize_np(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw GGUF tensor bytes -> float32 numpy array of `shape`; vectorised numpy (fast on few cores)."""
     if ttype == F32:
-        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+        return raw.view(np.float32).reshape(shape).copy()
     if ttype == F16:
-        return torch.from_numpy(raw.view(np.float16).astype(np.float32).reshape(shape))
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
     if ttype == BF16:
-        widened = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return torch.from_numpy(widened.reshape(shape))
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     if ttype == Q8_0:
         blocks = raw.reshape(-1, 34)
         d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
         out = blocks[:, 2:].view(np.int8).astype(np.float32)
         out *= d
-        return torch.from_numpy(out.reshape(shape))
+        return out.reshape(shape)
     if ttype in (Q4_0, Q4_1):
         head = 2 if ttype == Q4_0 else 4
         blocks = raw.reshape(-1, head + 16)
@@ -256,7 +279,7 @@ def dequantize(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> torch.Ten
         else:
             out *= d
             out += blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        return torch.from_numpy(out.reshape(shape))
+        return out.reshape(shape)
     from gguf import quants
     from gguf.constants import GGMLQuantizationType
 
@@ -265,7 +288,7 @@ def dequantize(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> torch.Ten
         out = quants.dequantize(raw.reshape(shape[:-1] + (-1,)) if len(shape) > 1 else raw, qtype)
     except NotImplementedError:
         raise WeightsError(f"GGML type {GGMLQuantizationType(ttype).name} is not supported") from None
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+    return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
 def _get(meta: dict[str, Any], key: str, default: Any = None, required: bool = False) -> Any:
@@ -395,12 +418,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
                 raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
             if _type_name(t.type) not in SUPPORTED_TYPES:
                 raise WeightsError(f"{g.path}: tensor {name} has unsupported type {_type_name(t.type)}")
-            w = dequantize(g.raw(t), t.type, t.shape)
+            w = dequantize_np(g.raw(t), t.type, t.shape)
             if ours.endswith("q_proj.weight"):
                 w = unpermute_qk(w, config.n_heads)
             elif ours.endswith("k_proj.weight"):
                 w = unpermute_qk(w, config.n_kv_heads)
-            state[ours] = w.to(target)
+            state[ours] = torch.from_numpy(np.ascontiguousarray(w)).to(target)
         model = model_from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
         return model.eval(), _tokenizer(g.metadata, from_gguf_metadata)
     finally:
@@ -469,10 +492,10 @@ def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, 
             quantized[ours[: -len(".weight")]] = layer.to(device)
             state[ours] = torch.zeros((), dtype=target).expand(t.shape)  # placeholder, replaced below
             continue
-        w = dequantize(g.raw(t), t.type, t.shape)
+        w = dequantize_np(g.raw(t), t.type, t.shape)
         if heads is not None:
             w = unpermute_qk(w, heads)
-        state[ours] = w.to(target)
+        state[ours] = torch.from_numpy(np.ascontiguousarray(w)).to(target)
     if not quantized:
         raise WeightsError(f"{g.path}: keep_quantized needs Q8_0/Q4_0/Q4_1 linear weights; this file has none")
     model = model_from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
