@@ -265,3 +265,25 @@ def test_llama_cpp_runs_our_export(tok, tmp_path):
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     ours = _logits(model, torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() <= 1e-3
+
+
+def test_cli_convert_hf_gguf_hf(tok, tmp_path, capsys):
+    from llamalab.cli import main
+
+    model = _model(tok, seed=5)
+    model.save_pretrained(tmp_path / "src")
+    tok.save(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "m.gguf")]) == 0
+    assert "GGUF f32" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back"), "--dtype", "bfloat16"]) == 0
+    back, tok2 = llamalab.load(tmp_path / "back")
+    assert LlamaConfig.from_json(tmp_path / "back").torch_dtype == "bfloat16" and tok2 is not None
+    ids = torch.tensor([tok.encode(TEXTS[1])])
+    assert tok2.encode(TEXTS[1]) == ids[0].tolist() and tok2.chat_template == tok.chat_template
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t.to(torch.bfloat16).float()), name
+    # option mixes and existing outputs are refused before anything is loaded
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "m.gguf")]) == 2
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "n.gguf"), "--dtype", "float16"]) == 2
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dir"), "--type", "q8_0"]) == 2
+    assert "--type is for .gguf output" in capsys.readouterr().err

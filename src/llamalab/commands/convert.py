@@ -52,14 +52,10 @@ TRANSFORMS: list[tuple[str, Transform]] = []
 def write_gguf(model, tok, out: Path, args: argparse.Namespace) -> Path:
     from llamalab.weights.gguf import save_gguf
 
-    if args.dtype is not None:
-        raise LlamalabError("--dtype is for HF-layout output; a .gguf output takes --type")
     return save_gguf(model, tok, out, type=args.type)
 
 
 def write_hf(model, tok, out: Path, args: argparse.Namespace) -> Path:
-    if args.type != "f32":
-        raise LlamalabError("--type is for .gguf output; an HF directory takes --dtype")
     model.save_pretrained(out, dtype=args.dtype)
     if tok is not None:
         tok.save(out)
@@ -68,6 +64,14 @@ def write_hf(model, tok, out: Path, args: argparse.Namespace) -> Path:
 
 def pick_writer(out: Path) -> Writer:
     return write_gguf if out.suffix.lower() == ".gguf" else write_hf
+
+
+def check_options(writer: Writer, args: argparse.Namespace) -> None:
+    """Refuse option mixes before the (slow) load."""
+    if writer is write_gguf and args.dtype is not None:
+        raise LlamalabError("--dtype is for HF-layout output; a .gguf output takes --type")
+    if writer is write_hf and args.type != "f32":
+        raise LlamalabError("--type is for .gguf output; an HF directory takes --dtype")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -81,6 +85,7 @@ def _check_out(out: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     writer = pick_writer(out)
+    check_options(writer, args)
     _check_out(out, args.force)
     t0 = time.perf_counter()
     model, tok = load_source(args)
