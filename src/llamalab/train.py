@@ -643,7 +643,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"preset": "tiny"},  # plus any LlamaConfig field (hidden_size, n_layers, ...)
     "train": {"steps": 1000, "batch_size": 32, "seq_len": 256, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4,
               "warmup_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
-              "precision": "auto", "compile": False, "device": "auto", "max_minutes": 0.0},
+              "precision": "auto", "compile": False, "device": "auto", "max_minutes": 0.0,
+              "threads": 0},  # threads: torch intra-op threads (0 = torch's default)
     "eval": {"every": 200, "tokens": 65536, "batch_size": 16},
     "checkpoint": {"every": 500, "keep": 2},
     "log": {"every": 10},
@@ -968,6 +969,8 @@ def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, pr
     from llamalab.model import Llama
 
     t, d, dcfg = cfg["train"], cfg["data"], cfg["distributed"]
+    if t["threads"] > 0:
+        torch.set_num_threads(t["threads"])
     say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main and overwrite and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
