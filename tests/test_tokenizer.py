@@ -172,12 +172,15 @@ def test_gguf_llama_vocab_matches_sentencepiece(spm_model):
     meta = gguf_metadata(tok)
     assert meta["tokenizer.ggml.model"] == "llama"
     assert meta["tokenizer.ggml.bos_token_id"] == sp.bos_id() and meta["tokenizer.ggml.add_bos_token"]
-    # llama.cpp files carry sentencepiece's own scores; use them as a real file would
-    meta["tokenizer.ggml.scores"] = [sp.get_score(i) for i in range(sp.get_piece_size())]
+    # the file carries sentencepiece's own scores and piece types, as llama.cpp's converter writes them
+    assert meta["tokenizer.ggml.scores"] == [sp.get_score(i) for i in range(sp.get_piece_size())]
+    assert meta["tokenizer.ggml.token_type"][sp.piece_to_id("<0x41>")] == 6  # byte
+    assert meta["tokenizer.ggml.token_type"][sp.unk_id()] == 2
     again = from_gguf_metadata(meta)
     for s in SAMPLES + ["Zebra 42 quixotic"]:
         assert again.encode(s) == tok.encode(s) == [sp.bos_id(), *sp.encode(s)], s
-    # and with the scores gguf_metadata derived from the merge ranks
+    # a tokenizer that lost its scores (saved as tokenizer.json) exports scores from its merge ranks
+    tok.scores = None
     derived = from_gguf_metadata(gguf_metadata(tok))
     for s in SAMPLES:
         assert derived.encode(s) == tok.encode(s), s

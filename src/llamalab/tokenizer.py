@@ -50,8 +50,10 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, unk_token: str | None = None, chat_template: str | None = None,
                  add_bos: bool = False, add_eos: bool = False, extra_stop_tokens: Iterable[str] = (),
-                 extra_stop_ids: Iterable[int] = (), kind: str = "bpe", pre: str | None = None) -> None:
+                 extra_stop_ids: Iterable[int] = (), kind: str = "bpe", pre: str | None = None,
+                 scores: Sequence[float] | None = None) -> None:
         self.backend = backend
+        self.scores = list(scores) if scores is not None else None  # sentencepiece scores, when known
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.pad_token = pad_token
@@ -379,7 +381,7 @@ def _load_sentencepiece(path: Path, bos: str | None, eos: str | None, cfg: dict[
     eos = eos or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
     add_bos = cfg.get("add_bos_token", True)
     return Tokenizer(backend, bos_token=bos, eos_token=eos, unk_token=unk, add_bos=bool(add_bos),
-                     kind="spm" if model_type == "bpe" else "unigram", **kwargs)
+                     kind="spm" if model_type == "bpe" else "unigram", scores=scores, **kwargs)
 
 
 def spm_backend(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], *,
@@ -521,12 +523,13 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
             raise TokenizerError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
         pre = meta.get("tokenizer.ggml.pre") or "default"
         backend = bpe_backend(tokens, merges, types, pre)
-        kind, default_add_bos = "bpe", False
+        kind, default_add_bos, spm_scores = "bpe", False, None
     elif model == "llama":
         scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
         backend = spm_backend(tokens, scores, types,
                               add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
         kind, pre, default_add_bos = "spm", None, True
+        spm_scores = scores
     else:
         raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2, llama)")
 
@@ -543,7 +546,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
                      chat_template=meta.get("tokenizer.chat_template"),
                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)),
                      add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-                     extra_stop_ids=extra_ids, kind=kind, pre=pre)
+                     extra_stop_ids=extra_ids, kind=kind, pre=pre, scores=spm_scores)
 
 
 def gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
@@ -572,12 +575,14 @@ def gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
         if unk is not None and unk in tokens:
             types[tokens.index(unk)] = TOKEN_UNKNOWN
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        rank = {}
-        for r, m in enumerate(merges):
-            rank["".join(m.split(" "))] = r
-        # SentencePiece scores: higher = merged earlier; pieces that no merge makes get the lowest scores
-        scores = [-float(rank.get(t, len(merges) + i)) if types[i] == TOKEN_NORMAL else 0.0
-                  for i, t in enumerate(tokens)]
+        if tok.scores is not None and len(tok.scores) == n:  # the original sentencepiece scores
+            scores = [float(x) for x in tok.scores]
+        else:  # higher = merged earlier; pieces that no merge makes get the lowest scores
+            rank: dict[str, int] = {}
+            for r, m in enumerate(merges):
+                rank.setdefault("".join(m.split(" ")), r)
+            scores = [-float(rank.get(t, len(merges) + i)) if types[i] == TOKEN_NORMAL else 0.0
+                      for i, t in enumerate(tokens)]
         normalizer = json.dumps(spec.get("normalizer"))
         meta["tokenizer.ggml.model"] = "llama"
         meta["tokenizer.ggml.scores"] = scores
