@@ -120,9 +120,9 @@ def test_llama3_scaling_recovered_from_rope_freqs():
 
 
 # ---------------------------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("tied", [False, True])
-def test_export_f32_roundtrip_exact(tok, tmp_path, tied):
-    model = _model(tok, tie_word_embeddings=tied)
+@pytest.mark.parametrize("tied,pad", [(False, 0), (True, 5)])
+def test_export_f32_roundtrip_exact(tok, tmp_path, tied, pad):
+    model = _model(tok, tie_word_embeddings=tied, vocab_size=tok.vocab_size + pad)  # pad: more rows than tokens
     path = save_gguf(model, tok, tmp_path / "m.gguf", "f32")
     back, tok2 = llamalab.load(path)  # dispatches on the suffix
     c0, c1 = model.config, back.config
@@ -137,6 +137,7 @@ def test_export_f32_roundtrip_exact(tok, tmp_path, tied):
     for s in TEXTS:
         assert tok2.encode(s) == tok.encode(s)
     assert tok2.chat_template == tok.chat_template and tok2.stop_token_ids == tok.stop_token_ids
+    assert tok2.vocab_size == model.config.vocab_size  # padded with unused tokens for llama.cpp
 
 
 def test_export_q8_0_is_q8_0(tok, tmp_path):

@@ -593,7 +593,9 @@ def save_gguf(model, tokenizer, path: str | Path, type: str = "f32", name: str |
         else:
             raise ConfigError(f"GGUF export of rope_type {rtype!r} is not supported (llama.cpp has no equivalent)")
     if tokenizer is not None:
-        for key, value in gguf_metadata(tokenizer).items():
+        meta = gguf_metadata(tokenizer)
+        _pad_vocab(meta, cfg.vocab_size)
+        for key, value in meta.items():
             _add_value(w, key, value)
     else:
         warnings.warn("exporting GGUF without a tokenizer: llama.cpp will not be able to load it", stacklevel=2)
@@ -620,6 +622,19 @@ def save_gguf(model, tokenizer, path: str | Path, type: str = "f32", name: str |
         w.close()
     tmp.replace(path)
     return path
+
+
+def _pad_vocab(meta: dict[str, Any], vocab_size: int) -> None:
+    """llama.cpp needs one token per embedding row: pad a shorter vocabulary with unused tokens."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    if len(tokens) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings")
+    extra = vocab_size - len(tokens)
+    if extra:
+        meta["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+        meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [5] * extra  # UNUSED
+        if "tokenizer.ggml.scores" in meta:
+            meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"] + [-1e9] * extra
 
 
 def _add_value(w, key: str, value: Any) -> None:
