@@ -21,7 +21,7 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=QUESTION, help="question for the pretrained model")
-    p.add_argument("--config", default=None, help="training recipe (default: configs/demo.toml, else the shipped one)")
+    p.add_argument("--config", default=None, help="training recipe (default: configs/quick.toml)")
     p.add_argument("--run-dir", default="runs/demo", help="where the demo's training run goes")
     p.add_argument("--skip-train", action="store_true", help="only the pretrained-model part")
     p.add_argument("--max-minutes", type=float, default=None, help="cap on training time (minutes)")
@@ -73,31 +73,28 @@ def part_train(args: argparse.Namespace) -> Path:
 
     _say("2. Training a small Llama from scratch on Shakespeare (tokenizer, data, model: all built here)")
     config = args.config or _default_config()
-    overrides = {}
+    run_dir = Path(args.run_dir)
+    overrides = {"out_dir": str(run_dir.parent), "name": run_dir.name}
     if args.max_minutes is not None:
-        overrides["max_minutes"] = args.max_minutes
-    return Path(train_mod.train(config, run_dir=args.run_dir, **overrides))
+        overrides["train.max_minutes"] = args.max_minutes
+    return Path(train_mod.train(config, overrides, overwrite=True))
 
 
 def _default_config() -> str:
     here = Path(__file__).resolve()
     for root in (Path.cwd(), *here.parents):
-        cand = root / "configs" / "demo.toml"
+        cand = root / "configs" / "quick.toml"
         if cand.exists():
             return str(cand)
     from llamalab.errors import LlamalabError
 
-    raise LlamalabError("configs/demo.toml not found: run the demo from the repository root or pass --config")
+    raise LlamalabError("configs/quick.toml not found: run the demo from the repository root or pass --config")
 
 
 def part_summary(run_dir: Path | None) -> None:
     _say("3. What you have now")
     if run_dir is not None:
-        samples = run_dir / "samples.txt"
-        if samples.exists():
-            print("Samples from the model you just trained:\n")
-            print("   " + samples.read_text().strip().replace("\n", "\n   ")[:1500])
-        print(f"\nrun dir:     {run_dir}")
+        print(f"run dir:     {run_dir}  (the trained model: llamalab.load('{run_dir}'))")
         for name in ("loss.png", "log.jsonl", "samples.txt", "config.toml"):
             if (run_dir / name).exists():
                 print(f"  {name:<12} {run_dir / name}")
