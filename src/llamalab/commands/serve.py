@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
-    p.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: the model's)")
+    p.add_argument("--dtype", default=None, help="weights and activations: float32 (default) or bfloat16")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows; default 8)")
     p.add_argument("--max-len", type=int, default=2048,
                    help="context per sequence, capped by the model's (default 2048)")
