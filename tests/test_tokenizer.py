@@ -206,3 +206,27 @@ def test_unknown_gguf_tokenizer_model():
     with pytest.raises(TokenizerError, match="unsupported GGUF tokenizer model"):
         from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     assert from_gguf_metadata({}) is None
+
+
+def test_pre_tokenizer_names_detected():
+    """Export names the llama.cpp pre-tokenizer; Llama-3's own tokenizer.json spelling is recognised."""
+    from tokenizers import models
+
+    from llamalab.tokenizer import _pre_tokenizer
+
+    for name in ("gpt-2", "smollm", "llama-bpe", "qwen2"):
+        t = HFTokenizer(models.BPE())
+        t.pre_tokenizer = _pre_tokenizer(name)
+        assert detect_pre(t) == name
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+                                               "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+"
+                                               "|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    spec = json.loads(HFTokenizer(models.BPE()).to_str())
+    spec["pre_tokenizer"] = llama3
+    assert detect_pre(HFTokenizer.from_str(json.dumps(spec))) == "llama-bpe"
+    # llama-bpe splits digits in threes, smollm one by one, gpt-2 keeps the run
+    for name, want in (("llama-bpe", ["123", "456", "7"]), ("smollm", list("1234567")), ("gpt-2", ["1234567"])):
+        assert [p for p, _ in _pre_tokenizer(name).pre_tokenize_str("1234567")] == want
