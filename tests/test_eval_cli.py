@@ -79,6 +79,12 @@ def test_kl_against_itself_is_zero_via_cli(dirs, capsys):
     assert code == 0
     kl = json.loads(out)["kl"][0]
     assert kl["kl_mean"] == pytest.approx(0.0, abs=1e-6) and kl["top1_agreement"] == 1.0
+    # the same weights run in bfloat16, judged against float32: a small, positive divergence
+    code, out, _ = _run(capsys, dirs["model"], "--data", dirs["root"] / "text.txt", "--reference", dirs["model"],
+                        "--dtype", "bf16", "--max-length", 64, "--json")
+    res = json.loads(out)
+    assert code == 0 and res["settings"]["dtype"] == "bfloat16" and res["settings"]["reference_dtype"] == "float32"
+    assert 0 < res["kl"][0]["kl_mean"] < 0.05
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -57,15 +57,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling / bootstrap seed")
     p.add_argument("--dtype", default="float32", help="compute dtype for the model(s) (default float32)")
+    p.add_argument("--reference-dtype", default="float32",
+                   help="dtype for the reference (default float32; e.g. judge --dtype bfloat16 against it)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _load(path: str, args: argparse.Namespace):
+def _dtype(name: str) -> str:
+    import torch
+
+    from llamalab.errors import LlamalabError
+
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise LlamalabError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+    return name
+
+
+def _load(path: str, dtype: str, device: str):
     import llamalab
 
-    model, tok = llamalab.load(path, dtype=args.dtype, device=args.device)
+    model, tok = llamalab.load(path, dtype=dtype, device=device)
     return model.eval(), tok
 
 
@@ -81,24 +94,21 @@ def run(args: argparse.Namespace) -> int:
             raise LlamalabError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.max_tokens < 0:
         raise LlamalabError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    try:
-        args.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
-        getattr(torch, args.dtype)
-    except AttributeError:
-        raise LlamalabError(f"unknown dtype {args.dtype!r} (float32, bfloat16, float16)") from None
+    args.dtype, args.reference_dtype = _dtype(args.dtype), _dtype(args.reference_dtype)
 
     no_mode = args.data is None and args.tasks is None and args.prompts is None and args.harness is None
     data = DEFAULT_CORPORA if no_mode else (args.data or [])
     progress = not args.no_progress and not args.json and sys.stderr.isatty()
     max_tokens = args.max_tokens or None
-    model, tok = _load(args.model, args)
+    model, tok = _load(args.model, args.dtype, args.device)
     reference = ref_tok = None
     if args.reference:
-        reference, ref_tok = _load(args.reference, args)
+        reference, ref_tok = _load(args.reference, args.reference_dtype, args.device)
 
     out: dict[str, Any] = {"model": args.model, "reference": args.reference,
                            "settings": {"max_length": args.max_length, "stride": args.stride,
                                         "max_tokens": max_tokens, "split": args.split, "dtype": args.dtype,
+                                        "reference_dtype": args.reference_dtype if args.reference else None,
                                         "batch_size": args.batch_size}}
     texts: list[str] = []
     with torch.inference_mode():
