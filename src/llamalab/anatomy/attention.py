@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import torch
+from matplotlib.colors import PowerNorm
 
 from llamalab.anatomy import figures
 from llamalab.anatomy.report import Lab, Section
@@ -70,13 +71,15 @@ def heatmaps(lab: Lab, sec: Section, maps: torch.Tensor, labels: list[str], laye
     cols = min(cfg.n_rep, 4)
     T = maps.shape[-1]
     size = 2.3 if T <= 24 else 2.8
-    fig, axes = figures.new(cols, rows_kv, width=size * cols + 0.8, height=size * rows_kv + 0.4, squeeze=False)
+    fig, axes = figures.new(cols, rows_kv, width=size * cols + 1.2, height=size * rows_kv + 0.6, squeeze=False,
+                            layout="constrained")
+    norm = PowerNorm(0.5, vmin=0, vmax=1)  # square-root colours: the first-token "sink" would hide the rest
     tick = [s[:6] for s in labels]
     for g in range(rows_kv):
         for r in range(cols):
             h = g * cfg.n_rep + r
             ax = axes[g][r]
-            im = ax.imshow(maps[layer, h].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            im = ax.imshow(maps[layer, h].numpy(), cmap="viridis", norm=norm, interpolation="nearest")
             ax.set_title(f"KV head {g} · query head {h}", fontsize=8)
             ax.grid(False)
             step = max(1, T // 12)
@@ -86,18 +89,17 @@ def heatmaps(lab: Lab, sec: Section, maps: torch.Tensor, labels: list[str], laye
                 ax.set_ylabel("query token", fontsize=7)
             if g == rows_kv - 1:
                 ax.set_xlabel("key token", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability (square-root scale)")
     fig.suptitle(f"Layer {layer}: rows = KV heads, columns = the query heads sharing it", fontsize=10)
-    path = lab.out / "attention_heads.png"
-    fig.savefig(path)
-    figures.plt.close(fig)
+    name = figures.save(fig, lab.out, "attention_heads")
     shown = f"{rows_kv} of {cfg.n_kv_heads} KV heads × {cols} of {cfg.n_rep} query heads" \
         if (rows_kv < cfg.n_kv_heads or cols < cfg.n_rep) else "all heads"
     within, across = group_similarity(maps[layer:layer + 1], cfg.n_rep)
     sims = f"cosine similarity of the maps within a row {within[0]:.2f} vs across rows {across[0]:.2f}" \
         if not np.isnan(within[0]) else "(MHA: no KV head is shared)"
-    sec.figure(path.name, f"Attention probabilities of layer {layer} for the prompt ({T} tokens; {shown}). "
-               "Each row is one KV head; the query heads in that row read the same keys and values.",
+    sec.figure(name, f"Attention probabilities of layer {layer} for the prompt ({T} tokens; {shown}). "
+               "Each row is one KV head; the query heads in that row read the same keys and values. Square-root colour "
+               "scale, so that weak attention stays visible next to the first token's large share.",
                f"Heads that share keys still attend differently — {sims}.")
 
 

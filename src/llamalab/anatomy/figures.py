@@ -21,7 +21,8 @@ def new(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6,
 
 def save(fig, out_dir: Path, name: str) -> str:
     """Write ``name``.png into out_dir, close the figure, return the file name (relative to the report)."""
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     path = Path(out_dir) / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)

@@ -127,7 +127,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:
 padding:0 1em;line-height:1.5;color:#1d1d1f;background:#fff}
 h1{font-size:1.7em;margin-bottom:.2em} h2{border-bottom:2px solid #e4e4e7;padding-bottom:.2em;margin-top:2em}
 h3{margin-top:1.5em} .meta{color:#555;font-size:.9em}
-pre.math{background:#f6f8fa;border-left:4px solid #6366f1;padding:.7em 1em;overflow-x:auto;font-size:.92em;
+pre.math{background:#f6f8fa;border-left:4px solid #6366f1;padding:.7em 1em;white-space:pre-wrap;font-size:.88em;
 font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace}
 p.ref{background:#fefce8;border-left:4px solid #eab308;padding:.4em .8em;font-size:.92em}
 figure{margin:1.2em 0;text-align:center} figure img{max-width:100%;border:1px solid #e4e4e7}

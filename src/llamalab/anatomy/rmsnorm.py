@@ -22,7 +22,7 @@ from llamalab.components.rmsnorm import LayerNorm, RMSNorm
 
 def gains(lab: Lab, sec: Section) -> None:
     layers = lab.model.layers
-    fig, ax = figures.new(width=8, height=3.8)
+    fig, ax = figures.new(width=8, height=4.2)
     stats = {}
     for attr, color, label in (("input_layernorm", "C0", "input_layernorm (before attention)"),
                                ("post_attention_layernorm", "C1", "post_attention_layernorm (before MLP)")):
@@ -37,15 +37,15 @@ def gains(lab: Lab, sec: Section) -> None:
     final = lab.model.norm.weight.detach().float().cpu().numpy()
     ax.set_xlabel("layer")
     ax.set_ylabel("learned gain g (per channel)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(f"RMSNorm gains of {lab.model_name} ({lab.config.hidden_size} channels each)")
-    ax.legend(ncol=2, loc="upper left", fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_title(f"RMSNorm gains of {lab.model_name} ({lab.config.hidden_size} channels each; dotted: init g=1)")
+    ax.legend(ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7)
     name = figures.save(fig, lab.out, "rmsnorm_gains")
     med_in, max_in = stats["input_layernorm"]
     med_post, max_post = stats["post_attention_layernorm"]
     worst = int(np.argmax(np.maximum(max_in, max_post)))
     sec.figure(name, "Distribution of the learned gains g of every RMSNorm, per layer (band: 5th–95th "
-               "percentile over channels; crosses: the largest |g|). Symmetric-log scale.",
+               "percentile over channels; crosses: the largest |g|).",
                f"Median gain before attention ranges {med_in.min():.2f}–{med_in.max():.2f} over layers, before the "
                f"MLP {med_post.min():.2f}–{med_post.max():.2f}; the largest |g| is "
                f"{max(max_in.max(), max_post.max()):.1f}"
@@ -76,8 +76,8 @@ def residual_rms(lab: Lab, sec: Section) -> None:
     ax.semilogy(x, rest.median(1).values.numpy(), "o-", ms=3, label="residual stream h, median over tokens 1…")
     ax.fill_between(x, rest.min(1).values.numpy(), rest.max(1).values.numpy(), alpha=0.2, label="min–max")
     ax.semilogy(x, rms[:, 0].numpy(), "s--", ms=3, label="residual stream h, first token")
-    ax.semilogy(np.arange(1, rms.shape[0]), nrms.median(1).values.numpy(), "^-", ms=3,
-                label="RMSNorm(h) fed to attention, median")
+    ax.semilogy(np.arange(nrms.shape[0]), nrms.median(1).values.numpy(), "^-", ms=3,
+                label="input_layernorm(h) read by the next block's attention, median")
     ax.set_xlabel("depth (0 = embeddings, i = after block i)")
     ax.set_ylabel("root mean square over channels (log)")
     ax.set_title(f"RMS of the residual stream through depth ({ids.shape[1]}-token prompt)")

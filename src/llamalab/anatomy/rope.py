@@ -77,7 +77,8 @@ def spectrum(lab: Lab, sec: Section) -> None:
     ax2.axvline(8192, color="k", ls=":", lw=1)
     ax2.axvline(8192 / 4, color="grey", ls=":", lw=1)
     ax2.set_xlabel("original wavelength (tokens, log), θ=500k, d=128")
-    ax2.set_ylabel("scaled λ / original λ")
+    ax2.set_ylabel("scaled λ / original λ (log)")
+    ax2.set_yscale("log")
     ax2.set_title("How context scaling stretches each pair (8k → 64k)")
     ax2.legend(loc="upper left")
     name = figures.save(fig, lab.out, "rope_spectrum")
@@ -239,8 +240,9 @@ def decay(lab: Lab, sec: Section, qa: torch.Tensor, kb: torch.Tensor) -> None:
                "RoPE bases. Right: the mean attention logit of the model's own (q, k) pairs moved apart.",
                f"The bound falls to {mine[1]:.2f} of its r=0 value at r=10 and {mine[2]:.2f} at r=1,000 for this "
                f"model's base; a "
-               f"larger θ delays the decay. On real vectors the mean logit goes from {mean_logit[0]:.2f} at "
-               f"distance 1 to {mean_logit[-1]:.2f} at {int(dist[-1]):,}.")
+               f"larger θ delays the decay. On real vectors the mean logit goes from {mean_logit[0]:.3g} at "
+               f"distance 1 to {mean_logit[-1]:.3g} at {int(dist[-1]):,} (mean |logit| {mean_abs[0]:.3g} → "
+               f"{mean_abs[-1]:.3g}).")
 
 
 # ----------------------------------------------------------------------------- context extension

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="shrink every experiment (seconds, for tests)")
     p.add_argument("--prompt", default=None, help="prompt for the attention maps and q/k measurements")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the experiments' small ops gain nothing from more, and on "
+                        "a busy machine extra threads spin)")
 
 
 def default_model() -> str:
@@ -62,22 +65,30 @@ def run(args: argparse.Namespace) -> int:
             raise AttributeError
     except AttributeError:
         raise LlamalabError(f"unknown --dtype {args.dtype!r} (e.g. float32, bfloat16)") from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LlamalabError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if args.threads < 1:
+        raise LlamalabError(f"--threads must be >= 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise LlamalabError(f"--out {out} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    log(f"explain: loading {model_name} …")
-    model, tok = llamalab.load(model_name, dtype=dtype)
-    lab = Lab(model, tok, Path(model_name).name if Path(model_name).exists() else model_name, out,
-              quick=args.quick, prompt=args.prompt or DEFAULT_PROMPT, log=log)
-    sections = run_sections(lab, names)
-    command = "llamalab explain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
-        else "llamalab explain " + " ".join(names)
-    path = write_report(lab, sections, command, time.perf_counter() - t0)
-    print(f"wrote {path} ({len(list(out.glob('*.png')))} figures) in {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        log(f"explain: loading {model_name} …")
+        model, tok = llamalab.load(model_name, dtype=dtype)
+        lab = Lab(model, tok, Path(model_name).name if Path(model_name).exists() else model_name, out,
+                  quick=args.quick, prompt=args.prompt or DEFAULT_PROMPT, log=log)
+        sections = run_sections(lab, names)
+        command = " ".join(["llamalab explain", *args.sections] + (["--model", shlex.quote(args.model)]
+                           if args.model else []) + ["--out", shlex.quote(args.out)] + (["--quick"] if args.quick
+                                                                                      else []))
+        path = write_report(lab, sections, command, time.perf_counter() - t0)
+        print(f"wrote {path} ({len(list(out.glob('*.png')))} figures) in {time.perf_counter() - t0:.0f} s")
+    finally:
+        torch.set_num_threads(threads_before)
     return 0
