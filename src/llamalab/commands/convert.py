@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype of an HF-layout output (default: float32)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--to-gqa", type=int, default=None, metavar="N",
+                   help="regroup to N key/value heads: mean-pool K/V heads per group (Ainslie et al., 2023; "
+                        "uptrain afterwards), or repeat them when N is larger (exact)")
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -46,7 +49,15 @@ def load_source(args: argparse.Namespace):
 
 # (name, transform) pairs applied in order; each returns the (model, tokenizer) it was given when its
 # option is not set. The lead adds e.g. ("to_gqa", _to_gqa) with a `--to-gqa N` argument.
-TRANSFORMS: list[tuple[str, Transform]] = []
+def _to_gqa(model, tok, args: argparse.Namespace):
+    if getattr(args, "to_gqa", None) is None:
+        return model, tok
+    from llamalab.anatomy.gqa import convert_to_gqa
+
+    return convert_to_gqa(model, args.to_gqa), tok
+
+
+TRANSFORMS: list[tuple[str, Transform]] = [("to_gqa", _to_gqa)]
 
 
 def write_gguf(model, tok, out: Path, args: argparse.Namespace) -> Path:
