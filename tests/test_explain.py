@@ -175,3 +175,14 @@ def test_report_renders_in_headless_chromium(quick_report, tmp_path):
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1100,1400", url], capture_output=True,
                    timeout=120)
     assert shot.exists() and shot.stat().st_size > 10000
+
+
+def test_convert_command_to_gqa(tiny_model, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "mqa"
+    tiny_model.save_pretrained(src)
+    assert main(["convert", str(src), str(dst), "--to-gqa", "1"]) == 0
+    converted = Llama.from_pretrained(dst).eval()
+    assert converted.config.n_kv_heads == 1
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 7))
+    torch.testing.assert_close(converted(ids), convert_to_gqa(tiny_model, 1)(ids), rtol=1e-5, atol=1e-5)
+    assert main(["convert", str(src), str(tmp_path / "bad"), "--to-gqa", "3"]) == 2
