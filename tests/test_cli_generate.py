@@ -37,7 +37,7 @@ def test_generate_streams_and_stops(model_dir):
 def test_generate_sampling_options_and_speculative(model_dir):
     r = _run("generate", "-m", str(model_dir), "-p", "Hello", "-n", "5", "-t", "0.8", "--top-k", "5", "--top-p",
              "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--presence-penalty", "0.1",
-             "--frequency-penalty", "0.1", "--logit-bias", "3=-100", "--seed", "1")
+             "--frequency-penalty", "0.1", "--logit-bias", "3=-100", "--seed", "1", "--decode-dtype", "float16")
     assert r.returncode == 0, r.stderr
     r2 = _run("generate", "-m", str(model_dir), "-p", "Hello", "--draft-layers", "1", "--stats")
     assert r2.returncode == 0, r2.stderr

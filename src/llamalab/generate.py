@@ -149,22 +149,36 @@ class FastDecoder:
       in float32. Inductor turns each into one vectorised loop that streams the weight once, fused with
       the element-wise work around it. Compiling takes a while (seconds to a minute, once per shape);
       it pays for long generations.
+
+    ``decode_dtype`` (opt-in) stores the prepared weights in another dtype than the model's; float16
+    halves the bytes a float32 model's step reads and lets a bfloat16 model use PyTorch's fast
+    float16 gemv (bfloat16 → float16 is exact for every weight in [6e-5, 65504], since float16 has
+    more mantissa bits; larger values are refused). Activations are cast to it for each product only;
+    the residual stream, norms, RoPE and attention stay in the model's dtype.
     """
 
-    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None, compile: bool = False,
+                 decode_dtype: torch.dtype | str | None = None) -> None:
         cfg = model.config
         if getattr(cfg, "norm_type", "rmsnorm") != "rmsnorm":
             raise LlamalabError("FastDecoder supports RMSNorm models only")
         self.config = cfg
         self.dtype = model.dtype
         self.compiled = compile
+        self.weight_dtype = resolve_decode_dtype(decode_dtype)
+        store = self.weight_dtype not in (None, self.dtype)
+        # eager kernel: x @ Wᵀ pre-transposed for the model's own dtype / float32; float16 storage goes
+        # through F.linear on the row-major weight, the layout PyTorch's fast fp16 gemv wants
+        self.transposed = not compile and (not store or self.weight_dtype == torch.float32)
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.inter = cfg.intermediate_size
 
         def prep(*ws: torch.Tensor) -> torch.Tensor:
             w = torch.cat([w.detach() for w in ws], 0) if len(ws) > 1 else ws[0].detach()
-            return w.contiguous() if compile else w.t().contiguous()
+            if store:
+                w = _cast_weight(w, self.weight_dtype)
+            return w.t().contiguous() if self.transposed else w.contiguous()
 
         self.layers = []
         for layer in model.layers:
@@ -193,9 +207,11 @@ class FastDecoder:
         return _rmsnorm(x, w, self.eps)
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
-            return F.linear(x, w)
-        return x @ w
+        if self.transposed:
+            return x @ w
+        if w.dtype != x.dtype:  # weights stored in decode_dtype: cast the (tiny) activation, not the weight
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return F.linear(x, w)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,6 +270,26 @@ class FastDecoder:
         return self._mm(self._norm(h, self.norm), self.lm_head).float()
 
 
+DECODE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_decode_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``decode_dtype`` as a torch dtype (None: the model's own); one-line error for anything else."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DECODE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DECODE_DTYPES:
+        return DECODE_DTYPES[dtype.removeprefix("torch.")]
+    raise LlamalabError(f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
+
+
+def _cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in the decode storage dtype, refusing values that would overflow it (float16: ±65504)."""
+    limit = torch.finfo(dtype).max
+    if w.is_floating_point() and w.numel() and float(w.abs().max()) > limit:
+        raise LlamalabError(f"a weight exceeds {dtype} range (|w| > {limit:g}); use another decode_dtype")
+    return w.to(dtype)
+
+
 def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -304,13 +340,14 @@ class Runner:
     """Prefill / decode / verify over one KV cache, with the fast decode step when it applies."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_seq_len: int, fast: bool = True,
-                 compile: bool = False, decoder: FastDecoder | None = None) -> None:
+                 compile: bool = False, decoder: FastDecoder | None = None,
+                 decode_dtype: torch.dtype | str | None = None) -> None:
         self.model = model
         self.cache = model.new_cache(batch_size, max_seq_len)
         self.decoder = decoder
         if self.decoder is None and (fast or compile) and getattr(model.config, "norm_type", "rmsnorm") == "rmsnorm" \
                 and not getattr(model.config, "quantization", None) and _plain_linears(model):
-            self.decoder = _cached_decoder(model, compile)
+            self.decoder = _cached_decoder(model, compile, decode_dtype)
         self._step = self.decoder.step if self.decoder is not None else None
 
     @torch.inference_mode()
@@ -351,15 +388,17 @@ class Runner:
         return int(self.cache.lengths[row])
 
 
-def _cached_decoder(model: torch.nn.Module, compile: bool) -> FastDecoder:
+def _cached_decoder(model: torch.nn.Module, compile: bool, decode_dtype: torch.dtype | str | None = None
+                    ) -> FastDecoder:
     """One prepared decoder per (model, kernel), kept on the model and rebuilt whenever any parameter
     changed since (in-place updates bump a tensor's ``_version``), so training never leaves it stale.
     It holds a second copy of the weights; pass ``fast=False`` where memory is tight."""
-    key = "_llamalab_decoder_compiled" if compile else "_llamalab_decoder"
+    wdt = resolve_decode_dtype(decode_dtype)
+    key = ("_llamalab_decoder_compiled" if compile else "_llamalab_decoder") + (f"_{wdt}" if wdt else "")
     stamp = tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
     cached = model.__dict__.get(key)
     if cached is None or cached[0] != stamp:
-        cached = (stamp, FastDecoder(model, model.config.max_position_embeddings, compile=compile))
+        cached = (stamp, FastDecoder(model, model.config.max_position_embeddings, compile=compile, decode_dtype=wdt))
         model.__dict__[key] = cached
     return cached[1]
 
@@ -472,7 +511,8 @@ def _make_params(params: SamplingParams | None, kwargs: dict[str, Any]) -> Sampl
 def _events(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
             params: SamplingParams | Sequence[SamplingParams] | None = None, stop: Sequence[str] | str | None = None,
             add_bos: bool | None = None, truncate: bool = False, draft_model: torch.nn.Module | None = None,
-            num_draft_tokens: int = 4, fast: bool = True, compile: bool = False, skip_special_tokens: bool = True,
+            num_draft_tokens: int = 4, fast: bool = True, compile: bool = False,
+            decode_dtype: torch.dtype | str | None = None, skip_special_tokens: bool = True,
             prefill_chunk: int = PREFILL_CHUNK, results: list[Completion] | None = None,
             **sampling: Any) -> Iterator[tuple[int, str]]:
     """The generation loop; yields (prompt index, text piece) and fills ``results`` at the end."""
@@ -484,6 +524,7 @@ def _events(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], *, max_
         plist = [_make_params(p, sampling) for p in params]
         if len(plist) != len(prompts):
             raise LlamalabError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    resolve_decode_dtype(decode_dtype)  # a bad value is an error even where the fast step is not used
     V = model.config.vocab_size
     for p in plist:
         p.validate(V)
@@ -507,7 +548,7 @@ def _events(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], *, max_
                                       prefill_chunk=prefill_chunk)
     else:
         t0 = time.perf_counter()
-        runner = Runner(model, B, max_len, fast=fast, compile=compile)
+        runner = Runner(model, B, max_len, fast=fast, compile=compile, decode_dtype=decode_dtype)
         counts = TokenCounts(B, V, dev) if any(p.has_penalties for p in plist) else None
         logits = []
         for r in rows:
@@ -565,6 +606,7 @@ def complete(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], **kwar
     ``logprobs``, ``top_logprobs``), ``add_bos``, ``truncate`` (keep the prompt's end when it does not
     fit the context instead of raising), ``draft_model`` + ``num_draft_tokens`` (speculative
     decoding), ``fast`` (the prepared decode step, default on), ``compile`` (torch.compile it),
+    ``decode_dtype`` (``"float16"``: store the decode step's weights in float16 — opt-in, faster on CPU),
     ``skip_special_tokens``, ``prefill_chunk``.
     """
     results: list[Completion] = []

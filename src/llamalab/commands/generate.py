@@ -38,6 +38,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with an early-exit draft: the model's first N layers")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round (4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--decode-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="store the decode step's weights in this dtype (float16: about 2x faster on CPU; "
+                        "exact for bfloat16 weights, rounds float32 ones)")
     p.add_argument("--no-fast", action="store_true", help="decode with the model's plain forward")
     p.add_argument("--truncate", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
@@ -101,7 +104,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def generation_kwargs(args: argparse.Namespace, params: Any, draft: Any) -> dict[str, Any]:
     return dict(params=params, max_new_tokens=args.max_new_tokens, stop=args.stop or None, truncate=args.truncate,
                 draft_model=draft, num_draft_tokens=args.num_draft_tokens, fast=not args.no_fast,
-                compile=args.compile)
+                compile=args.compile, decode_dtype=args.decode_dtype)
 
 
 def print_stats(result: Any, elapsed: float) -> None:
