@@ -126,7 +126,7 @@ def kv_sizes(lab: Lab, sec: Section) -> None:
     sec.figure(name, "KV-cache bytes for one sequence at each model's full context length, if the model used MHA, "
                "its shipped GQA, or MQA (bf16 cache).",
                f"At 128k tokens Llama-3.1-8B's GQA cache takes {gqa:.0f} GiB instead of {mha:.0f} GiB with MHA — "
-               f"{mha / gqa:.0f}× less, more than its 15 GiB of bf16 weights either way.")
+               f"{mha / gqa:.0f}× less; its bf16 weights take {c8.num_parameters() * 2 / 2**30:.0f} GiB.")
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ def decode_speed(lab: Lab, sec: Section) -> None:
     rows = [[n] + [f"{s:.1f} tok/s, {m:,.1f} MiB" for s, m in zip(speed[n], mem[n])] for n in names]
     sec.figure(name, f"One decode step (batch 1) of {lab.model_name} after a context of N tokens, for variants of "
                "the same weights with fewer or more KV heads (convert_to_gqa; the MHA variant repeats heads and "
-               f"computes the same function). Interleaved medians, {torch.get_num_threads()} threads.",
+               f"computes the same function). Interleaved medians, {torch.get_num_threads()} thread(s).",
                f"At {contexts[-1]:,} tokens {last} decodes at {speed[last][-1]:.1f} tok/s vs {first} at "
                f"{speed[first][-1]:.1f} tok/s ({speed[last][-1] / speed[first][-1]:.2f}×), holding "
                f"{mem[first][-1] / mem[last][-1]:.0f}× less cache; at {contexts[0]:,} tokens the weights dominate "
@@ -224,7 +224,8 @@ def conversion(lab: Lab, sec: Section) -> None:
         rows.append([f"{kind} ({n_kv}) mean-pooled + uptraining", up_steps, f"{100 * up_steps / budget.steps:.0f}%",
                      _ppl(pooled, windows), up.seconds])
         curves[f"{kind} ({n_kv} KV heads) mean-pooled"] = (before, up)
-    rows.append(["GQA (2) from scratch, same budget as MHA", budget.steps, "100%", _ppl(scratch.model, windows),
+    rows.append(["GQA (2) from scratch, same budget as MHA (the converted ones had MHA's + 10%)",
+                 budget.steps, "100%", _ppl(scratch.model, windows),
                  scratch.seconds])
     sec.table(["model", "training steps", "of MHA budget", "held-out ppl/byte", "train time s"], rows,
               f"Mean-pool conversion on a small byte-level model ({mha.model.num_parameters() / 1e6:.2f}M parameters, "

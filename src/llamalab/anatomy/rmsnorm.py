@@ -157,7 +157,8 @@ def ablation(lab: Lab, sec: Section) -> None:
                f"(difference {diff[-1]:+.3f}); training took {r.seconds:.0f} s and {ln.seconds:.0f} s. At this scale "
                "the two normalisations learn about equally well — RMSNorm's gain is simplicity, not quality.")
     sec.table(["norm", "parameters", "final train loss", "final held-out loss", "held-out ppl/byte", "train time s",
-               "ms/step"], rows, "Ablation results (one seed; differences of a few hundredths are within noise)")
+               "ms/step"], rows, "Ablation results (one seed; differences of a few hundredths are within noise; "
+              "times are wall clock on this machine, so a busy machine inflates them)")
 
 
 def section(lab: Lab) -> Section:
