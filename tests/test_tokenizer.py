@@ -230,3 +230,21 @@ def test_pre_tokenizer_names_detected():
     # llama-bpe splits digits in threes, smollm one by one, gpt-2 keeps the run
     for name, want in (("llama-bpe", ["123", "456", "7"]), ("smollm", list("1234567")), ("gpt-2", ["1234567"])):
         assert [p for p, _ in _pre_tokenizer(name).pre_tokenize_str("1234567")] == want
+
+
+def test_sentencepiece_unigram_matches_reference(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400, model_type="unigram",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.kind == "unigram"
+    for s in SAMPLES + ["Zebra 42 quixotic"]:
+        assert tok.encode(s) == [sp.bos_id(), *sp.encode(s)], s
+        assert tok.decode(tok.encode(s, add_bos=False)) == sp.decode(sp.encode(s))
+    with pytest.raises(TokenizerError, match="BPE tokenizers only"):
+        gguf_metadata(tok)
