@@ -11,6 +11,9 @@ seconds on a 49k-token vocabulary), memory-maps the data section and dequantizes
   (element j < 16 is the low nibble of byte j, element j >= 16 the high nibble of byte j - 16),
   vectorised in torch; Q4_K, Q6_K and the other k-quants through ``gguf.quants.dequantize``.
 
+``keep_quantized=True`` instead turns the blocks' Q8_0 / Q4_0 / Q4_1 linear layers into
+:mod:`llamalab.quantize`'s Int8Linear / Int4Linear with the file's own codes and per-32 scales.
+
 llama.cpp applies RoPE to adjacent pairs (x0, x1), (x2, x3), ... while HF Llama checkpoints (and this
 library) rotate halves (x_i, x_{i + d/2}). `convert_hf_to_gguf.py` therefore permutes the rows of
 ``q_proj`` / ``k_proj`` within each head: row ``2i`` <- HF row ``i``, row ``2i+1`` <- HF row ``i + d/2``.
