@@ -12,6 +12,8 @@ maps to HF keys by prefixing ``model.`` to everything but ``lm_head.weight``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,6 +72,12 @@ class Llama(nn.Module):
                     module.weight.fill_(1.0)
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
+
+    @classmethod
+    def on_meta(cls, config: LlamaConfig) -> Llama:
+        """The model's structure on the ``meta`` device: no storage, no init (the loaders assign weights)."""
+        with torch.device("meta"), _skip_reset_parameters():
+            return cls(config)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -186,6 +194,19 @@ class Llama(nn.Module):
         from llamalab.weights.hf import save_hf
 
         return save_hf(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+@contextmanager
+def _skip_reset_parameters() -> Iterator[None]:
+    """Skip nn.Linear/nn.Embedding's random init (pointless on meta, and its first call imports torch._dynamo)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn  # type: ignore[method-assign]
 
 
 def _plan_cache_step(cache: KVCache, cache_rows, B: int, T: int, attention_mask, position_ids, device):

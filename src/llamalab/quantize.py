@@ -448,8 +448,7 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
     state = {from_hf_key(k): v for k, v in read_state_dict(directory).items()}
     target = resolve_dtype(dtype) if dtype is not None else None
     device = torch.device(device)
-    with torch.device("meta"):
-        model = Llama(config)
+    model = Llama.on_meta(config)
     quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
     for name in quant_names:
         try:

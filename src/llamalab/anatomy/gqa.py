@@ -52,8 +52,7 @@ def convert_to_gqa(model: Llama, n_kv_heads: int) -> Llama:
     if old % n_kv_heads and n_kv_heads % old:
         raise ConfigError(f"cannot regroup {old} KV heads into {n_kv_heads}: one must divide the other")
     new_cfg = cfg.replace(n_kv_heads=n_kv_heads, head_dim=cfg.head_dim)
-    with torch.device("meta"):
-        new = Llama(new_cfg)
+    new = Llama.on_meta(new_cfg)
     state = {}
     for name, tensor in model.state_dict().items():
         if name.endswith(("k_proj.weight", "v_proj.weight")):

@@ -16,7 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from llamalab.config import PRESETS, LlamaConfig
     from llamalab.model import Llama
@@ -24,8 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model in PRESETS:
         config = LlamaConfig.from_preset(args.model)
-        with torch.device("meta"):
-            model = Llama(config).to(resolve_dtype(args.dtype))
+        model = Llama.on_meta(config).to(resolve_dtype(args.dtype))
     else:
         from llamalab.loading import load
 

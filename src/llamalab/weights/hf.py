@@ -132,8 +132,7 @@ def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], d
     """Meta-build a Llama and assign `state` (our key names) into it, checking names and shapes."""
     from llamalab.model import Llama
 
-    with torch.device("meta"):
-        model = Llama(config)
+    model = Llama.on_meta(config)
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
