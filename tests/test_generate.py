@@ -147,6 +147,21 @@ def test_float16_decode_weights_match_model_forward(rand_model, dtype):
         FastDecoder(big, 64, decode_dtype=torch.float16)
 
 
+def test_compiled_step_matches_model_forward(rand_model):
+    dec = FastDecoder(rand_model, 64, compile=True)
+    cache_a, cache_b = rand_model.new_cache(1, 64), rand_model.new_cache(1, 64)
+    for c in (cache_a, cache_b):
+        rand_model(torch.tensor([PROMPTS[0]]), cache=c)
+    for t in (17, 33):  # two steps: the cache the compiled step wrote is read back
+        with torch.no_grad():
+            want = rand_model(torch.tensor([[t]]), cache=cache_a, last_only=True)[:, 0]
+        got = dec.step(torch.tensor([t]), cache_b)
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    assert torch.equal(cache_a.lengths, cache_b.lengths)
+    ids = complete(rand_model, None, [PROMPTS[3]], max_new_tokens=6, compile=True)[0].token_ids
+    assert ids == _reference_greedy(rand_model, PROMPTS[3], 6)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_equals_plain_greedy(rand_model, k):
     draft = early_exit_draft(rand_model, 1)
