@@ -11,7 +11,7 @@ all alike) and the table shows medians:
 
 Engines: ``llamalab`` (the prepared eager decode step), ``llamalab+compile`` (torch.compile'd
 streaming kernels; compile time excluded, reported), ``llamalab fp16w`` (``decode_dtype="float16"``:
-the decode step's weights stored in float16), ``transformers`` (``generate``, same weights and
+the decode step's weights stored in float16; also compiled), ``transformers`` (``generate``, same weights and
 dtype), ``llama.cpp`` (llama-cpp-python; a GGUF written by llamalab — f32 / bf16 as the model, f16
 — and q8_0 / q4_0 made from the f32 one by llama.cpp's own quantizer; skipped when not installed:
 ``pip install llama-cpp-python==0.3.36``, a source build of about 12 minutes). The last column
@@ -219,6 +219,8 @@ def main() -> None:
                 engines.append(Llamalab(model, compile=True))
             if not args.no_fp16w and dtype != torch.float16:
                 engines.append(Llamalab(model, compile=False, decode_dtype=torch.float16))
+                if not args.no_compile:
+                    engines.append(Llamalab(model, compile=True, decode_dtype=torch.float16))
             if not args.no_transformers:
                 engines.append(Transformers(model, dtype))
             kinds = args.llama_cpp_types
