@@ -193,6 +193,10 @@ def run_tasks(lm: LlamalabLM, tasks: Sequence[str], include_path: str | Path | N
         if unknown:
             raise LlamalabError(f"unknown harness task(s): {', '.join(unknown)} (bundled: "
                                 f"{', '.join(sorted(t for t in manager.all_tasks if t.startswith('llamalab_')))})")
-        res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, bootstrap_iters=1000, log_samples=False)
+        try:
+            res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot, bootstrap_iters=1000, log_samples=False)
+        except (ConnectionError, OSError) as e:  # a task whose dataset is not on this machine
+            raise LlamalabError(f"harness task data unavailable offline: {str(e).splitlines()[0]} "
+                                "(llamalab never downloads datasets; use local task files)") from None
     return {"results": res.get("results", {}) if res else {}, "n-samples": res.get("n-samples", {}) if res else {}}
