@@ -245,7 +245,7 @@ def main() -> None:
             del engines, model
     cpp = {(r["model"], r["kind"]): r["dec"] for r in rows if r["cpp"]}
     hf = {(r["model"], r["dtype"]): r["dec"] for r in rows if r["hf"]}
-    hdr = f"{'model':<14}{'dtype':<10}{'engine':<30}{'prefill tok/s':>14}{'decode tok/s':>13}{'GB/s':>7}" \
+    hdr = f"{'model':<14}{'dtype':<10}{'engine':<38}{'prefill tok/s':>14}{'decode tok/s':>13}{'GB/s':>7}" \
           f"{'% of bw':>9}{'vs transformers':>17}{'vs llama.cpp':>14}"
     print("\n" + hdr)
     print("-" * len(hdr))
@@ -256,7 +256,7 @@ def main() -> None:
         vs_hf = f"{r['dec'] / base:.2f}x" if base and not r["cpp"] else "-"
         ref = cpp.get((r["model"], r["kind"]))
         vs_cpp = f"{r['dec'] / ref:.2f}x ({r['kind']})" if ref and not r["cpp"] else "-"
-        print(f"{r['model']:<14}{r['dtype']:<10}{r['engine']:<30}{r['pre']:>14.0f}{r['dec']:>13.1f}{r['gbs']:>7.1f}"
+        print(f"{r['model']:<14}{r['dtype']:<10}{r['engine']:<38}{r['pre']:>14.0f}{r['dec']:>13.1f}{r['gbs']:>7.1f}"
               f"{r['gbs'] / bw:>9.0%}{vs_hf:>17}{vs_cpp:>14}")
         md.append(f"| {r['model']} | {r['dtype']} | {r['engine']} | {r['pre']:.0f} | {r['dec']:.1f} | {r['gbs']:.1f} "
                   f"| {vs_hf} | {vs_cpp} |")
