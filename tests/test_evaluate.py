@@ -228,6 +228,19 @@ def test_loglikelihood_and_encode_pair(tok, model):
     assert s[1].n_tokens == len(tok.encode("To be", add_bos=False))
 
 
+def test_shared_context_packing_equals_separate_scoring(tok, model):
+    from llamalab.eval.multichoice import loglikelihoods_of_ids
+
+    pairs = [encode_pair(tok, "To be, or not to be, that is the", c) for c in (" question", " answer:", " b")]
+    pairs += [encode_pair(tok, "Whether 'tis nobler", " in the mind to suffer")]
+    pairs += [encode_pair(tok, "To be, or not to be, that is the", " rub")]  # same context, out of order
+    packed = loglikelihoods_of_ids(model, pairs, batch_size=2)
+    alone = loglikelihoods_of_ids(model, pairs, batch_size=2, share_context=False)
+    assert [s.n_tokens for s in packed] == [s.n_tokens for s in alone]
+    assert [s.logprob for s in packed] == pytest.approx([s.logprob for s in alone], rel=1e-4)
+    assert [s.is_greedy for s in packed] == [s.is_greedy for s in alone]
+
+
 def test_multiple_choice_scoring(tok, model):
     items = [Item("To be, or not to be, that is the", (" question", " answer", " banana"), 0),
              Item("The slings and arrows of", (" fortune", " outrageous fortune"), 1)]

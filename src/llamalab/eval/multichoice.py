@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from llamalab.errors import LlamalabError
 from llamalab.eval.stats import bootstrap_ratio
-from llamalab.eval.windows import Window, continuation_window, score_windows
+from llamalab.eval.windows import continuation_window, score_windows
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 
@@ -112,15 +112,22 @@ def loglikelihoods(model, tok, pairs: Sequence[tuple[str, str]], *, max_length: 
 
 def loglikelihoods_of_ids(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                           max_length: int | None = None, batch_size: int = 8, progress: bool = False,
-                          desc: str = "loglikelihood") -> list[Score]:
+                          desc: str = "loglikelihood", share_context: bool = True) -> list[Score]:
+    """ln p(continuation | context) for (context ids, continuation ids) pairs.
+
+    With ``share_context`` (and a model that takes a 4-D attention mask), pairs with the same
+    context are packed into one sequence, the context computed once (:func:`_pack`)."""
     ctx_len = int(model.config.max_position_embeddings)
     L = min(ctx_len, max_length or ctx_len)
     vocab = int(model.config.vocab_size)
-    windows: list[Window] = []
-    for d, (c, x) in enumerate(pairs):
+    for c, x in pairs:
+        if not c or not x:
+            raise LlamalabError("each pair needs at least one context and one continuation token")
         if max(list(c) + list(x)) >= vocab:
             raise LlamalabError(f"token id outside the model's vocabulary ({vocab}): is this its tokenizer?")
-        windows.append(continuation_window(c, x, L, doc=d))
+    if share_context and hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        return _packed_loglikelihoods(model, pairs, L, batch_size, progress, desc)
+    windows = [continuation_window(c, x, L, doc=d) for d, (c, x) in enumerate(pairs)]
     lp = [0.0] * len(windows)
     greedy = [True] * len(windows)
 
@@ -131,6 +138,98 @@ def loglikelihoods_of_ids(model, pairs: Sequence[tuple[Sequence[int], Sequence[i
 
     score_windows([model], windows, add, batch_size=batch_size, progress=progress, desc=desc)
     return [Score(lp[i], greedy[i], windows[i].n_targets) for i in range(len(windows))]
+
+
+@dataclass
+class _Packed:
+    """One context followed by several continuations, each attending to the context and to itself only.
+
+    Positions restart after the context for every continuation, so each continuation sees exactly
+    what it would see alone: ``ids = ctx + x_1 + x_2 + …``; token i of x_j sits at position
+    len(ctx) + i and attends to the context and to x_j[:i+1] (a tree-shaped causal mask).
+    """
+
+    ids: list[int]
+    positions: list[int]
+    segment: list[int]  # -1 for the context, j for continuation j
+    members: list[int]  # which pairs the continuations are
+    pred_at: list[list[int]]  # per continuation: packed index whose output predicts each token
+    targets: list[list[int]]
+
+
+def _pack(ctx: Sequence[int], conts: list[tuple[int, Sequence[int]]], L: int) -> _Packed:
+    longest = max(len(x) for _, x in conts)
+    ctx = list(ctx)[-max(1, L - longest):]  # context cut from the left so every continuation fits the window
+    n = len(ctx)
+    ids, positions, segment = list(ctx), list(range(n)), [-1] * n
+    members, pred_at, targets = [], [], []
+    for j, (member, x) in enumerate(conts):
+        x = list(x)[-(L - 1):]
+        start = len(ids)
+        ids.extend(x)
+        positions.extend(range(n, n + len(x)))
+        segment.extend([j] * len(x))
+        members.append(member)
+        pred_at.append([n - 1] + list(range(start, start + len(x) - 1)))
+        targets.append(x)
+    return _Packed(ids, positions, segment, members, pred_at, targets)
+
+
+def _tree_mask(p: _Packed, T: int) -> torch.Tensor:
+    seg = torch.tensor(p.segment + [-2] * (T - len(p.ids)))
+    idx = torch.arange(T)
+    real = idx < len(p.ids)
+    causal = idx[None, :] <= idx[:, None]
+    in_ctx = (seg == -1)[None, :]
+    same = (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
+    mask = causal & (in_ctx | same) & real[:, None] & real[None, :]
+    return mask | torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax rows)
+
+
+def _packed_loglikelihoods(model, pairs, L: int, batch_size: int, progress: bool, desc: str) -> list[Score]:
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (c, _) in enumerate(pairs):
+        groups.setdefault(tuple(c), []).append(i)
+    packs: list[_Packed] = []
+    for ctx, members in groups.items():
+        chunk: list[tuple[int, Sequence[int]]] = []
+        size = 0
+        for m in members:  # keep each packed sequence within a few windows' worth of tokens
+            x = pairs[m][1]
+            if chunk and size + len(x) > 2 * L:
+                packs.append(_pack(ctx, chunk, L))
+                chunk, size = [], 0
+            chunk.append((m, x))
+            size += len(x)
+        packs.append(_pack(ctx, chunk, L))
+    packs.sort(key=lambda p: -len(p.ids))
+    out: list[Score | None] = [None] * len(pairs)
+    dev = next(model.parameters()).device
+    with torch.inference_mode(), tqdm(total=len(pairs), disable=not progress, desc=desc, leave=False) as bar:
+        for s in range(0, len(packs), batch_size):
+            batch = packs[s:s + batch_size]
+            T = len(batch[0].ids)
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            pos = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, p in enumerate(batch):
+                ids[b, :len(p.ids)] = torch.tensor(p.ids)
+                pos[b, :len(p.ids)] = torch.tensor(p.positions)
+            mask = torch.stack([_tree_mask(p, T) for p in batch])[:, None]
+            h = model.hidden_states(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            for b, p in enumerate(batch):
+                at = [i for row in p.pred_at for i in row]
+                logp = F.log_softmax(model.lm_head(model.norm(h[b, at])).float(), dim=-1)
+                k = 0
+                for m, tgt in zip(p.members, p.targets):
+                    t = torch.tensor(tgt, device=logp.device)
+                    rows = logp[k:k + len(tgt)]
+                    k += len(tgt)
+                    out[m] = Score(float(rows.gather(1, t[:, None]).double().sum()),
+                                   bool((rows.argmax(-1) == t).all()), len(tgt))
+                bar.update(len(p.members))
+    return [s for s in out if s is not None]
 
 
 @dataclass
