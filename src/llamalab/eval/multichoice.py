@@ -11,7 +11,10 @@ ln p(a_j | c) = Σ_t ln p(a_j,t | c, a_j,<t):
 Context and continuation are tokenized together and split where the context's own tokens end
 (trailing spaces of the context move to the continuation), as lm-evaluation-harness does, so a
 word boundary is tokenized the way the model saw it in training. Contexts too long for the window
-are cut from the left.
+are cut from the left. Choices sharing a context are scored in one packed sequence — the context
+once, then every choice, each attending only to the context and to itself, with positions
+restarting after the context — which gives the same numbers as scoring them apart, for about a
+quarter of the tokens.
 
 Task files are JSONL, one ``{"context": str, "choices": [str, ...], "answer": int}`` per line.
 The bundled tasks live in ``llamalab/data/tasks/*.jsonl`` (see :mod:`llamalab.eval.tasks`).
