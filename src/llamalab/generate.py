@@ -322,8 +322,9 @@ def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # The compiled functions return each normalised input as well: an output is materialised once,
-# whereas an intermediate would be recomputed inside the product's loop for every output row
-# (3x slower on the 49152-row SmolLM2 head).
+# whereas an intermediate may be recomputed inside the product's loop for every output row. With
+# the down projection fused into the next layer's function this made the compiled float16-weight
+# step of SmolLM2 25% faster (interleaved A/B: 40.6 -> 50.9 tok/s; float32 unchanged).
 def _pre_attention(h, w_in, w_qkv, cos, sin, eps: float, sizes: tuple[int, int, int]):
     x = _rmsnorm(h, w_in, eps)
     return (*_split_rope(_matvec(w_qkv, x).to(h.dtype), cos, sin, sizes), x)
