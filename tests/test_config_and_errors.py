@@ -157,3 +157,10 @@ def test_cli_bad_path_is_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "error: no such model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bundled_smollm2_name_resolves_to_the_package_file():
+    from llamalab.loading import BUNDLED, smollm2_path
+
+    path = BUNDLED["smollm2"]()
+    assert path == smollm2_path() and path.suffix == ".gguf" and path.stat().st_size > 50_000_000

