@@ -244,13 +244,9 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_hf_dict(d)
+        from llamalab.jsonio import read_json_object
+
+        return cls.from_hf_dict(read_json_object(path))
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

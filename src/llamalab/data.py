@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llamalab.errors import ConfigError
+from llamalab.jsonio import iter_jsonl
 
 CLEANER_VERSION = 1  # bump when a cleaner changes: it is part of the cache key
 BUILTIN_CORPORA = ("shakespeare", "tang", "python")
@@ -142,18 +143,11 @@ def python_documents() -> list[Document]:
 
 def _jsonl_documents(path: Path, prefix: str) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-            text = rec.get("text") if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{i + 1}: expected an object with a string 'text' field")
-            docs.append(Document(f"{prefix}:{i}", clean_plain(text)))
+    for n, rec in iter_jsonl(path, DataError):
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
+        docs.append(Document(f"{prefix}:{n - 1}", clean_plain(text)))
     return docs
 
 

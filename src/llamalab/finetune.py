@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import ConfigError, LlamalabError, TokenizerError
+from llamalab.jsonio import iter_jsonl
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -56,16 +57,7 @@ def read_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"no such data file: {path}")
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append(to_messages(obj, f"{path}:{n}"))
+    out = [to_messages(obj, f"{path}:{n}") for n, obj in iter_jsonl(path, DataError)]
     if not out:
         raise DataError(f"{path}: no examples")
     return out

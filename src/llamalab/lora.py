@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from llamalab.errors import ConfigError, WeightsError
+from llamalab.jsonio import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -231,13 +232,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.exists():
         raise WeightsError(f"no {ADAPTER_CONFIG} in {directory} (not a LoRA adapter directory)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return d
+    return read_json_object(path)
 
 
 def adapter_base(directory: str | Path) -> Path:

@@ -16,7 +16,6 @@ n-grams are over the model's token ids, so compare diversity only between models
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from llamalab.errors import LlamalabError
 from llamalab.eval.multichoice import loglikelihoods
+from llamalab.jsonio import iter_jsonl
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "tasks" / "prompts.txt"
 
@@ -77,20 +77,14 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
     if not p.is_file():
         raise LlamalabError(f"no such prompts file: {p}")
     prompts: list[str] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlamalabError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+    if p.suffix == ".jsonl":
+        for n, rec in iter_jsonl(p):
             text = rec.get("prompt") if isinstance(rec, dict) else rec
             if not isinstance(text, str):
-                raise LlamalabError(f"{p}:{i + 1}: expected a string or an object with a 'prompt' string")
+                raise LlamalabError(f"{p}:{n}: expected a string or an object with a 'prompt' string")
             prompts.append(text)
-        else:
-            prompts.append(line.replace("\\n", "\n"))
+    else:
+        prompts = [line.replace("\\n", "\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise LlamalabError(f"{p} holds no prompts")
     return prompts

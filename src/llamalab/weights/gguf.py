@@ -572,15 +572,8 @@ def save_gguf(model, tokenizer, path: str | Path, type: str = "f32", name: str |
     if rs:
         rtype = rs["rope_type"]
         for k, v in rs.items():
-            key = "llamalab.rope.scaling." + ("type" if k == "rope_type" else k)
-            if isinstance(v, str):
-                w.add_string(key, v)
-            elif isinstance(v, bool):
-                w.add_bool(key, v)
-            elif isinstance(v, int):
-                w.add_uint32(key, v)
-            elif isinstance(v, float):
-                w.add_float32(key, v)
+            if v is not None:
+                _add_value(w, "llamalab.rope.scaling." + ("type" if k == "rope_type" else k), v)
         if rtype == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(rs["factor"]))
