@@ -63,8 +63,8 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
         return model.to(target).eval(), None
     if p.exists():
         raise WeightsError(f"{p} is neither a model directory nor a .gguf file")
-    raise WeightsError(f"no such model: {path_or_name!s} (not a directory, a .gguf file or a preset name; "
-                       f"presets: {', '.join(sorted(PRESETS))})")
+    raise WeightsError(f"no such model: {path_or_name!s} (not a directory, a .gguf file, 'smollm2' or a preset "
+                       f"name; presets: {', '.join(sorted(PRESETS))})")
 
 
 def smollm2_path() -> Path:
