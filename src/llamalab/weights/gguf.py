@@ -413,12 +413,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
             model = _load_keep_quantized(g, config, target, device)
             return model, _tokenizer(g.metadata, from_gguf_metadata)
         state: dict[str, torch.Tensor] = {}
-        for name, t in g.tensors.items():
-            ours = gguf_to_ours(name)
-            if ours is None:
-                if name in _IGNORED_TENSORS:
-                    continue
-                raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
+        for name, ours, t in _llama_tensors(g):
             if _type_name(t.type) not in SUPPORTED_TYPES:
                 raise WeightsError(f"{g.path}: tensor {name} has unsupported type {_type_name(t.type)}")
             w = dequantize_np(g.raw(t), t.type, t.shape)
@@ -467,6 +462,17 @@ def _blocks(raw: np.ndarray, ttype: int, shape: tuple[int, ...]):
     return torch.from_numpy(codes), torch.from_numpy(d), None if m is None else torch.from_numpy(m)
 
 
+def _llama_tensors(g):
+    """(gguf name, our name, tensor) for each tensor of a llama GGUF file; anything unknown is an error."""
+    for name, t in g.tensors.items():
+        ours = gguf_to_ours(name)
+        if ours is None:
+            if name in _IGNORED_TENSORS:
+                continue
+            raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
+        yield name, ours, t
+
+
 def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, device):
     """Q8_0 / Q4_0 / Q4_1 linear layers of the blocks become llamalab.quantize Int8Linear / Int4Linear
     (exactly the file's codes and per-32 scales); everything else is dequantized to `target`."""
@@ -475,12 +481,7 @@ def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, 
 
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, torch.nn.Module] = {}
-    for name, t in g.tensors.items():
-        ours = gguf_to_ours(name)
-        if ours is None:
-            if name in _IGNORED_TENSORS:
-                continue
-            raise WeightsError(f"{g.path}: unexpected tensor {name} in a llama GGUF file")
+    for _name, ours, t in _llama_tensors(g):
         heads = config.n_heads if ours.endswith("q_proj.weight") else (
             config.n_kv_heads if ours.endswith("k_proj.weight") else None)
         if ours.startswith("layers.") and t.type in (Q8_0, Q4_0, Q4_1) and len(t.shape) == 2:
