@@ -414,14 +414,7 @@ def spm_backend(pieces: Sequence[str], scores: Sequence[float], types: Sequence[
     if add_dummy_prefix:
         dec.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(dec)
-    specials = [AddedToken(pieces[i], special=True, normalized=False) for i, t in enumerate(types)
-                if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
-    user = [AddedToken(pieces[i], special=False, normalized=False) for i, t in enumerate(types)
-            if t == TOKEN_USER_DEFINED]
-    tok.add_special_tokens(specials)
-    if user:
-        tok.add_tokens(user)
-    return tok
+    return _add_typed_tokens(tok, pieces, types, special_types=(TOKEN_CONTROL, TOKEN_UNKNOWN))
 
 
 # ---------------------------------------------------------------------------------------------- byte-level BPE
@@ -486,6 +479,18 @@ def _canon(spec: Any) -> Any:
     return spec
 
 
+def _add_typed_tokens(tok: HFTokenizer, pieces: Sequence[str], types: Sequence[int],
+                      special_types: tuple[int, ...]) -> HFTokenizer:
+    """Register the vocabulary's special (control) and user-defined pieces as added tokens."""
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t in special_types])
+    user = [AddedToken(pieces[i], special=False, normalized=False) for i, t in enumerate(types)
+            if t == TOKEN_USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
 def bpe_backend(tokens: Sequence[str], merges: Sequence[str], types: Sequence[int], pre: str) -> HFTokenizer:
     """A byte-level BPE `tokenizers` model from GGUF's tokens, merges ("a b") and token types."""
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -498,14 +503,7 @@ def bpe_backend(tokens: Sequence[str], merges: Sequence[str], types: Sequence[in
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types)
-                if t == TOKEN_CONTROL]
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types)
-            if t == TOKEN_USER_DEFINED]
-    tok.add_special_tokens(specials)
-    if user:
-        tok.add_tokens(user)
-    return tok
+    return _add_typed_tokens(tok, tokens, types, special_types=(TOKEN_CONTROL,))
 
 
 # ---------------------------------------------------------------------------------------------- GGUF metadata
