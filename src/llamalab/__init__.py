@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llamalab.config import PRESETS, LlamaConfig
 from llamalab.errors import ConfigError, LlamalabError, TokenizerError, WeightsError
-from llamalab.loading import load
-from llamalab.model import Llama
 
 __version__ = "0.1.0"
 
@@ -24,10 +21,23 @@ __all__ = ["Llama", "LlamaConfig", "PRESETS", "load", "generate", "stream", "Con
            "TokenizerError", "WeightsError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from llamalab.config import PRESETS, LlamaConfig
     from llamalab.generate import generate, stream
+    from llamalab.loading import load
+    from llamalab.model import Llama
+
+# torch and the model code load on first use, so `import llamalab` (and `llamalab --help`) stays fast
+_LAZY = {"Llama": "llamalab.model", "LlamaConfig": "llamalab.config", "PRESETS": "llamalab.config",
+         "load": "llamalab.loading"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     # generation pulls in more machinery; import it on first use
     if name in ("generate", "stream"):
         import importlib
