@@ -1,8 +1,12 @@
 """`llamalab <command>`: one entry point. Each command lives in llamalab/commands/<name>.py and defines
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 
-Errors meant for the user (:class:`llamalab.errors.LlamalabError`, missing files, bad values) are printed
-as one line, ``llamalab <command>: error: <message>``, with exit status 2 — never a traceback.
+Building the parser imports no torch (the command modules import their machinery inside ``run``),
+so ``llamalab --help`` answers at once.
+
+Errors meant for the user (:class:`llamalab.errors.LlamalabError`, missing files, bad values, a bad
+option, a full or read-only disk) are printed as one line, ``llamalab <command>: error: <message>``,
+with exit status 2 — never a traceback. Anything else is a bug: one line naming it, exit status 1.
 Set LLAMALAB_DEBUG=1 to see the traceback anyway.
 """
 
@@ -12,9 +16,17 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 COMMANDS = ["demo", "train", "generate", "chat", "eval", "serve", "explain", "convert", "quantize", "finetune",
             "info"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: MESSAGE``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _load(name: str):
@@ -27,8 +39,8 @@ def _load(name: str):
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="llamalab", description="Build, train, run, evaluate, serve and explain "
-                                     "Llama-architecture language models.")
+    parser = OneLineParser(prog="llamalab", description="Build, train, run, evaluate, serve and explain "
+                           "Llama-architecture language models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
@@ -39,14 +51,47 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         modules[name] = mod
+    parser.set_defaults(_subparsers=sub.choices)
     return parser, modules
 
 
+def _os_error_message(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        return f"{what}: {e.filename}"
+    return what
+
+
+def _quiet_stdout() -> None:
+    """When stdout has failed (closed pipe, full disk), send what is still buffered nowhere, so the
+    interpreter's final flush does not print a second error."""
+    try:
+        sys.stdout.flush()
+        return  # stdout is fine: the error came from elsewhere
+    except (OSError, ValueError):
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except ValueError:  # closed
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    from llamalab.commands._args import merge_model
     from llamalab.errors import LlamalabError
 
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, so the line names the command
+        (args._subparsers.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         from llamalab import __version__
 
@@ -55,19 +100,40 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    debug = bool(os.environ.get("LLAMALAB_DEBUG"))
+    prefix = f"llamalab {args.command}: error:"
     try:
-        return int(modules[args.command].run(args) or 0)
+        merge_model(args, args.command)
+        status = int(modules[args.command].run(args) or 0)
+        _flush_stdout()  # a full disk shows here, not at exit
+        return status
     except KeyboardInterrupt:
         print(f"\nllamalab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (LlamalabError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        if os.environ.get("LLAMALAB_DEBUG"):
-            raise
-        msg = str(e) if isinstance(e, LlamalabError) else f"{e.strerror or e}: {e.filename}"
-        print(f"llamalab {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except BrokenPipeError:  # `llamalab generate ... | head`
+        _quiet_stdout()
         return 0
+    except (LlamalabError, OSError, UnicodeError) as e:
+        if debug:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, LlamalabError):
+            msg = _os_error_message(e)
+            if msg.startswith(("No space left", "Read-only file system", "Disk quota")) and e.filename is None:
+                msg += " (writing the output)"
+            _quiet_stdout()
+        elif isinstance(e, UnicodeError) and not isinstance(e, LlamalabError):
+            msg = f"text is not valid UTF-8 ({e})"
+        else:
+            msg = str(e)
+        print(f"{prefix} {' '.join(msg.split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, and how to see the traceback
+        if debug:
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(f"{prefix} internal error: {type(e).__name__}: {msg} (LLAMALAB_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`llamalab chat --model PATH`: an interactive chat through the model's chat template.
+"""`llamalab chat MODEL` (or `--model MODEL`): an interactive chat through the model's chat template.
 
 Each line you type is a user message; the reply streams back and joins the history. ``/reset``
 forgets the conversation (the ``--system`` message stays), ``/exit`` (or end of input) quits.
@@ -13,21 +13,25 @@ import sys
 import time
 from typing import Any
 
+from llamalab.commands._args import check_text, read_stdin_line
 from llamalab.commands.generate import (
     add_sampling_arguments,
     generation_kwargs,
     load_models,
     print_stats,
     sampling_params,
+    warm_up,
 )
+
+MAX_NEW_TOKENS = 512  # per reply
+TEMPERATURE = 0.7
 
 HELP = "chat with a model interactively (its chat template, history, --system, /reset, /exit; pipe-friendly)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
-    add_sampling_arguments(p)
-    p.set_defaults(max_new_tokens=512)
+    add_sampling_arguments(p, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
 
 
 def _fit_history(tok: Any, history: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from llamalab.errors import LlamalabError
     from llamalab.generate import Completion, stream_batch
 
-    params = sampling_params(args, default_temperature=0.7 if args.temperature is None else args.temperature)
+    params = sampling_params(args)
     model, tok, draft = load_models(args)
     if tok is None or not getattr(tok, "chat_template", None):
         raise LlamalabError(f"{args.model} has no tokenizer with a chat template: use `llamalab generate`")
@@ -62,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if budget < 1:
         raise LlamalabError(f"--max-new-tokens {args.max_new_tokens} leaves no room in the "
                             f"{model.config.max_position_embeddings}-token context")
+    if args.stats:
+        warm_up(model, tok, [{"role": "user", "content": "Hi"}], kwargs)
     while True:
         try:
-            line = input("> ") if interactive else sys.stdin.readline()
+            line = check_text(input("> ")) if interactive else read_stdin_line()
         except EOFError:
             break
         if not interactive and line == "":

@@ -3,7 +3,9 @@ generation quality and lm-evaluation-harness tasks, as a table or JSON.
 
 Examples::
 
-    llamalab eval runs/shakespeare                         # bundled corpora's held-out text (capped)
+    llamalab eval runs/shakespeare                         # the run's own held-out validation split
+    llamalab eval smollm2                                  # the bundled corpora's held-out text (capped)
+    llamalab eval MODEL --data notes.txt --split validation   # the split `llamalab train` holds out of notes.txt
     llamalab eval MODEL --data notes.txt docs/ --max-tokens 0 --max-length 1024 --stride 512
     llamalab eval q8.gguf --reference model_dir --data shakespeare   # KL divergence + both perplexities
     llamalab eval MODEL --tasks                            # bundled "which line comes next" tasks
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from llamalab.commands._args import add_model_argument, check_seed, resolve_device
+from llamalab.errors import LlamalabError
 
 HELP = "score a model: perplexity & bits/byte, KL vs a reference, multiple-choice tasks, generation quality"
 
@@ -25,13 +29,14 @@ DEFAULT_MAX_TOKENS = 8192
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="HF dir, run dir, .gguf file (or preset name)")
+    add_model_argument(p)
     p.add_argument("--data", nargs="+", metavar="SRC",
                    help="text to score: a file, folder, .jsonl (text field) or a bundled corpus "
-                        f"({', '.join(DEFAULT_CORPORA)}: its held-out split). Default when no other mode is "
-                        "chosen: all three corpora")
-    p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
-                   help="split of a bundled corpus (default validation, the text training holds out)")
+                        f"({', '.join(DEFAULT_CORPORA)}). Default when no other mode is chosen: a training "
+                        "run's own held-out validation split, else the three bundled corpora' held-out splits")
+    p.add_argument("--split", default=None, choices=["validation", "train", "all"],
+                   help="which documents of each --data source: the split `llamalab train` makes of it "
+                        "(validation = held out) or all. Default: validation for a bundled corpus, all for a path")
     p.add_argument("--reference", metavar="MODEL",
                    help="reference model: KL divergence on --data, perplexity of generations with --prompts")
     p.add_argument("--tasks", nargs="*", metavar="TASK",
@@ -45,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default min(512, context))")
     p.add_argument("--stride", type=int, default=None, help="window stride (default max-length/2)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"cap on scored tokens per source (default {DEFAULT_MAX_TOKENS}; 0 = no cap)")
+                   help=f"cap on scored tokens per source (default {DEFAULT_MAX_TOKENS}; 0 = no cap, as "
+                        "max_tokens=0 in llamalab.eval.perplexity)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     bos = p.add_mutually_exclusive_group()
     bos.add_argument("--bos", dest="add_bos", action="store_true", default=None,
@@ -59,15 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype for the model(s) (default float32)")
     p.add_argument("--reference-dtype", default="float32",
                    help="dtype for the reference (default float32; e.g. judge --dtype bfloat16 against it)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _dtype(name: str) -> str:
     import torch
-
-    from llamalab.errors import LlamalabError
 
     name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
     if not isinstance(getattr(torch, name, None), torch.dtype):
@@ -82,10 +86,34 @@ def _load(path: str, dtype: str, device: str):
     return model.eval(), tok
 
 
+def _sources(args: argparse.Namespace, no_mode: bool) -> tuple[list[tuple[str | None, Any]], str]:
+    """[(label or None, source)] to score, and a phrase saying what they are (for the header)."""
+    from llamalab.eval.sources import documents, run_data, run_validation, training_run_dir
+
+    if not no_mode:
+        srcs = args.data or []
+        if not srcs:
+            return [], ""
+        # resolve now: a bad path or an empty split fails before the model loads
+        labels = [documents(src, args.split)[0] for src in srcs]
+        parts = [lab if ":" in lab else f"{lab} (all of it)" for lab in labels]
+        return list(zip(labels, srcs)), ", ".join(parts)
+    run_dir = training_run_dir(args.model)
+    if run_dir is not None:
+        if args.split not in (None, "validation"):
+            raise LlamalabError(f"--split {args.split} needs --data: without it a run is scored on its own "
+                                "held-out validation split")
+        corpus, val_fraction = run_data(run_dir)
+        label, docs = run_validation(run_dir)
+        return [(label, docs)], (f"{label}, the validation split {run_dir} held out of {corpus} "
+                                 f"(val_fraction {val_fraction:g})")
+    labels = [documents(src, args.split)[0] for src in DEFAULT_CORPORA]
+    return list(zip(labels, DEFAULT_CORPORA)), ", ".join(labels) + " (bundled corpora)"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llamalab.errors import LlamalabError
     from llamalab.eval import report
 
     for name in ("max_length", "stride", "batch_size", "limit", "max_new_tokens"):
@@ -95,10 +123,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 0:
         raise LlamalabError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     args.dtype, args.reference_dtype = _dtype(args.dtype), _dtype(args.reference_dtype)
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)
 
     no_mode = args.data is None and args.tasks is None and args.prompts is None and args.harness is None
-    data = DEFAULT_CORPORA if no_mode else (args.data or [])
-    progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    data, what = _sources(args, no_mode)
+    progress = not args.no_progress and not args.json
     max_tokens = args.max_tokens or None
     model, tok = _load(args.model, args.dtype, args.device)
     reference = ref_tok = None
@@ -107,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     out: dict[str, Any] = {"model": args.model, "reference": args.reference,
                            "settings": {"max_length": args.max_length, "stride": args.stride,
-                                        "max_tokens": max_tokens, "split": args.split, "dtype": args.dtype,
+                                        "max_tokens": max_tokens, "split": args.split, "scored": what,
+                                        "dtype": args.dtype,
                                         "reference_dtype": args.reference_dtype if args.reference else None,
                                         "batch_size": args.batch_size}}
     texts: list[str] = []
@@ -121,12 +152,14 @@ def run(args: argparse.Namespace) -> int:
             common = dict(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
                           max_tokens=max_tokens, add_bos=args.add_bos, split=args.split, progress=progress,
                           seed=args.seed)
-            out["perplexity"] = [perplexity(model, tok, src, **common).to_dict() for src in data]
+            out["perplexity"] = [perplexity(model, tok, src, label=label, **common).to_dict()
+                                 for label, src in data]
             s = out["perplexity"][0]
             out["settings"].update(max_length=s["max_length"], stride=s["stride"])
             texts.append(report.perplexity_table(out["perplexity"]))
             if reference is not None:
-                out["kl"] = [kl_divergence(model, tok, reference, ref_tok, src, **common).to_dict() for src in data]
+                out["kl"] = [kl_divergence(model, tok, reference, ref_tok, src, label=label, **common).to_dict()
+                             for label, src in data]
                 texts.append(f"KL(reference ‖ model), reference = {args.reference}\n" + report.kl_table(out["kl"]))
         if args.tasks is not None:
             from llamalab.eval.multichoice import builtin_tasks, multiple_choice
@@ -158,8 +191,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {args.model}" + (f"    reference: {args.reference}" if args.reference else ""))
     if data:
         s = out["settings"]
-        cap = f", at most {max_tokens:,} tokens per source" if max_tokens else ""
-        print(f"window {s['max_length']} tokens, stride {s['stride']}{cap}; "
-              f"bundled corpora: {args.split} split")
+        cap = f", at most {max_tokens:,} tokens per source" if max_tokens else ", every token"
+        print(f"window {s['max_length']} tokens, stride {s['stride']}{cap}; scored: {what}")
     print("\n\n".join(texts))
     return 0

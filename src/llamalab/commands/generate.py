@@ -1,4 +1,4 @@
-"""`llamalab generate --model PATH --prompt TEXT`: stream a continuation to the terminal.
+"""`llamalab generate MODEL --prompt TEXT` (or `--model MODEL`): stream a continuation to the terminal.
 
 Every sampler has an option (see ``--help``); ``--chat`` wraps the prompt in the model's chat
 template; ``--draft-model PATH`` (or ``--draft-layers N``, an early-exit draft made of the model's
@@ -12,15 +12,19 @@ import sys
 import time
 from typing import Any
 
+from llamalab.commands._args import add_model_argument, check_seed, read_stdin, resolve_device
+from llamalab.errors import LlamalabError
+
 HELP = "generate text from a prompt, streamed to the terminal (every sampler, stop strings, speculative decoding)"
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and `chat`."""
-    p.add_argument("--model", "-m", required=True, help="HF dir, .gguf file, run dir or preset name")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="stop after this many tokens (256)")
-    p.add_argument("--temperature", "-t", type=float, default=None,
-                   help="0 = greedy (the default for generate); higher = more random")
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0) -> None:
+    """Options shared by `generate` and `chat` (each with its own defaults, shown by --help)."""
+    add_model_argument(p)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens,
+                   help="stop after this many tokens (default %(default)s)")
+    p.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help="0 = greedy; higher = more random (default %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
@@ -29,7 +33,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS to token ID's logit (repeatable; -100 bans, +100 forces)")
-    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (0..2**63-1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -44,7 +48,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fast", action="store_true", help="decode with the model's plain forward")
     p.add_argument("--truncate", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
-    p.add_argument("--stats", action="store_true", help="print prompt/decode speed (and acceptance) to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print prompt/decode speed (and acceptance) to stderr, measured after a warm-up run")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,9 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
-def sampling_params(args: argparse.Namespace, default_temperature: float = 0.0):
+def sampling_params(args: argparse.Namespace):
     """SamplingParams from the options; raises a one-line LlamalabError on a bad value."""
-    from llamalab.errors import LlamalabError
     from llamalab.sampling import SamplingParams
 
     bias: dict[int, float] = {}
@@ -72,33 +76,46 @@ def sampling_params(args: argparse.Namespace, default_temperature: float = 0.0):
         raise LlamalabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_draft_tokens < 1:
         raise LlamalabError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
-    temperature = default_temperature if args.temperature is None else args.temperature
-    return SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+    if args.draft_layers is not None and args.draft_layers < 1:
+        raise LlamalabError(f"--draft-layers must be >= 1 (the draft is the model's first N layers), "
+                            f"got {args.draft_layers}")
+    if args.draft_model and args.draft_layers is not None:
+        raise LlamalabError("pass either --draft-model or --draft-layers, not both")
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)  # before the (slow) load
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                           presence_penalty=args.presence_penalty, logit_bias=bias, seed=args.seed)
 
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, draft model or None) as the options ask."""
-    import torch
-
     import llamalab
-    from llamalab.errors import LlamalabError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, tok = llamalab.load(args.model, dtype=args.dtype, device=device)
     model.eval()
     draft = None
-    if args.draft_model and args.draft_layers:
-        raise LlamalabError("pass either --draft-model or --draft-layers, not both")
     if args.draft_model:
         draft, _ = llamalab.load(args.draft_model, dtype=args.dtype or model.dtype, device=device)
         draft.eval()
-    elif args.draft_layers:
+    elif args.draft_layers is not None:
         from llamalab.speculative import early_exit_draft
 
+        if args.draft_layers >= model.config.n_layers:
+            raise LlamalabError(f"--draft-layers must be below the model's {model.config.n_layers} layers "
+                                f"(a draft of all of them is the model itself), got {args.draft_layers}")
         draft = early_exit_draft(model, args.draft_layers)
     return model, tok, draft
+
+
+def warm_up(model: Any, tok: Any, prompt: Any, kwargs: dict[str, Any]) -> None:
+    """A short generation first, so that --stats leaves out one-time costs (building the decode step,
+    torch.compile, first-call allocations)."""
+    from llamalab.generate import stream_batch
+
+    for _ in stream_batch(model, tok, [prompt], **{**kwargs, "max_new_tokens": 2, "stop": None}):
+        pass
 
 
 def generation_kwargs(args: argparse.Namespace, params: Any, draft: Any) -> dict[str, Any]:
@@ -120,7 +137,6 @@ def print_stats(result: Any, elapsed: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamalab.errors import LlamalabError
     from llamalab.generate import Completion, stream_batch
 
     params = sampling_params(args)
@@ -128,14 +144,17 @@ def run(args: argparse.Namespace) -> int:
     if prompt is None:
         if sys.stdin.isatty():
             raise LlamalabError("give a prompt with --prompt TEXT (or pipe it on stdin)")
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = messages + [{"role": "user", "content": prompt}]
     model, tok, draft = load_models(args)
+    kwargs = generation_kwargs(args, params, draft)
+    if args.stats:
+        warm_up(model, tok, prompt, kwargs)
     results: list[Completion] = []
     t0 = time.perf_counter()
-    for _, piece in stream_batch(model, tok, [prompt], results=results, **generation_kwargs(args, params, draft)):
+    for _, piece in stream_batch(model, tok, [prompt], results=results, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

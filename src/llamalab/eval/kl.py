@@ -145,12 +145,14 @@ def kl_divergence_of_ids(model, reference, docs_ids: Sequence[Sequence[int]], *,
 
 def kl_divergence(model, tok, reference, ref_tok, source: str | Path | Sequence[str] | Sequence[Document], *,
                   max_length: int | None = None, stride: int | None = None, batch_size: int = 4,
-                  max_tokens: int | None = None, add_bos: bool | None = None, split: str = "validation",
+                  max_tokens: int | None = None, add_bos: bool | None = None, split: str | None = None,
                   val_fraction: float = DEFAULT_VAL_FRACTION, progress: bool = False, n_boot: int = 1000,
-                  seed: int = 0) -> KLResult:
-    """KL(reference ‖ model) per token on a text source (see the module docstring)."""
+                  seed: int = 0, label: str | None = None) -> KLResult:
+    """KL(reference ‖ model) per token on a text source (see the module docstring); ``source``,
+    ``split``, ``max_tokens`` and ``label`` as for :func:`llamalab.eval.perplexity`."""
     V = check_comparable(model, tok, reference, ref_tok)
-    label, docs = documents(source, split, val_fraction)
+    name, docs = documents(source, split, val_fraction)
+    label = label or name
     enc = encode_documents(tok if tok is not None else ref_tok, docs, add_bos, max_tokens)
     return kl_divergence_of_ids(model, reference, [e.ids for e in enc], vocab=V, max_length=max_length,
                                 stride=stride, batch_size=batch_size, progress=progress, n_boot=n_boot, seed=seed,

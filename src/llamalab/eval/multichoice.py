@@ -190,7 +190,7 @@ def _tree_mask(p: _Packed, T: int) -> torch.Tensor:
 
 
 def _packed_loglikelihoods(model, pairs, L: int, batch_size: int, progress: bool, desc: str) -> list[Score]:
-    from tqdm.auto import tqdm
+    from llamalab.progress import progress_bar
 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (c, _) in enumerate(pairs):
@@ -210,7 +210,7 @@ def _packed_loglikelihoods(model, pairs, L: int, batch_size: int, progress: bool
     packs.sort(key=lambda p: -len(p.ids))
     out: list[Score | None] = [None] * len(pairs)
     dev = next(model.parameters()).device
-    with torch.inference_mode(), tqdm(total=len(pairs), disable=not progress, desc=desc, leave=False) as bar:
+    with torch.inference_mode(), progress_bar(total=len(pairs), disable=not progress, desc=desc, leave=False) as bar:
         for s in range(0, len(packs), batch_size):
             batch = packs[s:s + batch_size]
             T = len(batch[0].ids)

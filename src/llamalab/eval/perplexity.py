@@ -124,12 +124,17 @@ def encode_documents(tok, docs: Sequence[Document], add_bos: bool | None = None,
                      max_tokens: int | None = None) -> list[Encoded]:
     """Tokenize documents, each after its start token (:func:`start_token`), so every text token is scored.
 
-    ``max_tokens`` caps the scored tokens: shared out evenly over the documents (short ones first,
-    their leftover going to the rest) while that leaves each at least :data:`MIN_SHARE` tokens, else
-    whole documents in order until the cap (the last one cut at a line end).
+    ``max_tokens`` caps the scored tokens (None or 0: no cap, score everything — as ``--max-tokens 0``):
+    shared out evenly over the documents (short ones first, their leftover going to the rest) while
+    that leaves each at least :data:`MIN_SHARE` tokens, else whole documents in order until the cap
+    (the last one cut at a line end).
     """
     if tok is None:
         raise LlamalabError("this model has no tokenizer: evaluation on text needs one")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 0):
+        raise LlamalabError(f"max_tokens must be a non-negative integer (0 or None: no cap), got {max_tokens!r}")
+    max_tokens = max_tokens or None
     start = start_token(tok, add_bos)
     even = max_tokens is not None and max_tokens >= MIN_SHARE * len(docs)
     order = sorted(range(len(docs)), key=lambda i: len(docs[i].text)) if even else range(len(docs))
@@ -220,16 +225,19 @@ def summarize(source: str, windows: Sequence[Window], nll: Sequence[float], cnt:
 
 def perplexity(model, tok, source: str | Path | Sequence[str] | Sequence[Document], *,
                max_length: int | None = None, stride: int | None = None, batch_size: int = 4,
-               max_tokens: int | None = None, add_bos: bool | None = None, split: str = "validation",
+               max_tokens: int | None = None, add_bos: bool | None = None, split: str | None = None,
                val_fraction: float = DEFAULT_VAL_FRACTION, progress: bool = False, n_boot: int = 1000,
-               ci_level: float = 0.95, seed: int = 0) -> PerplexityResult:
+               ci_level: float = 0.95, seed: int = 0, label: str | None = None) -> PerplexityResult:
     """Perplexity / cross-entropy / bits per byte of ``model`` on a file, folder, JSONL, corpus or texts.
 
     ``max_length`` (default min(512, context)) and ``stride`` (default max_length/2) set the sliding
-    window; ``max_tokens`` caps the scored tokens; ``add_bos`` chooses each document's start token
-    (:func:`start_token`: BOS, else EOS).
+    window; ``max_tokens`` caps the scored tokens (None or 0: no cap); ``add_bos`` chooses each
+    document's start token (:func:`start_token`: BOS, else EOS). ``split`` (validation / train /
+    all; default validation for a bundled corpus, all for a path) picks the documents as
+    :func:`llamalab.eval.sources.documents` does; ``label`` names the source in the result.
     """
-    label, docs = documents(source, split, val_fraction)
+    name, docs = documents(source, split, val_fraction)
+    label = label or name
     enc = encode_documents(tok, docs, add_bos, max_tokens)
     res = perplexity_of_ids(model, [e.ids for e in enc], [e.n_bytes for e in enc], max_length=max_length,
                             stride=stride, batch_size=batch_size, progress=progress, n_boot=n_boot,

@@ -124,12 +124,12 @@ def score_windows(models: Sequence, windows: Sequence[Window], fn: Callback, bat
     """
     if batch_size < 1:
         raise LlamalabError(f"batch size must be at least 1, got {batch_size}")
-    from tqdm.auto import tqdm
+    from llamalab.progress import progress_bar
 
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
     devices = [_device(m) for m in models]
     main = devices[0]
-    bar = tqdm(total=sum(w.n_targets for w in windows), disable=not progress, unit="tok", desc=desc,
+    bar = progress_bar(total=sum(w.n_targets for w in windows), disable=not progress, unit="tok", desc=desc,
                leave=False, dynamic_ncols=True)
     try:
         with torch.inference_mode():
