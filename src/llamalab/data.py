@@ -302,7 +302,7 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 
 def _write_split(docs: list[Document], tok: TextTokenizer, out: Path, name: str, dtype: np.dtype,
                  shard_tokens: int, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
+    from llamalab.progress import progress_bar
 
     eos = tok.eos_token_id
     sep = [] if eos is None else [int(eos)]
@@ -324,7 +324,7 @@ def _write_split(docs: list[Document], tok: TextTokenizer, out: Path, name: str,
         buf, buffered = [], 0
 
     n_chars = sum(len(d.text) + len(sep) for d in docs)
-    bar = tqdm(total=n_chars, desc=f"tokenizing {name}", unit="char", unit_scale=True, disable=not progress,
+    bar = progress_bar(total=n_chars, desc=f"tokenizing {name}", unit="char", unit_scale=True, disable=not progress,
                leave=False)
     for d in docs:
         ids = tok.encode(d.text, add_bos=False) + sep

@@ -489,6 +489,7 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
     from tqdm import tqdm
 
     from llamalab.distributed import DistContext, no_grad_sync
+    from llamalab.progress import progress_bar
 
     run_dir = Path(run_dir)
     ctx = ctx or DistContext(device=next(model.parameters()).device)
@@ -550,7 +551,7 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
 
     result = LoopResult(step=step, run_dir=run_dir)
     last_ckpt_step = step if resume else -1
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
+    bar = progress_bar(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True, file=sys.stderr)
     kill_at = os.environ.get("LLAMALAB_DEBUG_KILL_AT_STEP")  # test hook: SIGKILL this process at a step
     kill_rank = int(os.environ.get("LLAMALAB_DEBUG_KILL_RANK", "-1"))
