@@ -1,0 +1,230 @@
+"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), registered as torch ops.
+
+``torch.ops.llamalab.q8_0_linear(x, qs, d)``, ``q4_0_linear(x, qs, d)`` and ``q4_1_linear(x, qs, d, m)``
+take a contiguous float32 activation (M, K) and a weight in the layouts of :mod:`.reference`, and
+return y = x · Wᵀ (M, N) float32. Each has a fake (meta) implementation, so ``torch.compile`` keeps
+them in its graph as single calls.
+
+The C++ source (``blocks.cpp``, one translation unit) is compiled on first use with the system's C++
+compiler and cached under ``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by
+a hash of the source, the torch version, the compiler command and the CPU's flags; later processes
+just load the cached library. The instruction set is chosen at run time — AVX-512 VNNI, AVX-VNNI,
+AVX2 or portable scalar code — best first; ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or :func:`set_isa`
+forces one. Where there is no compiler, the build fails, or ``LLAMALAB_KERNELS=0``, the same ops are
+defined in Python as dequantize + ``F.linear`` (one debug log line says why), so nothing breaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from llamalab.kernels.reference import KINDS, dequantize
+
+log = logging.getLogger(__name__)
+
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # index = the C++ Isa value
+SOURCE = Path(__file__).with_name("blocks.cpp")
+_SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
+            "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
+            "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
+_DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
+# From this many activation rows on, dequantizing the weight (C++, vectorised) and calling the GEMM is
+# faster than the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures).
+GEMM_ROWS = 24
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "native": bool, "library": Path | None, "reason": str
+_python_lib = None  # torch.library.Library holding the fallback definitions (kept alive)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMALAB_KERNEL_CACHE") or Path.home() / ".cache" / "llamalab" / "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
+                have = set(line.split(":", 1)[1].split())
+                return ",".join(f for f in wanted if f in have)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _compile_command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    lib_dirs = cpp_extension.library_paths()
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [f"-L{p}" for p in lib_dirs] + [f"-Wl,-rpath,{p}" for p in lib_dirs] + ["-lc10", "-ltorch_cpu"]
+    return cmd
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet)."""
+    probe = _compile_command(Path("OUT"))
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), " ".join(probe).encode(),
+                                     _cpu_flags().encode(), sys.platform.encode()])).hexdigest()[:16]
+    return cache_dir() / f"llamalab_blocks_{key}.so"
+
+
+def build(path: Path | None = None) -> Path:
+    """Compile blocks.cpp into `path` (default :func:`library_path`); atomic, so racing builds are safe."""
+    path = path or library_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiler exited with {res.returncode}: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _define_python_fallback(reason: str) -> None:
+    """Define the ops in Python as dequantize + F.linear (the library could not be built or loaded)."""
+    global _python_lib
+    lib = torch.library.Library("llamalab", "DEF")
+    for kind, schema in _SCHEMAS.items():
+        lib.define(schema)
+
+        def impl(x, qs, d, m=None, _kind=kind):
+            return torch.nn.functional.linear(x, dequantize(_kind, qs, d, m, dtype=x.dtype))
+
+        lib.impl(f"{kind}_linear", impl, "CompositeExplicitAutograd")
+    lib.define(_DEQUANTIZE_SCHEMA)
+
+    def dequantize_impl(qs, d, m, kind, bf16):
+        return dequantize(KINDS[kind], qs, d, m, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    lib.impl("dequantize", dequantize_impl, "CompositeExplicitAutograd")
+    _python_lib = lib
+    log.debug("llamalab kernels: using the pure-PyTorch fallback (%s)", reason)
+
+
+def _register_fakes() -> None:
+    for kind in KINDS:
+        def fake(x, qs, d, m=None):
+            return x.new_empty((x.shape[0], qs.shape[0]))
+
+        torch.library.register_fake(f"llamalab::{kind}_linear", fake)
+
+    def dequantize_fake(qs, d, m, kind, bf16):
+        return d.new_empty((qs.shape[0], d.shape[1] * 32), dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    torch.library.register_fake("llamalab::dequantize", dequantize_fake)
+
+
+def load() -> bool:
+    """Make the ``llamalab::*_linear`` ops available (once per process); True if the C++ kernels are in use."""
+    if "native" in _state:
+        return bool(_state["native"])
+    with _lock:
+        if "native" in _state:
+            return bool(_state["native"])
+        reason = ""
+        native = False
+        if os.environ.get("LLAMALAB_KERNELS", "1").lower() in ("0", "off", "false", "no"):
+            reason = "disabled by LLAMALAB_KERNELS"
+        else:
+            try:
+                path = library_path()
+                if not path.exists():
+                    build(path)
+                torch.ops.load_library(str(path))
+                native = True
+                _state["library"] = path
+            except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
+                reason = f"C++ build/load failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if not native:
+            _define_python_fallback(reason)
+        _register_fakes()
+        _state.update(native=native, reason=reason)
+        if native:
+            forced = os.environ.get("LLAMALAB_KERNEL_ISA")
+            if forced:
+                set_isa(forced)
+        return native
+
+
+def native() -> bool:
+    """True if the C++ kernels are built and loaded (loads them if needed)."""
+    return load()
+
+
+def best_isa() -> str:
+    """The best instruction set this CPU supports ('scalar' when the C++ kernels are unavailable)."""
+    return ISAS[torch.ops.llamalab.cpu_isa()] if load() else "scalar"
+
+
+def active_isa() -> str:
+    return ISAS[torch.ops.llamalab.active_isa()] if load() else "python"
+
+
+def available_isas() -> list[str]:
+    """Every ISA path the kernel can run on this CPU (each can be forced with :func:`set_isa`)."""
+    if not load():
+        return []
+    return [name for i, name in enumerate(ISAS) if torch.ops.llamalab.isa_supported(i)]
+
+
+def set_isa(name: str | None) -> str:
+    """Force an instruction-set path ('scalar', 'avx2', 'avxvnni', 'avx512vnni'; None: the best)."""
+    if not load():
+        raise RuntimeError("llamalab kernels: the C++ kernels are not available")
+    if name is None:
+        return ISAS[torch.ops.llamalab.set_isa(-1)]
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; one of {', '.join(ISAS)}")
+    if name not in available_isas():
+        raise ValueError(f"ISA {name!r} is not available on this CPU (available: {', '.join(available_isas())})")
+    return ISAS[torch.ops.llamalab.set_isa(ISAS.index(name))]
+
+
+def gemm_bf16() -> bool:
+    """Whether batched products run in bfloat16: only where the CPU has bf16 dot products (AVX512-BF16, AMX)."""
+    if "bf16" not in _state:
+        flags = set()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+        except OSError:
+            pass
+        _state["bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(_state["bf16"])
+
+
+def block_linear(kind: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor,
+                 m: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) float32 = x (M, K) · Wᵀ: the ``llamalab::<kind>_linear`` op for few rows, else a GEMM on the
+    weight dequantized by ``llamalab::dequantize`` (bfloat16 where the CPU multiplies bf16 natively)."""
+    load()
+    if x.shape[0] >= GEMM_ROWS:
+        w = torch.ops.llamalab.dequantize(qs, d, m, KINDS.index(kind), gemm_bf16())
+        return torch.nn.functional.linear(x.to(w.dtype), w).float()
+    x = x.to(torch.float32).contiguous()
+    op = getattr(torch.ops.llamalab, f"{kind}_linear")
+    return op(x, qs, d) if m is None else op(x, qs, d, m)

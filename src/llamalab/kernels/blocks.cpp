@@ -1,0 +1,497 @@
+// llamalab block-quantized linears on CPU: y = x · Wᵀ with W in GGUF Q8_0 / Q4_0 / Q4_1 blocks of 32.
+//
+// llama.cpp's recipe: each 32-block of an activation row is quantized to int8 with one float scale
+// (dx = max|x| / 127, qx = round(x / dx)); a weight block times an activation block is an integer dot
+// product (vpdpbusd on AVX-512 VNNI / AVX-VNNI, maddubs + madd on AVX2), and the scales enter once per
+// block as one float FMA:
+//   Q8_0:  w = dw · qw             y += dw·dx · Σ qw·qx
+//   Q4_0:  w = dw · (qw − 8)       y += dw·dx · Σ qw·qx  − 8 · dw · (dx · Σ qx)
+//   Q4_1:  w = dw · qw + mw        y += dw·dx · Σ qw·qx  +     mw · (dx · Σ qx)
+// One translation unit; each instruction set is a function compiled with a target attribute and chosen
+// at run time (set_isa), so one build serves every x86-64 CPU. Rows of W are split over threads with
+// at::parallel_for; each weight row is read once per call and multiplied by all activation rows.
+//
+// Weight layout (as in the GGUF file, scales split out): Q8_0 qs int8 (N, K); Q4_x qs uint8 (N, K/2)
+// where byte j of a block holds element j (low nibble) and element j + 16 (high nibble); d, m fp16
+// (N, K/32). The quantized activation is laid out to match whichever ISA reads it (see quantize_rows).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LL_X86 1
+#else
+#define LL_X86 0
+#endif
+
+namespace {
+
+enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3 };
+enum Kind { Q8_0, Q4_0, Q4_1 };
+constexpr int QK = 32;
+constexpr int MAXG = 4;  // activation blocks are padded to a multiple of this many
+
+int64_t g_isa = -1;  // -1: best available
+
+bool supported(int64_t isa) {
+#if LL_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  switch (isa) {
+    case AVX512VNNI:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case AVX2: return avx2;
+  }
+#endif
+  return isa == SCALAR;
+}
+
+int64_t cpu_isa() {
+  for (int64_t isa = AVX512VNNI; isa > SCALAR; --isa)
+    if (supported(isa)) return isa;
+  return SCALAR;
+}
+
+int64_t active_isa() {
+  if (g_isa < 0) g_isa = cpu_isa();
+  return g_isa;
+}
+
+int64_t set_isa(int64_t isa) {
+  TORCH_CHECK(isa == -1 || supported(isa), "llamalab kernels: ISA ", isa, " is not available on this CPU");
+  g_isa = isa < 0 ? cpu_isa() : isa;
+  return g_isa;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// One activation row quantized: qx (int8, layout per kind/group), dx (scale per block), sx (dx · Σ qx).
+struct QRow {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+// Quantize rows of x (M, K) into per-32 int8 blocks. For Q4 kinds the 32 values of each block are split
+// into the low half (elements 0..15) and the high half (16..31) and, per group of `group` blocks, all low
+// halves come first, then all high halves: a 16·group-byte load of packed nibbles, masked to its low
+// (high) nibbles, then lines up with the low (high) part. Blocks are zero-padded to a multiple of MAXG.
+void quantize_rows(const float* x, int64_t M, int64_t K, Kind kind, int group, int8_t* q, float* d, float* s) {
+  const int64_t nb = K / QK, nbp = (nb + MAXG - 1) / MAXG * MAXG;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = q + m * nbp * QK;
+    float* dr = d + m * nbp;
+    float* sr = s + m * nbp;
+    std::memset(qr, 0, nbp * QK);
+    for (int64_t b = nb; b < nbp; ++b) dr[b] = sr[b] = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = xr + b * QK;
+      float amax = 0.f;
+      for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float db = amax / 127.f, id = db != 0.f ? 1.f / db : 0.f;
+      int sum = 0;
+      int8_t vals[QK];
+      for (int i = 0; i < QK; ++i) {
+        const int v = (int)std::nearbyint(xb[i] * id);
+        vals[i] = (int8_t)std::min(127, std::max(-127, v));
+        sum += vals[i];
+      }
+      dr[b] = db;
+      sr[b] = db * (float)sum;
+      if (kind == Q8_0) {
+        std::memcpy(qr + b * QK, vals, QK);
+      } else {
+        const int64_t g0 = b / group * group, j = b - g0;
+        int8_t* base = qr + g0 * QK;
+        std::memcpy(base + j * 16, vals, 16);
+        std::memcpy(base + group * 16 + j * 16, vals + 16, 16);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ scalar
+float dot_scalar(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, QRow x, int64_t nb,
+                 int group) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int isum = 0;
+    if (kind == Q8_0) {
+      const int8_t* wb = (const int8_t*)w + b * QK;
+      const int8_t* xb = x.q + b * QK;
+      for (int i = 0; i < QK; ++i) isum += wb[i] * xb[i];
+    } else {
+      const uint8_t* wb = w + b * 16;
+      const int64_t g0 = b / group * group, j = b - g0;
+      const int8_t* lo = x.q + g0 * QK + j * 16;
+      const int8_t* hi = x.q + g0 * QK + group * 16 + j * 16;
+      for (int i = 0; i < 16; ++i) isum += (wb[i] & 15) * lo[i] + (wb[i] >> 4) * hi[i];
+    }
+    const float d = half_to_float(dw[b]);
+    acc += d * x.d[b] * (float)isum;
+    if (kind == Q4_0) acc -= 8.f * d * x.s[b];
+    if (kind == Q4_1) acc += half_to_float(mw[b]) * x.s[b];
+  }
+  return acc;
+}
+
+#if LL_X86
+// ------------------------------------------------------------------------------------------ AVX2 / AVX-VNNI
+// 256-bit: Q8_0 one block per step (scale broadcast), Q4 two blocks per step (group = 2). R weight rows
+// are multiplied by the same activation row at once (independent accumulators, shared activation loads).
+#define LL_AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
+#define LL_AVXVNNI_ATTR __attribute__((target("avx2,fma,f16c,avxvnni")))
+
+template <bool VNNI>
+struct Avx256;
+
+template <>
+struct Avx256<false> {
+  static LL_AVX2_ATTR inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  }
+  static LL_AVX2_ATTR inline __m256i dot2_u8s8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+    // nibbles (<= 15) times int8: int16 pair sums cannot saturate, so add before widening
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
+                             _mm256_set1_epi16(1));
+  }
+};
+
+template <>
+struct Avx256<true> {
+  static LL_AVXVNNI_ATTR inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+  }
+  static LL_AVXVNNI_ATTR inline __m256i dot2_u8s8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+  }
+};
+
+LL_AVX2_ATTR inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LL_AVX2_ATTR inline __m128 load_half2(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128((int)v));
+}
+
+#define LL_DEFINE_ROWS256(NAME, ATTR, VNNI)                                                                   \
+  template <int R>                                                                                          \
+  ATTR void NAME(Kind kind, const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t nb, \
+                 QRow x, float* out) {                                                                      \
+    using D = Avx256<VNNI>;                                                                                 \
+    __m256 acc[R];                                                                                          \
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                               \
+    if (kind == Q8_0) {                                                                                     \
+      for (int64_t b = 0; b < nb; ++b) {                                                                    \
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                              \
+        const float xd = x.d[b];                                                                            \
+        for (int r = 0; r < R; ++r) {                                                                       \
+          const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * rb + b * QK));                     \
+          const __m256i p = D::dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));                \
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(dw[r * nb + b]) * xd), acc[r]); \
+        }                                                                                                   \
+      }                                                                                                     \
+      for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]);                                                 \
+      return;                                                                                               \
+    }                                                                                                       \
+    const __m256i low = _mm256_set1_epi8(15);                                                               \
+    const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                         \
+    __m128 corr[R];                                                                                         \
+    for (int r = 0; r < R; ++r) corr[r] = _mm_setzero_ps();                                                 \
+    int64_t b = 0;                                                                                          \
+    for (; b + 2 <= nb; b += 2) {                                                                           \
+      const __m256i xlo = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                               \
+      const __m256i xhi = _mm256_loadu_si256((const __m256i*)(x.q + b * QK + 32));                          \
+      const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));                      \
+      const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.s + b)));                      \
+      for (int r = 0; r < R; ++r) {                                                                         \
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * rb + b * 16));                       \
+        const __m256i p = D::dot2_u8s8(_mm256_and_si256(wv, low), xlo,                                      \
+                                       _mm256_and_si256(_mm256_srli_epi16(wv, 4), low), xhi);               \
+        const __m128 d2 = load_half2(dw + r * nb + b);                                                      \
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(d2, xd2)), idx);       \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[r]);                                        \
+        corr[r] = _mm_fmadd_ps(kind == Q4_0 ? d2 : load_half2(mw + r * nb + b), xs2, corr[r]);              \
+      }                                                                                                     \
+    }                                                                                                       \
+    for (int r = 0; r < R; ++r) {                                                                           \
+      float extra = 0.f;                                                                                    \
+      float c = _mm_cvtss_f32(corr[r]) + _mm_cvtss_f32(_mm_shuffle_ps(corr[r], corr[r], 1));               \
+      if (b < nb) { /* odd tail block: its low/high halves sit 32 bytes apart in a group of 2 */            \
+        const uint8_t* wb = w + r * rb + b * 16;                                                            \
+        const int8_t* lo = x.q + b * QK;                                                                    \
+        int isum = 0;                                                                                       \
+        for (int i = 0; i < 16; ++i) isum += (wb[i] & 15) * lo[i] + (wb[i] >> 4) * lo[32 + i];              \
+        const float d = _cvtsh_ss(dw[r * nb + b]);                                                          \
+        extra = d * x.d[b] * (float)isum;                                                                   \
+        c += (kind == Q4_0 ? d : _cvtsh_ss(mw[r * nb + b])) * x.s[b];                                       \
+      }                                                                                                     \
+      out[r] = hsum256(acc[r]) + extra + (kind == Q4_0 ? -8.f * c : c);                                     \
+    }                                                                                                       \
+  }
+
+LL_DEFINE_ROWS256(rows_avx2, LL_AVX2_ATTR, false)
+LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
+
+// ------------------------------------------------------------------------------------------ AVX-512 VNNI
+// 512-bit: Q8_0 two blocks per step, Q4 four blocks per step (group = 4); the last, partial step uses
+// masked loads (zeros past the row), and the activation is zero-padded, so no scalar tail is needed.
+#define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+template <int R>
+LL_AVX512_ATTR void rows_avx512(Kind kind, const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw,
+                                int64_t nb, QRow x, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  if (kind == Q8_0) {
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t b = 0; b < nb; b += 2) {
+      const int nblk = (int)std::min<int64_t>(2, nb - b);
+      const __mmask64 mask = nblk == 2 ? ~0ULL : 0xffffffffULL;
+      const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
+      const __m512i xv = _mm512_loadu_si512(x.q + b * QK);
+      const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * rb + b * QK);
+        const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);  // x · sign(w)
+        const __m512i p = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+        const __m128 s2 = _mm_mul_ps(_mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + r * nb + b)), xd2);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s2)),
+                                 acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    return;
+  }
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m128 corr[R];
+  for (int r = 0; r < R; ++r) corr[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 4) {
+    const int nblk = (int)std::min<int64_t>(4, nb - b);
+    const __mmask64 mask = nblk == 4 ? ~0ULL : ((1ULL << (16 * nblk)) - 1);
+    const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
+    const __m512i xlo = _mm512_loadu_si512(x.q + b * QK);
+    const __m512i xhi = _mm512_loadu_si512(x.q + b * QK + 64);
+    const __m128 xd4 = _mm_loadu_ps(x.d + b);
+    const __m128 xs4 = _mm_loadu_ps(x.s + b);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * rb + b * 16);
+      __m512i p = _mm512_dpbusd_epi32(zero, _mm512_and_si512(wv, low), xlo);
+      p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low), xhi);
+      const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + r * nb + b));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                               _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d4, xd4))), acc[r]);
+      corr[r] = _mm_fmadd_ps(kind == Q4_0 ? d4 : _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + r * nb + b)), xs4,
+                             corr[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 c = _mm_add_ps(corr[r], _mm_movehl_ps(corr[r], corr[r]));
+    c = _mm_add_ss(c, _mm_movehdup_ps(c));
+    const float cs = _mm_cvtss_f32(c);
+    out[r] = _mm512_reduce_add_ps(acc[r]) + (kind == Q4_0 ? -8.f * cs : cs);
+  }
+}
+#endif
+
+// R consecutive weight rows times one activation row -> out[0..R)
+template <int R>
+void rows(int64_t isa, Kind kind, const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t nb,
+          QRow x, int group, float* out) {
+  switch (isa) {
+#if LL_X86
+    case AVX512VNNI: return rows_avx512<R>(kind, w, rb, dw, mw, nb, x, out);
+    case AVXVNNI: return rows_avxvnni<R>(kind, w, rb, dw, mw, nb, x, out);
+    case AVX2: return rows_avx2<R>(kind, w, rb, dw, mw, nb, x, out);
+#endif
+    default:
+      for (int r = 0; r < R; ++r)
+        out[r] = dot_scalar(kind, w + r * rb, dw + r * nb, mw ? mw + r * nb : nullptr, x, nb, group);
+  }
+}
+
+int group_for(int64_t isa, Kind kind) {
+  if (kind == Q8_0) return 1;
+  return isa == AVX512VNNI ? 4 : 2;
+}
+
+at::Tensor block_linear(Kind kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                        const at::Tensor* m) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "llamalab block linear: x must be a contiguous float32 (M, K) tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
+  TORCH_CHECK(K % QK == 0, "llamalab block linear: K=", K, " is not a multiple of 32");
+  const int64_t row_bytes = kind == Q8_0 ? K : K / 2;
+  TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes && qs.is_contiguous() && qs.element_size() == 1,
+              "llamalab block linear: qs must be a contiguous (N, ", row_bytes, ") byte tensor");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == nb && d.scalar_type() == at::kHalf && d.is_contiguous(),
+              "llamalab block linear: d must be a contiguous float16 (N, K/32) tensor");
+  if (m) {
+    TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
+                "llamalab block linear: m must be like d");
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t isa = active_isa();
+  const int group = group_for(isa, kind);
+  const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
+  std::vector<int8_t> xq(M * nbp * QK + 64);  // + slack: full-width loads of the last group
+  std::vector<float> xd(M * nbp + MAXG), xs(M * nbp + MAXG);
+  quantize_rows(x.data_ptr<float>(), M, K, kind, group, xq.data(), xd.data(), xs.data());
+
+  const uint8_t* w = (const uint8_t*)qs.data_ptr();
+  const uint16_t* dw = (const uint16_t*)d.data_ptr();
+  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
+  float* yp = y.data_ptr<float>();
+  constexpr int R = 4;  // weight rows per step
+  const int64_t tiles = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    float out[R];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
+      const uint8_t* wr = w + n0 * row_bytes;
+      const uint16_t* dr = dw + n0 * nb;
+      const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        const QRow xr{xq.data() + r * nbp * QK, xd.data() + r * nbp, xs.data() + r * nbp};
+        if (nr == R) {
+          rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, group, out);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, group,
+                    out + i);
+        }
+        std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
+      }
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------ dequantize
+// The float weight (N, K) as float32 or bfloat16 (round to nearest even), for batched products through a
+// GEMM. Plain loops, compiled per ISA by target_clones so that the compiler vectorises them.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequantize_rows(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t n0, int64_t n1,
+                     int64_t K, float* outf, uint16_t* outb) {
+  const int64_t nb = K / QK, rb = kind == Q8_0 ? K : K / 2;
+  float tmp[QK];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = half_to_float(dw[n * nb + b]);
+      const float m = kind == Q4_1 ? half_to_float(mw[n * nb + b]) : (kind == Q4_0 ? -8.f * d : 0.f);
+      if (kind == Q8_0) {
+        const int8_t* q = (const int8_t*)w + n * rb + b * QK;
+        for (int i = 0; i < QK; ++i) tmp[i] = d * (float)q[i];
+      } else {
+        const uint8_t* q = w + n * rb + b * 16;
+        for (int i = 0; i < 16; ++i) {
+          tmp[i] = d * (float)(q[i] & 15) + m;
+          tmp[i + 16] = d * (float)(q[i] >> 4) + m;
+        }
+      }
+      const int64_t o = n * K + b * QK;
+      if (outf) {
+        for (int i = 0; i < QK; ++i) outf[o + i] = tmp[i];
+      } else {
+        for (int i = 0; i < QK; ++i) {
+          uint32_t u;
+          std::memcpy(&u, &tmp[i], 4);
+          outb[o + i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor dequantize_op(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m, int64_t kind,
+                         bool bf16) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "llamalab dequantize: kind must be 0 (q8_0), 1 (q4_0) or 2 (q4_1)");
+  const Kind k = (Kind)kind;
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1 && d.is_contiguous() &&
+              d.scalar_type() == at::kHalf && d.dim() == 2 && d.size(0) == qs.size(0),
+              "llamalab dequantize: bad qs/d");
+  TORCH_CHECK(k != Q4_1 || (m.has_value() && m->sizes() == d.sizes() && m->is_contiguous() &&
+                            m->scalar_type() == at::kHalf), "llamalab dequantize: Q4_1 needs m like d");
+  const int64_t N = qs.size(0), K = k == Q8_0 ? qs.size(1) : qs.size(1) * 2;
+  TORCH_CHECK(d.size(1) * QK == K, "llamalab dequantize: d must be (N, K/32)");
+  at::Tensor out = at::empty({N, K}, d.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* w = (const uint8_t*)qs.data_ptr();
+  const uint16_t* dw = (const uint16_t*)d.data_ptr();
+  const uint16_t* mw = k == Q4_1 ? (const uint16_t*)m->data_ptr() : nullptr;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* ob = bf16 ? (uint16_t*)out.data_ptr() : nullptr;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+    dequantize_rows(k, w, dw, mw, n0, n1, K, of, ob);
+  });
+  return out;
+}
+
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
+  return block_linear(Q8_0, x, qs, d, nullptr);
+}
+at::Tensor q4_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
+  return block_linear(Q4_0, x, qs, d, nullptr);
+}
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+  return block_linear(Q4_1, x, qs, d, &m);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llamalab, lib) {
+  lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
+  lib.def("cpu_isa() -> int", &cpu_isa);
+  lib.def("set_isa(int isa) -> int", &set_isa);
+  lib.def("active_isa() -> int", &active_isa);
+  lib.def("isa_supported(int isa) -> bool", [](int64_t isa) { return supported(isa); });
+}
+
+TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
+  lib.impl("q8_0_linear", &q8_0_linear);
+  lib.impl("q4_0_linear", &q4_0_linear);
+  lib.impl("q4_1_linear", &q4_1_linear);
+  lib.impl("dequantize", &dequantize_op);
+}
