@@ -5,7 +5,7 @@ Examples::
     llamalab finetune --model SmolLM2.gguf --data chats.jsonl --out runs/ft --steps 200 --r 8
     llamalab finetune --model BASE --data d.jsonl --out runs/ft --method full --lr 2e-5
     llamalab finetune --model BASE --data d.jsonl --out runs/ft --int8-base --merge
-    llamalab generate --model runs/ft/final "..."        # the adapter dir names its base
+    llamalab generate runs/ft/final --prompt "..."      # the adapter dir names its base
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from llamalab.commands._args import add_model_argument
+
 HELP = "fine-tune a model on JSONL chat data (LoRA adapters in PEFT layout, or full fine-tuning)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: HF dir, .gguf file or run dir")
+    add_model_argument(p, help="base model: HF dir, .gguf file, run dir or smollm2")
     p.add_argument("--data", required=True, help="JSONL: {'messages': [...]} or {'prompt', 'completion'} per line")
     p.add_argument("--val-data", default=None, help="JSONL validation set (default: split off --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out for validation")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from llamalab.commands._args import add_model_argument
+
 HELP = "quantize a model's linear layers to int8 (per channel) or int4 (group-wise) and save it"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF dir, .gguf file or run dir")
+    add_model_argument(p, help="HF dir, .gguf file, run dir or smollm2")
     p.add_argument("--to", required=True, choices=("int8", "int4"), help="target format")
     p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128), help="int4 group size")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points (w = (q-8)*s)")

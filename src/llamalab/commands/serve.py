@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from llamalab.commands._args import add_model_argument
+
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF dir, .gguf file or run dir (with a tokenizer)")
+    add_model_argument(p, help="HF dir, .gguf file, run dir or smollm2 (with a tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
