@@ -3,7 +3,8 @@
 * ``OUT`` ending in ``.gguf``: a llama-architecture GGUF file for llama.cpp (``--type f32|f16|bf16|q8_0``);
 * any other ``OUT``: an HF-layout directory (config.json + safetensors + tokenizer files), ``--dtype``.
 
-``SRC`` is anything :func:`llamalab.load` reads: an HF directory, a llamalab run dir, or a ``.gguf`` file.
+``SRC`` (or ``--model SRC``) is anything :func:`llamalab.load` reads that has weights: an HF directory, a
+llamalab run dir, a ``.gguf`` file, or ``smollm2`` (the bundled pretrained model).
 The command is three small steps — load, transform, write — so that new options slot in as a
 transform (e.g. changing the number of KV heads) or as a writer (another output format).
 """
@@ -25,8 +26,11 @@ Writer = Callable[[Any, Any, Path, argparse.Namespace], Path]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="HF model dir, llamalab run dir, or .gguf file")
-    p.add_argument("out", help="OUT.gguf for llama.cpp, or a directory for the HF layout")
+    p.add_argument("src", nargs="?", default=None, metavar="SRC",
+                   help="HF model dir, llamalab run dir, .gguf file or 'smollm2' (the bundled model); or --model")
+    p.add_argument("out", nargs="?", default=None, metavar="OUT",
+                   help="OUT.gguf for llama.cpp, or a directory for the HF layout")
+    p.add_argument("--model", "-m", default=None, metavar="SRC", help="the source model, as an option")
     p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
                    help="GGUF tensor type (2-D weights; norms stay f32). Default f32")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -39,12 +43,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- steps
 def load_source(args: argparse.Namespace):
-    from llamalab.loading import load
+    from llamalab.config import PRESETS
+    from llamalab.loading import BUNDLED, load
 
-    src = Path(args.src)
-    if not src.exists():
-        raise LlamalabError(f"no such model: {src}")
-    return load(src)
+    if args.src in PRESETS and not Path(args.src).exists():
+        hint = "; the pretrained SmolLM2-135M-Instruct is `smollm2`" if args.src.startswith("smollm2") else ""
+        raise LlamalabError(f"{args.src} is a random-init shape preset, not a model with weights{hint}")
+    if args.src not in BUNDLED and not Path(args.src).exists():
+        raise LlamalabError(f"no such model: {args.src} (a model dir, run dir, .gguf file or 'smollm2')")
+    return load(args.src)
+
+
+def resolve_paths(args: argparse.Namespace) -> None:
+    """SRC OUT, or --model SRC OUT: set args.src and args.out."""
+    if args.model is not None:
+        if args.out is not None:
+            raise LlamalabError(f"two sources given: --model {args.model!r} and {args.src!r}; give one")
+        args.src, args.out = args.model, args.src
+    if args.src is None or args.out is None:
+        raise LlamalabError("usage: llamalab convert SRC OUT (OUT.gguf, or a directory for the HF layout)")
 
 
 # (name, transform) pairs applied in order; each returns the (model, tokenizer) it was given when its
@@ -94,6 +111,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_paths(args)
     out = Path(args.out)
     writer = pick_writer(out)
     check_options(writer, args)
