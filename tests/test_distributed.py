@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,8 +71,11 @@ def test_two_processes_match_one(setup, strategy):
     run = runs / strategy
     assert losses(run) == pytest.approx(losses(ref), abs=1e-5)
     assert_same_weights(ref, run)
-    state = sorted(p.name for p in (run / "checkpoints" / "step_4" / "state").glob("*.distcp"))
-    assert len(state) == 2  # every rank wrote its part
+    ckpt = run / "checkpoints" / "step_4"
+    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert [f for f in files if f.startswith(("rng_", "state/"))] == [  # every rank wrote its RNG state
+        "rng_rank0.safetensors", "rng_rank1.safetensors", "state/model.safetensors", "state/optim.safetensors"]
+    assert train.verify_checkpoint(ckpt) is None
     assert json.loads((run / "checkpoints" / "step_4" / "trainer.json").read_text())["world"] == 2
 
 
@@ -106,10 +108,8 @@ def test_resume_with_a_different_number_of_processes(setup):
 
 def test_a_dead_rank_ends_the_job(setup):
     config, runs, _ = setup
-    t = time.time()
     res = torchrun(config, 'name="dead"', 'distributed.strategy="ddp"', "train.steps=50",
                    env={"LLAMALAB_DEBUG_KILL_AT_STEP": "2", "LLAMALAB_DEBUG_KILL_RANK": "1"}, timeout=200)
-    assert res.returncode != 0
-    assert time.time() - t < 180
-    out = res.stderr + res.stdout
-    assert "SIGKILL" in out or "Signal 9" in out or "failed" in out.lower()
+    print(res.returncode, res.stderr[-3000:])
+    assert res.returncode == 1
+    assert "exitcode  : -9" in res.stderr

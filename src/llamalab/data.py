@@ -15,7 +15,10 @@ A **corpus** is a list of documents ``(doc_id, text)`` with a small deterministi
 
 **Split.** Whole documents are held out: documents are ordered by ``sha1(doc_id)`` and taken into
 validation until they hold at least ``val_fraction`` of the characters (at least one document,
-never all). It depends only on the documents, not on file order or the tokenizer.
+never all). It depends only on the documents, not on file order or the tokenizer. A corpus of a
+single document (one ``.txt`` file) is split by position instead: its last ``val_fraction`` of the
+characters, cut at a line start, is the validation document ``<id>#val`` (the rest is ``<id>#train``).
+:func:`heldout_documents` gives the validation documents of any corpus.
 
 **Shards.** Each split is tokenized once (documents joined by the EOS token) into memory-mapped
 ``uint16`` files (``uint32`` when the vocabulary does not fit) under
@@ -55,6 +58,7 @@ from llamalab.errors import ConfigError
 from llamalab.jsonio import iter_jsonl
 
 CLEANER_VERSION = 1  # bump when a cleaner changes: it is part of the cache key
+SPLIT_VERSION = 2  # 2: a single-document path corpus is split by position (part of a path corpus's cache key)
 BUILTIN_CORPORA = ("shakespeare", "tang", "python")
 DEFAULT_CACHE = Path(os.environ.get("LLAMALAB_DATA_CACHE", "data_cache"))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".text", ""}
@@ -206,8 +210,10 @@ def split_documents(docs: list[Document], val_fraction: float = 0.05) -> tuple[l
     """(train, val): whole documents, taken in sha1(doc_id) order until val holds >= val_fraction of chars."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0 or len(docs) < 2:
+    if val_fraction == 0 or not docs:
         return list(docs), []
+    if len(docs) == 1:
+        return split_by_position(docs[0], val_fraction)
     order = sorted(range(len(docs)), key=lambda i: hashlib.sha1(docs[i].doc_id.encode()).hexdigest())
     total = sum(len(d.text) for d in docs)
     val_ids: set[int] = set()
@@ -220,12 +226,32 @@ def split_documents(docs: list[Document], val_fraction: float = 0.05) -> tuple[l
     return [d for i, d in enumerate(docs) if i not in val_ids], [d for i, d in enumerate(docs) if i in val_ids]
 
 
+def split_by_position(doc: Document, val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """One document -> ([head], [tail]): the tail holds the last ``val_fraction`` of the characters,
+    starting at a line start when there is one in the last half of the document."""
+    text = doc.text
+    cut = int(len(text) * (1 - val_fraction))
+    newline = text.rfind("\n", len(text) // 2, cut)
+    if newline >= 0:
+        cut = newline + 1
+    head, tail = text[:cut], text[cut:]
+    if not head.strip() or not tail.strip():
+        return [doc], []
+    return [Document(f"{doc.doc_id}#train", head)], [Document(f"{doc.doc_id}#val", tail)]
+
+
+def heldout_documents(corpus: str | Path, val_fraction: float = 0.05) -> list[Document]:
+    """The validation documents ``llamalab train`` holds out of a corpus (name or path) at ``val_fraction``."""
+    return split_documents(load_documents(corpus), val_fraction)[1]
+
+
 # ----------------------------------------------------------------------------------------------- hashing
 def corpus_key(corpus: str | Path, val_fraction: float) -> str:
     """Identifies the corpus content cheaply: name, cleaner version, split, and file sizes/mtimes for paths."""
     name = str(corpus)
     h = hashlib.sha256(f"{name}|{CLEANER_VERSION}|{val_fraction}".encode())
     if name not in BUILTIN_CORPORA:
+        h.update(f"|split{SPLIT_VERSION}".encode())
         p = Path(name).expanduser().resolve()
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
         for f in files:

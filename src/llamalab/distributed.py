@@ -24,8 +24,9 @@ its activations) and ``torch.compile`` per block.
 Data: :class:`llamalab.data.Batches` gives rank r rows ``[r·b, (r+1)·b)`` of every global batch,
 so the global batch, LR schedule and token count are the same for any number of processes.
 
-Checkpoints (in :mod:`llamalab.train`) use ``torch.distributed.checkpoint``: each rank writes its
-shards; the result can be loaded by any number of processes (resharded on load) and
+Checkpoints (:mod:`llamalab.checkpoint`) hold the full model and optimizer state as safetensors,
+gathered to rank 0 when saving; on load every rank keeps its own shard of the full tensors, so a
+checkpoint resumes at any number of processes. Nothing in them is unpickled.
 :func:`export_distributed_checkpoint` turns one into a plain HF directory.
 """
 
@@ -184,34 +185,28 @@ def no_grad_sync(model: nn.Module, ctx: DistContext, sync: bool) -> Iterator[Non
 
 
 def export_distributed_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
-    """A ``torch.distributed.checkpoint`` training checkpoint -> a plain HF directory (no process group needed).
+    """A training checkpoint (``checkpoints/step_N``, single or multi-process) -> a plain HF directory.
 
-    ``ckpt_dir`` is a checkpoint dir of a llamalab run (``checkpoints/step_N``, holding ``state/`` and
-    ``trainer.json``) or its ``state/`` subdirectory.
+    Reads ``state/model.safetensors`` and ``trainer.json`` only (no process group, nothing unpickled);
+    a checkpoint of the older pickle-based format is refused.
     """
     import json
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    from llamalab.checkpoint import full_model_state, verify_checkpoint
     from llamalab.config import LlamaConfig
     from llamalab.weights.hf import model_from_state_dict
 
     ckpt = Path(ckpt_dir)
-    state_dir = ckpt / "state" if (ckpt / "state").is_dir() else ckpt
-    root = state_dir.parent
-    if not (state_dir / ".metadata").exists():
-        raise LlamalabError(f"{ckpt} is not a distributed checkpoint (no state/.metadata)")
-    trainer = json.loads((root / "trainer.json").read_text()) if (root / "trainer.json").exists() else {}
-    if "model_config" not in trainer:
-        raise LlamalabError(f"{root} has no trainer.json with the model config")
+    if ckpt.name == "state" and (ckpt.parent / "trainer.json").exists():
+        ckpt = ckpt.parent
+    problem = verify_checkpoint(ckpt) if (ckpt / "manifest.json").exists() else None
+    if problem:
+        raise LlamalabError(f"checkpoint {ckpt} is unusable: {problem}")
+    model_state = full_model_state(ckpt)
+    trainer = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").exists() else {}
+    if not isinstance(trainer, dict) or "model_config" not in trainer:
+        raise LlamalabError(f"{ckpt} has no trainer.json with the model config")
     config = LlamaConfig.from_hf_dict(trainer["model_config"])
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(state_dir, path)
-        full = torch.load(path, map_location="cpu", weights_only=True)
-    model_state = full["model"]
     model = model_from_state_dict(config, {k: v for k, v in model_state.items()
                                            if not (k == "lm_head.weight" and config.tie_word_embeddings)},
                                   dtype=torch.float32, source=str(ckpt))
@@ -219,7 +214,7 @@ def export_distributed_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dty
     model.save_pretrained(out, dtype=dtype)
     from llamalab.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(root) if (root / "tokenizer.json").exists() else None
+    tok = load_tokenizer(ckpt) if (ckpt / "tokenizer.json").exists() else None
     if tok is not None:
         tok.save(out)
     return out

@@ -20,6 +20,7 @@ Reusable core (fine-tuning builds on it)::
                          save_fn=None,       # save_fn(model, dir): the model part of a checkpoint
                                              # (default: model.save_pretrained(dir), HF layout)
                          resume=False,       # continue from the newest valid checkpoint in run_dir
+                                             # (or from this checkpoint dir, already verified)
                          ctx=None,           # llamalab.distributed.DistContext (None: single process)
                          flops_per_token=None, tokens_per_step=None, progress=True)
     # -> LoopResult(step, losses, val, run_dir, last_checkpoint, interrupted)
@@ -30,31 +31,31 @@ Each optimiser step takes ``grad_accum`` micro-batches.
 
 Run dir::
 
-    run_dir/train_config.toml   resolved config          log.jsonl   one JSON object per log/eval line
+    run_dir/train_config.toml   the run's config (resume continues it)   log.jsonl  one JSON object a line
+    run_dir/heldout.json        the validation split: corpus, val_fraction, token shards (what eval scores)
     run_dir/loss.png            loss curve               samples.txt text sampled at the end
-    run_dir/checkpoints/step_N/ config.json + model.safetensors + tokenizer.json (HF layout), and
-                                trainer.json (step, data position, loop config), rng_rank*.pt,
-                                state/ (torch.distributed.checkpoint: model + optimizer, sharded),
-                                manifest.json (sha256 of every file, written last)
+    run_dir/checkpoints/step_N/ safetensors + JSON only, never pickle (see :mod:`llamalab.checkpoint`)
     run_dir/final/              the final model (HF layout) + tokenizer: ``llamalab.load(run_dir)``
 
 A checkpoint is written into ``.tmp_step_N`` and renamed when complete (atomic); on resume each
-candidate's manifest is checked (sizes and hashes) and a corrupt one is reported and skipped.
-Saved every ``ckpt_every`` steps, at the end, and on Ctrl-C / SIGTERM.
+candidate's manifest is checked (sizes, hashes, format) and an unusable one is reported and skipped.
+Saved every ``ckpt_every`` steps, at the end, and on Ctrl-C / SIGTERM. ``train.max_minutes`` limits
+the training time of one process (a resumed run gets the full budget again).
+
+Resume (``train(..., resume=True)``) starts from the run's own ``train_config.toml``: overrides may
+lengthen the run or change how it is logged, evaluated or checkpointed, but one that changes the model,
+the data or the tokenizer is an error, and the tokenizer comes from the checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint
+from llamalab.checkpoint import verify_checkpoint as verify_checkpoint  # re-exported: the run-dir API
 from llamalab.errors import ConfigError, LlamalabError
 
 # =============================================================================================== loop config
@@ -197,62 +200,6 @@ def make_optimizer(params: list[nn.Parameter] | None, model: nn.Module, cfg: Loo
                              eps=cfg.eps, fused=fused or None)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for d in (run_dir / "checkpoints").glob("step_*"):
-        tail = d.name.split("_")[-1]
-        if d.is_dir() and tail.isdigit():
-            out.append((int(tail), d))
-    return sorted(out)
-
-
-def verify_checkpoint(ckpt: Path) -> str | None:
-    """None when the checkpoint is complete and intact, else why not."""
-    manifest = ckpt / "manifest.json"
-    if not manifest.exists():
-        return "no manifest.json (incomplete)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return f"unreadable manifest.json ({e})"
-    for rel, info in files.items():
-        p = ckpt / rel
-        if not p.exists():
-            return f"missing {rel}"
-        if p.stat().st_size != info["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {info['size']}"
-        if _sha256(p) != info["sha256"]:
-            return f"{rel} is corrupt (checksum mismatch)"
-    return None
-
-
-def latest_valid_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
-    for step, ckpt in reversed(checkpoint_steps(run_dir)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        log(f"warning: checkpoint {ckpt} is unusable: {problem}; trying an older one")
-        del step
-    return None
-
-
 # =============================================================================================== the loop
 class _Stopper:
     """SIGTERM (torchrun, schedulers) behaves like Ctrl-C: checkpoint, then stop."""
@@ -288,156 +235,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-class Checkpointer:
-    """Writes and reads the run's checkpoints (all ranks take part; rank 0 renames and prunes)."""
-
-    def __init__(self, run_dir: Path, ctx: Any, tokenizer: Any = None, save_fn: Callable | None = None,
-                 keep: int = 2, model_config: Any = None, extra: dict | None = None) -> None:
-        self.run_dir, self.ctx, self.tokenizer, self.save_fn = run_dir, ctx, tokenizer, save_fn
-        self.keep, self.model_config, self.extra = keep, model_config, extra or {}
-
-    def _full_model_for_export(self, model: nn.Module) -> nn.Module | None:
-        """The plain model rank 0 saves in HF layout (gathered from FSDP shards when needed)."""
-        from llamalab.distributed import unwrap
-
-        inner = unwrap(model)
-        if self.ctx is not None and self.ctx.distributed and self.ctx.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            from llamalab.weights.hf import model_from_state_dict
-
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.ctx.is_main:
-                return None
-            cfg = inner.config
-            full = {_clean_key(k): v for k, v in full.items()}
-            if cfg.tie_word_embeddings:
-                full.pop("lm_head.weight", None)
-            return model_from_state_dict(cfg, full, dtype=torch.float32)
-        return _strip_wrappers(inner) if self.ctx is None or self.ctx.is_main else None
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, trainer_state: dict) -> Path:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        ctx = self.ctx
-        is_main = ctx is None or ctx.is_main
-        root = self.run_dir / "checkpoints"
-        final = root / f"step_{step}"
-        tmp = root / f".tmp_step_{step}"
-        if is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if ctx is not None:
-            ctx.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-        export = self._full_model_for_export(model)
-        rank = 0 if ctx is None else ctx.rank
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-        if is_main:
-            assert export is not None
-            (self.save_fn or _default_save)(export, tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-            info = dict(trainer_state, step=step, world=1 if ctx is None else ctx.world, **self.extra)
-            if self.model_config is not None:
-                info["model_config"] = self.model_config.to_hf_dict()
-            _write_json_atomic(tmp / "trainer.json", info)
-        if ctx is not None:
-            ctx.barrier()
-        if is_main:
-            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            _write_json_atomic(tmp / "manifest.json", {"step": step, "files": files})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            for _, old in checkpoint_steps(self.run_dir)[:-self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        if ctx is not None:
-            ctx.barrier()
-        return final
-
-    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> dict:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, checkpoint_id=str(ckpt / "state"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rank = 0 if self.ctx is None else self.ctx.rank
-        rng = ckpt / f"rng_rank{rank}.pt"
-        if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((ckpt / "trainer.json").read_text())
-
-
-def _clean_key(k: str) -> str:
-    for part in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
-        k = k.replace(part, "")
-    return k
-
-
-def _strip_wrappers(model: nn.Module) -> nn.Module:
-    """A model whose blocks were wrapped (activation checkpointing / compile) saved under clean names."""
-    names = [n for n, _ in model.named_parameters()]
-    if not any("_checkpoint_wrapped_module" in n or "_orig_mod" in n for n in names):
-        return model
-    from llamalab.weights.hf import model_from_state_dict
-
-    cfg = model.config
-    sd = {_clean_key(k): v for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return model_from_state_dict(cfg, sd, dtype=torch.float32)
-
-
-def _default_save(model: nn.Module, directory: Path) -> None:
-    model.save_pretrained(directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _read_log(path: Path, upto_step: int) -> list[dict]:
@@ -482,7 +279,7 @@ def plot_losses(log_path: Path, out: Path) -> None:
 def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: str | Path, *,
                tokenizer: Any = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                params: list[nn.Parameter] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
-               save_fn: Callable[[nn.Module, Path], None] | None = None, resume: bool = False, ctx: Any = None,
+               save_fn: Callable[[nn.Module, Path], None] | None = None, resume: bool | Path = False, ctx: Any = None,
                flops_per_token: float | None = None, tokens_per_step: int | None = None, progress: bool = True,
                model_config: Any = None, extra_state: dict | None = None) -> LoopResult:
     """Run ``cfg.steps`` optimiser steps of ``loss_fn`` over ``batches``; see the module docstring."""
@@ -509,14 +306,17 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
     ckpt = Checkpointer(run_dir, ctx, tokenizer, save_fn, cfg.keep_checkpoints, model_config, extra_state)
     step = 0
     tokens_seen = 0
-    elapsed = 0.0
+    elapsed = 0.0  # training time of every session of this run (recorded); the limit counts this session's
+    resumed_from: Path | None = None
     if resume:
-        found = latest_valid_checkpoint(run_dir, say) if is_main else None
+        found = resume if isinstance(resume, Path) else latest_valid_checkpoint(run_dir, say) if is_main else None
         found_s = ctx.broadcast_str(str(found) if found else "")
         if found_s:
-            state = ckpt.load(model, optimizer, Path(found_s))
-            step, tokens_seen, elapsed = state["step"], state.get("tokens", 0), state.get("elapsed_s", 0.0)
-            if hasattr(batches, "load_state_dict") and "data" in state:
+            resumed_from = Path(found_s)
+            state = ckpt.load(model, optimizer, resumed_from)
+            step, tokens_seen = int(state["step"]), int(state.get("tokens", 0) or 0)
+            elapsed = float(state.get("elapsed_s", 0.0) or 0.0)
+            if hasattr(batches, "load_state_dict") and isinstance(state.get("data"), dict):
                 batches.load_state_dict(state["data"])
             say(f"resumed from {found_s} (step {step})")
         elif is_main and checkpoint_steps(run_dir):
@@ -524,7 +324,9 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
     log_path = run_dir / "log.jsonl"
     if is_main:
         kept = _read_log(log_path, step) if resume else []
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp_log = log_path.with_name(log_path.name + ".tmp")
+        tmp_log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp_log, log_path)
     train_model = torch.compile(model) if cfg.compile else model
     peak = measured_peak_flops(device, precision) * ctx.world if flops_per_token else 0.0
 
@@ -549,15 +351,16 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
         say(f"step {step}: {parts}")
         return out
 
-    result = LoopResult(step=step, run_dir=run_dir)
-    last_ckpt_step = step if resume else -1
+    result = LoopResult(step=step, run_dir=run_dir, last_checkpoint=resumed_from)
+    last_ckpt_step = step if resumed_from is not None else -1
     bar = progress_bar(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True, file=sys.stderr)
     kill_at = os.environ.get("LLAMALAB_DEBUG_KILL_AT_STEP")  # test hook: SIGKILL this process at a step
     kill_rank = int(os.environ.get("LLAMALAB_DEBUG_KILL_RANK", "-1"))
     model.train()
     t_window, tok_window = time.perf_counter(), 0
-    t_start = time.perf_counter() - elapsed
+    t_session = time.perf_counter()
+    elapsed_before, session_tokens = elapsed, 0
     try:
         with _Stopper():
             while step < cfg.steps:
@@ -591,7 +394,9 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
                 step_tokens = tokens_per_step or step_tokens * ctx.world
                 tokens_seen += step_tokens
                 tok_window += step_tokens
-                elapsed = time.perf_counter() - t_start
+                session_tokens += step_tokens
+                session_s = time.perf_counter() - t_session
+                elapsed = elapsed_before + session_s
                 result.losses.append(loss_val)
                 if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
                     dt = time.perf_counter() - t_window
@@ -609,7 +414,7 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
                     result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
                     last_ckpt_step = step
-                if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
+                if cfg.max_minutes and session_s > 60 * cfg.max_minutes:
                     say(f"time limit of {cfg.max_minutes} minutes reached at step {step}")
                     break
     except KeyboardInterrupt:
@@ -631,6 +436,8 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
             say(f"warning: could not draw the loss curve: {e}")
     result.step = step
     result.minutes = elapsed / 60
+    if session_tokens and not result.tokens_per_s:  # fewer steps than log_every: this session's average
+        result.tokens_per_s = session_tokens / max(time.perf_counter() - t_session, 1e-9)
     return result
 
 
@@ -649,7 +456,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"every": 200, "tokens": 65536, "batch_size": 16},
     "checkpoint": {"every": 500, "keep": 2},
     "log": {"every": 10},
-    "sample": {"prompts": ["\n"], "max_new_tokens": 160, "temperature": 0.8, "top_k": 40, "count": 3},
+    "sample": {"prompts": [], "max_new_tokens": 160, "temperature": 0.8, "top_k": 40, "count": 3},
     "distributed": {"strategy": "auto", "activation_checkpointing": False, "compile_blocks": False,
                     "timeout_s": 300, "backend": "auto"},
 }
@@ -855,190 +662,15 @@ def validate(cfg: dict, world: int = 1) -> None:
 
 
 # =============================================================================================== from scratch
-def build_tokenizer(cfg: dict, progress: bool = True):
-    from llamalab import bpe, data
-
-    d = cfg["data"]
-    if d["tokenizer"] != "bpe":
-        from llamalab.tokenizer import load_tokenizer
-
-        p = Path(d["tokenizer"])
-        if p.suffix == ".gguf":
-            from llamalab.loading import load
-
-            _, tok = load(p)
-        else:
-            tok = load_tokenizer(p)
-        if tok is None:
-            raise ConfigError(f"no tokenizer found in {p}")
-        return tok, None
-    docs = data.load_documents(d["corpus"])
-    train_docs, _ = data.split_documents(docs, d["val_fraction"])
-    key = data.corpus_key(d["corpus"], d["val_fraction"])
-    tok = bpe.cached_tokenizer(key, [doc.text for doc in train_docs], d["vocab_size"], d["cache_dir"])
-    return tok, docs
-
-
-def make_eval_fn(corpus, seq_len: int, batch_size: int, max_tokens: int, ctx: Any) -> Callable[[nn.Module], dict]:
-    from llamalab.data import iter_eval_batches
-
-    def eval_fn(model: nn.Module) -> dict:
-        total = torch.zeros(2, dtype=torch.float64)
-        for x, y in iter_eval_batches(corpus.val, seq_len, batch_size, max_tokens, ctx.rank, ctx.world):
-            logits = model(x.to(ctx.device))
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(ctx.device).reshape(-1),
-                                   reduction="sum")
-            total += torch.tensor([float(loss), y.numel()], dtype=torch.float64)
-        total = ctx.all_reduce_sum(total)
-        if total[1] == 0:
-            return {}
-        val_loss = float(total[0] / total[1])
-        return {"val_loss": val_loss, "val_bpc": corpus.bits_per_char(val_loss)}
-
-    return eval_fn
-
-
-def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path) -> str:
-    s = cfg["sample"]
-    model.eval()
-    texts = []
-    prompts = list(s["prompts"]) or ["\n"]
-    for i in range(s["count"]):
-        prompt = prompts[i % len(prompts)]
-        try:
-            from llamalab.generate import generate
-
-            out = generate(model, tok, prompt, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                           top_k=s["top_k"], seed=cfg["seed"] + i)
-        except ImportError:
-            out = _simple_sample(model, tok, prompt, s["max_new_tokens"], s["temperature"], s["top_k"],
-                                 cfg["seed"] + i)
-        texts.append(f"--- sample {i + 1} (prompt {prompt!r})\n{prompt}{out}\n")
-    text = "\n".join(texts)
-    path.write_text(text)
-    return text
-
-
-def _simple_sample(model: nn.Module, tok: Any, prompt: str, n: int, temperature: float, top_k: int,
-                   seed: int) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    ids = tok.encode(prompt) or [tok.eos_token_id or 0]
-    x = torch.tensor([ids])
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(x[:, -model.config.max_position_embeddings:], last_only=True)[0, -1] / max(temperature,
-                                                                                                      1e-5)
-            if top_k:
-                v, _ = torch.topk(logits, min(top_k, logits.numel()))
-                logits[logits < v[-1]] = -float("inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            if nxt in tok.stop_token_ids:
-                break
-            out.append(nxt)
-            x = torch.cat([x, torch.tensor([[nxt]])], 1)
-    return tok.decode(out)
-
-
 def train(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True, **kwargs: Any) -> Path:
     """Train a Llama from scratch as a config describes; returns the run dir (``llamalab.load(run_dir)`` works).
 
-    ``train("configs/shakespeare.toml", ["train.steps=200"])`` or ``train("shakespeare", steps=200)``.
-    Under torchrun, every process calls this; only rank 0 writes logs and prints.
+    ``train("configs/shakespeare.toml", ["train.steps=200"])`` or ``train("shakespeare", steps=200)``;
+    ``train(None, ["train.steps=400"], resume=True, name="mytext")`` continues the run ``runs/mytext`` on
+    what it was trained on. Under torchrun, every process calls this; only rank 0 writes logs and prints.
+    The recipe lives in :mod:`llamalab.pretrain`.
     """
-    from llamalab import distributed
+    from llamalab.pretrain import train as recipe
 
-    cfg = load_config(config, overrides, **kwargs)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched_by_torchrun() else 1
-    validate(cfg, world)
-    run_dir = Path(cfg["out_dir"]) / cfg["name"]
-    if not resume and checkpoint_steps(run_dir):
-        if not overwrite:
-            raise LlamalabError(f"run dir {run_dir} already has checkpoints: pass --resume to continue it, "
-                                "--overwrite to start again, or choose another name (--set name=...)")
-    dcfg, t = cfg["distributed"], cfg["train"]
-    ctx = distributed.init(dcfg["strategy"], t["device"], dcfg["backend"], dcfg["timeout_s"])
-    try:
-        return _train(cfg, ctx, run_dir, resume, overwrite, progress)
-    finally:
-        distributed.shutdown(ctx)
-
-
-def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, progress: bool) -> Path:
-    from llamalab import data, distributed
-    from llamalab.model import Llama
-
-    t, d, dcfg = cfg["train"], cfg["data"], cfg["distributed"]
-    if t["threads"] > 0:
-        torch.set_num_threads(t["threads"])
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    if ctx.is_main and overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    # tokenizer + shards: rank 0 first (fills the caches), the others then read them
-    tok = corpus = None
-    for turn in (0, 1):
-        if (turn == 0) == ctx.is_main:
-            tok, docs = build_tokenizer(cfg, progress)
-            corpus = data.prepare(d["corpus"], tok, val_fraction=d["val_fraction"], cache_dir=d["cache_dir"],
-                                  progress=progress and ctx.is_main, documents=docs)
-        ctx.barrier()
-    assert tok is not None and corpus is not None
-    mc = model_config_from(cfg, tok.vocab_size, tok.bos_token_id, tok.eos_token_id)
-    precision = resolve_precision(t["precision"], ctx.device)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = copy.deepcopy(cfg)
-        (run_dir / "train_config.toml").write_text(to_toml(resolved))
-        say(f"run dir: {run_dir}  |  corpus {d['corpus']}: {corpus.train.n_tokens:,} train tokens, "
-            f"{corpus.val.n_tokens:,} val tokens ({corpus.val.n_chars:,} chars), vocab {tok.vocab_size}")
-    torch.manual_seed(cfg["seed"])
-    model = Llama(mc)
-    model.init_weights(seed=cfg["seed"])
-    model.to(ctx.device)
-    n_params = model.num_parameters()
-    fpt = model_flops_per_token(model, t["seq_len"])
-    say(f"model: {n_params / 1e6:.2f}M parameters ({mc.n_layers} layers, d={mc.hidden_size}, {mc.n_heads}/"
-        f"{mc.n_kv_heads} heads), precision {precision}, {ctx.world} process(es)"
-        + (f" [{ctx.strategy}, {ctx.backend}]" if ctx.distributed else ""))
-    wrapped = distributed.wrap(model, ctx, bf16=precision == "bf16",
-                               activation_checkpointing=dcfg["activation_checkpointing"],
-                               compile_per_block=dcfg["compile_blocks"])
-    micro_global = t["batch_size"] // t["grad_accum"]
-    batches = data.Batches(corpus.train, micro_global, t["seq_len"], seed=cfg["seed"], rank=ctx.rank,
-                           world=ctx.world)
-    loop = LoopConfig(steps=t["steps"], lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"],
-                      weight_decay=t["weight_decay"], beta1=t["beta1"], beta2=t["beta2"], grad_clip=t["grad_clip"],
-                      grad_accum=t["grad_accum"], precision=precision, compile=t["compile"],
-                      eval_every=cfg["eval"]["every"], ckpt_every=cfg["checkpoint"]["every"],
-                      keep_checkpoints=cfg["checkpoint"]["keep"], log_every=cfg["log"]["every"], seed=cfg["seed"],
-                      max_minutes=t["max_minutes"])
-    eval_fn = make_eval_fn(corpus, t["seq_len"], cfg["eval"]["batch_size"], cfg["eval"]["tokens"], ctx) \
-        if corpus.val.n_tokens > t["seq_len"] else None
-    result = train_loop(wrapped, batches, loop, run_dir, tokenizer=tok, eval_fn=eval_fn, resume=resume, ctx=ctx,
-                        flops_per_token=fpt, tokens_per_step=t["batch_size"] * t["seq_len"], progress=progress,
-                        model_config=mc, extra_state={"n_params": n_params})
-    if ctx.is_main:
-        assert result.last_checkpoint is not None
-        final = run_dir / "final"
-        tmp = run_dir / ".tmp_final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(result.last_checkpoint, tmp, ignore=shutil.ignore_patterns("state", "rng_rank*.pt",
-                                                                                   "manifest.json"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        summary = {"step": result.step, "minutes": round(result.minutes, 2), "tokens_per_s": round(result.tokens_per_s),
-                   **{k: round(v, 4) for k, v in result.val.items()}}
-        _write_json_atomic(run_dir / "summary.json", summary)
-        from llamalab.loading import load
-
-        final_model, final_tok = load(final)
-        text = write_samples(final_model, final_tok, cfg, run_dir / "samples.txt")
-        say(f"\ndone: {result.step} steps in {result.minutes:.1f} min"
-            + (f", val loss {result.val['val_loss']:.3f}, {result.val['val_bpc']:.3f} bits/char"
-               if "val_bpc" in result.val else ""))
-        say(text)
-        say(f"run dir: {run_dir}\n  loss curve: {run_dir / 'loss.png'}\n  samples:    {run_dir / 'samples.txt'}\n"
-            f"  model:      {final}  (llamalab generate {run_dir} --prompt ...)")
-    ctx.barrier()
-    return run_dir
+    return recipe(config, overrides, resume=resume, overwrite=overwrite, progress=progress, **kwargs)
