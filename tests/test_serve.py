@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -96,7 +98,8 @@ def reference(model, tok, ids: list[int], max_tokens: int, penalty: tuple[float,
                 break
             seq.append(t)
     text_ids = [t for t in out if t not in stop_ids]
-    return out, tok.decode(text_ids, skip_special_tokens=True)
+    # an incomplete UTF-8 character at the end (cut by max_tokens) is dropped, not sent as U+FFFD
+    return out, tok.decode(text_ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def wait_until(cond, timeout: float = 10.0) -> bool:
@@ -192,6 +195,21 @@ def test_stop_strings(tiny, client):
     assert streamed == want
 
 
+def test_max_tokens_cutting_a_character_drops_the_incomplete_tail(tiny, client):
+    """'Ã' is byte 0xC3 in the byte-level alphabet: the first half of a two-byte UTF-8 character. Cut there
+    by max_tokens, the answer ends before it instead of with U+FFFD, streamed or not."""
+    _, tok = tiny
+    lead = tok.token_to_id("Ã")
+    assert tok.decode([lead]) == "\ufffd"
+    kw = dict(model=MODEL, prompt="hello", max_tokens=1, temperature=0, logit_bias={str(lead): 100})
+    r = client.completions.create(**kw)
+    assert r.choices[0].text == "" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)) == ""
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       temperature=0, logit_bias={str(lead): 100})
+    assert c.choices[0].message.content == ""
+
+
 def test_max_tokens_and_length(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
                                        max_completion_tokens=7, temperature=0.0, logit_bias={"0": -100, "2": -100})
@@ -278,30 +296,52 @@ def test_queue_full_answers_429(tiny):
             assert all(f.result().status_code == 200 for f in waiting)
 
 
-def test_client_disconnect_stops_generation(tiny):
+def test_client_disconnect_stops_generation(tiny, monkeypatch):
+    """A client that hangs up (streaming or not) cancels its job: the engine's decode step is held until
+    the job is cancelled, so generation cannot run to max_tokens first, however fast the machine."""
+    from llamalab.server import engine as engine_module
+
     model, tok = tiny
+    cancelled, decoding = threading.Event(), threading.Event()
+    cancel = engine_module.Job.cancel
+
+    def tracked_cancel(job):
+        cancelled.set()
+        cancel(job)
+
+    monkeypatch.setattr(engine_module.Job, "cancel", tracked_cancel)
     with BackgroundServer(model, tok, MODEL, max_batch=2, max_len=CONTEXT) as srv:
-        # FastDecoder bypasses model.forward; slow the engine's decode step itself
         step = srv.engine.runner.decode
 
-        def slow_decode(rows, tokens):
-            time.sleep(0.02)
+        def held_decode(rows, tokens):  # after a few tokens, wait for the cancellation (generous limit)
+            decoding.set()
+            if srv.engine.steps >= 3:
+                cancelled.wait(30)
             return step(rows, tokens)
 
-        srv.engine.runner.decode = slow_decode
+        srv.engine.runner.decode = held_decode
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 150, "temperature": 0,
                 "logit_bias": {str(i): -100 for i in tok.stop_token_ids}}
         # streaming: read one event, then hang up
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             next(r.iter_lines())
-        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=5)
-        assert srv.engine.steps < 100
-        # non-streaming: the client gives up after 0.3 s
+        assert cancelled.wait(30), "the server never cancelled the job of a client that hung up"
+        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=30)
+        assert srv.engine.steps < 10
+        # non-streaming: the client hangs up once decoding has started
+        cancelled.clear()
+        decoding.clear()
         steps = srv.engine.steps
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
-        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=5)
-        assert srv.engine.steps - steps < 100
+        url = urlsplit(srv.url)
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            raw = json.dumps(body).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+            assert decoding.wait(30)
+        assert cancelled.wait(30), "the server never cancelled the job of a client that hung up"
+        assert wait_until(lambda: srv.engine.stats()["running"] == 0, timeout=30)
+        assert srv.engine.steps - steps < 10
+        srv.engine.runner.decode = step
         assert httpx.post(srv.url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
 
 
@@ -336,7 +376,9 @@ def test_one_failing_request_does_not_hurt_others(tiny):
             assert [f.result().choices[0].text for f in ok] == [expected, expected]
             for f in (bad_decode, bad_pre):
                 r = f.result()
-                assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+                err = r.json()["error"]
+                # a 500 that names no internal detail (the traceback is in the server log)
+                assert r.status_code == 500 and err["type"] == "server_error" and "boom" not in err["message"]
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"
         assert c.completions.create(**good).choices[0].text == expected
 
@@ -405,7 +447,8 @@ def test_long_prompt_and_huge_body_then_still_serving(server, tiny, client):
                    json={"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     huge = b'{"model": "tiny-chat", "prompt": "' + b"a" * (2 << 20) + b'"}'
-    r = httpx.post(server.url + "/v1/completions", content=huge, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=huge, headers={"content-type": "application/json"},
+                   timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.get(server.url + "/v1/completions", timeout=30)
     assert r.status_code == 405 and "error" in r.json()
@@ -443,10 +486,12 @@ def test_cli_serve(tiny, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "m"), "--port",
-                             str(port), "--max-batch", "2", "--max-len", "128", "--api-key", "k",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLAMALAB_API_KEY": "k"}  # the key from the environment
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "m"), "--port",
+                                 str(port), "--max-batch", "2", "--max-len", "128", "--log-level", "warning"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -457,6 +502,10 @@ def test_cli_serve(tiny, tmp_path):
                 return proc.poll() is not None
 
         assert wait_until(up, timeout=60) and proc.poll() is None
+        startup = log.read_text()
+        assert "loaded " + str(tmp_path / "m") in startup and " s\n" in startup  # the model and its load time
+        assert f"serving model 'm' at {url}/v1" in startup
+        assert httpx.get(url + "/v1/models").status_code == 401
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["m"]
         r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
@@ -478,6 +527,17 @@ def test_cli_serve_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("llamalab serve: error:") and err.strip().count("\n") == 0
     assert main(["serve", "--model", str(tmp_path), "--port", "70000"]) == 2
+    capsys.readouterr()
+    for bad in (["--host", "256.1.1.1"], ["--max-connections", "0"], ["--header-timeout", "-1"]):
+        assert main(["serve", "--model", str(tmp_path / "missing"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llamalab serve: error:") and err.strip().count("\n") == 0, err
+    with socket.socket() as busy:  # a port already taken: one line, before the model is loaded
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", str(tmp_path / "missing"), "--port", str(busy.getsockname()[1])]) == 2
+        err = capsys.readouterr().err
+        assert "cannot listen on 127.0.0.1" in err and err.strip().count("\n") == 0, err
 
 
 

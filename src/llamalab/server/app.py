@@ -3,11 +3,15 @@
 Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (non-streaming, or server-sent events ending with ``data: [DONE]``).
 
-Each request is checked (:mod:`llamalab.server.protocol`), tokenized (the chat template for chat),
-checked against the context, and queued on the engine as one job per prompt; the handler then waits
-on an asyncio queue that the engine thread feeds. A client that goes away cancels its jobs, so their
-rows are freed for others. With an API key set, ``/v1/*`` needs ``Authorization: Bearer KEY``
-(``/health`` stays open for liveness probes).
+Every request first passes :class:`~llamalab.server.guard.RequestGuard` (Host allow-list, JSON
+content type, no leaked exceptions). Its body is read within a size limit and a deadline; then, in a
+small thread pool so the event loop keeps serving others, it is parsed and checked
+(:mod:`llamalab.server.protocol`), held against a byte budget (a prompt with more bytes than the
+context could hold in tokens is refused before tokenizing), rendered with the chat template and
+tokenized. The jobs (one per prompt) are queued on the engine, and the handler waits on an asyncio
+queue that the engine thread feeds. A client that goes away cancels its jobs, so their rows are
+freed for others. With an API key set, ``/v1/*`` needs ``Authorization: Bearer KEY`` (``/health``
+stays open for liveness probes).
 """
 
 from __future__ import annotations
@@ -19,49 +23,83 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llamalab.errors import LlamalabError
 from llamalab.generate import stop_token_ids
 from llamalab.server.engine import Delta, Engine, Failed, GenOptions, Job, QueueFull
+from llamalab.server.guard import ClientGone, RequestGuard, allowed_host_names
 from llamalab.server.protocol import APIError, GenerationRequest, parse_json, parse_request
 
 log = logging.getLogger("llamalab.serve")
 
 DISCONNECT_POLL_S = 0.25
+PREP_WORKERS = 4  # threads that parse, template and tokenize requests
+SHRINK_ALLOWANCE = 4  # normalizers (NFKC) can shrink text: bytes per token is bounded by this x the longest token
+SHUTTING_DOWN = "the server is shutting down"
 
 
-def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """Build the app. ``engine`` must be started (:meth:`Engine.start`) before requests arrive."""
+@dataclass
+class Prepared:
+    """A request checked and tokenized: its prompts' ids and each one's token budget."""
+
+    req: GenerationRequest
+    prompt_ids: list[list[int]]
+    max_tokens: list[int]
+
+
+def longest_token_bytes(tok: Any) -> int:
+    """Bytes of the longest vocabulary entry (an upper bound on the text one token covers)."""
+    try:
+        return max((len(s.encode("utf-8", "replace")) for s in tok.get_vocab()), default=16)
+    except Exception:  # a tokenizer without a vocabulary listing: a generous guess
+        return 64
+
+
+def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               allowed_hosts: set[str] | None = None, body_timeout: float = 30.0) -> FastAPI:
+    """Build the app. ``engine`` must be started (:meth:`Engine.start`) before requests arrive.
+
+    ``allowed_hosts``: Host names accepted besides IP literals (default: localhost and the machine's
+    name; None accepts any); ``body_timeout``: seconds a client has to send its body.
+    """
+    if allowed_hosts is None:
+        allowed_hosts = allowed_host_names("127.0.0.1")
+    elif "*" in allowed_hosts:
+        allowed_hosts = None
     app = FastAPI(title="llamalab", description="OpenAI-compatible server for a llamalab model",
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
     app.state.engine = engine
     app.state.model_id = model_id
     created = int(time.time())
     tok = engine.tok
     config = engine.model.config
     stop_ids = stop_token_ids(engine.model, tok)  # the tokenizer's stop tokens and the config's eos ids
+    max_prompt_bytes = engine.max_len * longest_token_bytes(tok) * SHRINK_ALLOWANCE
+    prep_pool = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="llamalab-prep")
+    app.router.on_shutdown.append(lambda: prep_pool.shutdown(wait=False, cancel_futures=True))
 
     # ----------------------------------------------------------------- errors
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
-                            if e.status == 401 else None)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+        if e.status in (408, 413):  # the body was not read to its end: this connection cannot carry another request
+            headers["Connection"] = "close"
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         msg = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(APIError(500, f"internal error: {e}", type="server_error").body(), status_code=500)
 
     def check_auth(request: Request) -> None:
         if api_key is None:
@@ -72,19 +110,26 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict[str, Any]:
+    async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             raise APIError(413, f"the request body is {int(length)} bytes; the limit is {max_body_bytes}",
                            code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
-        return parse_json(b"".join(chunks))
+        try:
+            async with asyncio.timeout(body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_body_bytes:
+                        raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes",
+                                       code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {body_timeout:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return b"".join(chunks)
 
     # ----------------------------------------------------------------- routes
     @app.get("/health")
@@ -112,31 +157,73 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
-        req = parse_request(await read_json(request), "completion", [model_id])
-        return await handle(request, req)
+        return await handle(request, await prepare_off_loop(await read_body(request), "completion"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = parse_request(await read_json(request), "chat", [model_id])
-        return await handle(request, req)
+        return await handle(request, await prepare_off_loop(await read_body(request), "chat"))
 
     # ----------------------------------------------------------------- generation
+    async def prepare_off_loop(raw: bytes, kind: str) -> Prepared:
+        return await asyncio.get_running_loop().run_in_executor(prep_pool, prepare, raw, kind)
+
+    def prepare(raw: bytes, kind: str) -> Prepared:
+        """Parse, check and tokenize a request body (in the prep pool: this can take a while)."""
+        req = parse_request(parse_json(raw), kind, [model_id])
+        if req.n > engine.max_batch:
+            raise APIError(400, f"'n' is {req.n} but this server runs at most {engine.max_batch} sequences at once",
+                           param="n", code="invalid_value")
+        if len(req.prompts) > engine.max_queue:
+            raise APIError(400, f"{len(req.prompts)} prompts in one request; this server queues at most "
+                                f"{engine.max_queue}", param="prompt", code="invalid_value")
+        try:
+            req.params.validate(config.vocab_size)
+        except LlamalabError as e:
+            raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
+        prompt_ids = tokenize(req)
+        return Prepared(req, prompt_ids, [max_tokens_for(req, len(ids)) for ids in prompt_ids])
+
+    def too_long(req: GenerationRequest, what: str) -> APIError:
+        return APIError(400, f"the prompt has {what}; this model's context is {engine.max_len} tokens and at least "
+                             "one must be left for the answer", param="messages" if req.kind == "chat" else "prompt",
+                        code="context_length_exceeded")
+
+    def check_bytes(req: GenerationRequest, p: Any) -> None:
+        """Refuse, before tokenizing, text with more bytes than ``max_len`` tokens could cover."""
+        if isinstance(p, str):
+            n = len(p.encode("utf-8"))
+        elif req.kind == "chat":
+            n = sum(len(v.encode("utf-8")) for m in p for v in m.values())
+        else:
+            return
+        if n > max_prompt_bytes:
+            raise too_long(req, f"{n} bytes, more than {engine.max_len} tokens can hold")
+
     def tokenize(req: GenerationRequest) -> list[list[int]]:
         out = []
         for p in req.prompts:
+            check_bytes(req, p)
             if req.kind == "chat":
                 if not getattr(tok, "chat_template", None):
                     raise APIError(400, "this model has no chat template; use /v1/completions",
                                    param="messages", code="no_chat_template")
                 try:
                     text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                    ids = tok.encode(text)
-                except Exception as e:
+                except LlamalabError as e:  # the template's own one-line message (raise_exception, limits)
                     raise APIError(400, f"could not apply the chat template: {e}", param="messages") from None
+                except Exception:
+                    log.exception("the chat template failed")
+                    raise APIError(400, "could not apply the chat template to these messages",
+                                   param="messages") from None
+                if len(text.encode("utf-8")) > max_prompt_bytes:
+                    raise too_long(req, f"{len(text.encode('utf-8'))} bytes once templated")
+                ids = tok.encode(text)
             elif isinstance(p, str):
                 ids = tok.encode(p)
             else:
+                if len(p) >= engine.max_len:
+                    raise too_long(req, f"{len(p)} tokens")
                 bad = [t for t in p if not 0 <= t < config.vocab_size]
                 if bad:
                     raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {config.vocab_size})",
@@ -145,10 +232,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             if not ids:
                 raise APIError(400, "the prompt is empty (no tokens)", param="prompt", code="invalid_value")
             if len(ids) >= engine.max_len:
-                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.max_len} "
-                                    "tokens and at least one must be left for the answer",
-                               param="messages" if req.kind == "chat" else "prompt",
-                               code="context_length_exceeded")
+                raise too_long(req, f"{len(ids)} tokens")
             out.append(ids)
         return out
 
@@ -163,19 +247,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                            param=param, code="context_length_exceeded")
         return req.max_tokens
 
-    async def handle(request: Request, req: GenerationRequest):
-        if req.n > engine.max_batch:
-            raise APIError(400, f"'n' is {req.n} but this server runs at most {engine.max_batch} sequences at once",
-                           param="n", code="invalid_value")
-        if len(req.prompts) > engine.max_queue:
-            raise APIError(400, f"{len(req.prompts)} prompts in one request; this server queues at most "
-                                f"{engine.max_queue}", param="prompt", code="invalid_value")
-        try:
-            req.params.validate(config.vocab_size)
-        except LlamalabError as e:
-            raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
-        prompt_ids = tokenize(req)
-        limits = [max_tokens_for(req, len(ids)) for ids in prompt_ids]
+    async def handle(request: Request, prep: Prepared):
+        req, prompt_ids, limits = prep.req, prep.prompt_ids, prep.max_tokens
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Failed | None] = asyncio.Queue()
 
@@ -216,6 +289,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
 
         return asyncio.create_task(watch())
 
+    def failure(ev: Failed) -> APIError:
+        """A failed job as the client sees it: the engine logged the details; the answer names none."""
+        if ev.message == SHUTTING_DOWN:
+            return APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down")
+        return APIError(500, "the generation failed inside the server (the details are in the server log)",
+                        type="server_error", code="internal_error")
+
+    def final_text(ev: Delta) -> str:
+        """A finished choice's last piece loses an incomplete UTF-8 tail (max_tokens cut a multi-byte
+        character in the middle), which would decode to U+FFFD."""
+        return ev.text.rstrip("\ufffd") if ev.finish_reason else ev.text
+
     async def next_event(queue: asyncio.Queue) -> Delta | Failed | None:
         """The next engine event, or None once the client has gone away."""
         return await queue.get()
@@ -232,8 +317,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             if ev is None:
                 return Response(status_code=499)  # client gone (nginx's code); the caller cancels its jobs
             if isinstance(ev, Failed):
-                raise APIError(500, ev.message, type="server_error")
-            texts[ev.index] += ev.text
+                raise failure(ev)
+            texts[ev.index] += final_text(ev)
             ids[ev.index] += ev.token_ids
             if ev.logprobs:
                 lps[ev.index] += ev.logprobs
@@ -288,9 +373,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                 if ev is None:
                     return
                 if isinstance(ev, Failed):
-                    err = APIError(500, ev.message, type="server_error").body()
-                    yield f"data: {json.dumps(err)}\n\n"
+                    yield f"data: {json.dumps(failure(ev).body())}\n\n"
                     break
+                ev.text = final_text(ev)
                 if ev.finish_reason:
                     remaining -= 1
                     completion_tokens += ev.completion_tokens

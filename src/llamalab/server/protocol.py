@@ -56,7 +56,49 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
+    check_unicode(body)
     return body
+
+
+def check_unicode(body: Any) -> None:
+    """A 400 for any string (or key) that is not valid Unicode: JSON's ``"\\ud800"`` escapes decode to
+    lone UTF-16 surrogates, which cannot be encoded as UTF-8, tokenized or echoed."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:  # find where, to name the field
+        path, v = stack.pop()
+        if isinstance(v, str) and not _encodes(v):
+            break
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not _encodes(k):
+                    break
+                stack.append((f"{path}.{k}" if path else k, x))
+            else:
+                continue
+            break
+        if isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    where = f"'{path}' " if path else ""
+    raise APIError(400, f"the request field {where}holds a string that is not valid Unicode (a lone UTF-16 "
+                        "surrogate such as \\ud800)", param=path or None, code="invalid_encoding")
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _show(s: str, limit: int = 64) -> str:
+    """A client's string quoted in an error message, cut short."""
+    return repr(s if len(s) <= limit else s[:limit] + "...")
 
 
 def _reject_constant(name: str) -> Any:
@@ -149,9 +191,10 @@ def parse_request(body: dict, kind: str, model_ids: list[str]) -> GenerationRequ
     if not isinstance(model, str):
         raise APIError(400, f"'model' must be a string, got {_type_name(model)}", param="model", code="invalid_type")
     if model not in model_ids:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves {', '.join(model_ids)}",
+        raise APIError(404, f"the model {_show(model)} does not exist; this server serves {', '.join(model_ids)}",
                        param="model", code="model_not_found")
 
+    check_unsupported(body)
     if kind == "chat":
         prompts: list[Any] = [parse_messages(body.get("messages"))]
     else:
@@ -182,7 +225,8 @@ def parse_request(body: dict, kind: str, model_ids: list[str]) -> GenerationRequ
     if isinstance(logit_bias, dict):
         for k, v in logit_bias.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {v!r} for {k!r}")
+                raise _bad("logit_bias", "'logit_bias' values must be numbers in [-100, 100], "
+                                         f"got {_show(repr(v))} for {_show(k)}")
 
     logprobs_flag = False
     top = 0
@@ -207,6 +251,29 @@ def parse_request(body: dict, kind: str, model_ids: list[str]) -> GenerationRequ
     return GenerationRequest(kind=kind, model=model, prompts=prompts, params=params, max_tokens=max_tokens, n=n,
                              stop=get_stop(body), stream=stream, include_usage=include_usage, echo=echo,
                              logprobs=completion_logprobs)
+
+
+def check_unsupported(body: dict) -> None:
+    """A 400 for what this server cannot honour (rather than a 200 that silently ignores it): tool and
+    function calling, and ``response_format`` other than plain text (JSON mode needs constrained decoding)."""
+    for name in ("tools", "functions"):
+        if body.get(name) not in (None, []):
+            raise APIError(400, f"'{name}' is not supported by this server (no tool or function calling); "
+                                "remove it", param=name, code="unsupported_parameter")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none"):
+            raise APIError(400, f"'{name}' is not supported by this server (no tool or function calling)",
+                           param=name, code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise APIError(400, "'response_format' must be an object with a string 'type'", param="response_format",
+                       code="invalid_type")
+    if fmt["type"] != "text":
+        raise APIError(400, f"'response_format' type {_show(fmt['type'])} is not supported: this server cannot "
+                            "constrain its output to JSON; only {\"type\": \"text\"} is accepted",
+                       param="response_format", code="unsupported_value")
 
 
 def parse_prompt(v: Any) -> list[str | list[int]]:
@@ -246,7 +313,7 @@ def parse_messages(v: Any) -> list[dict[str, str]]:
         if not isinstance(role, str):
             raise APIError(400, f"'{p}.role' must be a string", param=f"{p}.role", code="invalid_type")
         if role not in ROLES:
-            raise _bad(f"{p}.role", f"'{p}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+            raise _bad(f"{p}.role", f"'{p}.role' must be one of {', '.join(ROLES)}, got {_show(role)}")
         content = m.get("content")
         if content is None:
             content = ""
