@@ -244,3 +244,31 @@ def test_resume_on_a_read_only_run_dir_is_one_line_and_loses_nothing(tmp_path, f
     assert res.stderr.strip().endswith("); nothing was changed")
     after = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_well_formed_but_hostile_checkpoint_contents_are_refused(tmp_path, finished):
+    from safetensors.torch import save_file
+
+    config, src = finished
+    runs = tmp_path / "runs"
+    run = runs / "t"
+    shutil.copytree(src, run)
+    step2, step4 = run / "checkpoints" / "step_2", run / "checkpoints" / "step_4"
+    trainer = json.loads((step2 / "trainer.json").read_text())
+    for bad, problem in (({"step": -1}, "trainer.json has no non-negative integer step"),
+                         ({"data": {"served": "x"}}, "trainer.json has a data position that is not an object of "
+                                                     "integers")):
+        (step2 / "trainer.json").write_text(json.dumps(dict(trainer, **bad)))
+        rewrite_manifest(step2)
+        assert verify_checkpoint(step2) == problem
+    # valid safetensors whose tensors do not fit the model: one line on resume
+    import torch
+
+    save_file({"embed_tokens.weight": torch.zeros(3, 3)}, str(step4 / "state" / "model.safetensors"))
+    rewrite_manifest(step4)
+    assert verify_checkpoint(step4) is None
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    res = cli("train", str(cfg), "--resume", "--steps", "6", "--no-progress")
+    assert one_error_line(res).startswith(f"llamalab train: error: checkpoint {step4} does not fit this model and "
+                                          "optimizer: ")

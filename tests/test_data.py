@@ -136,3 +136,12 @@ def test_batches_ranks_take_disjoint_rows_of_the_same_global_batch():
         assert torch.equal(x, xs)
     with pytest.raises(data.DataError):
         data.Batches(split, 5, 8, world=2)
+
+
+def test_a_single_document_is_split_by_position_at_a_line_start():
+    text = "".join(f"line {i:03d} of the only document\n" for i in range(200))
+    train, val = data.split_documents([data.Document("book.txt", text)], 0.1)
+    assert [d.doc_id for d in train] == ["book.txt#train"] and [d.doc_id for d in val] == ["book.txt#val"]
+    assert train[0].text + val[0].text == text
+    assert val[0].text.startswith("line 180 ") and len(val[0].text) == 20 * len("line 000 of the only document\n")
+    assert data.split_documents([data.Document("x", text)], 0.0) == ([data.Document("x", text)], [])

@@ -87,3 +87,26 @@ def test_own_text_train_resume_keeps_its_corpus(tmp_path):
     assert after[-1] < first[-1] + 0.05  # same data, same tokenizer: no jump (a different corpus gives +3 nats)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 9 and summary["tokens_per_s"] > 0
+
+
+def test_data_flag_names_the_run_and_a_tiny_validation_split_warns(tmp_path, capsys):
+    from llamalab import train
+    from llamalab.cli import main
+
+    book = tmp_path / "My Notes.txt"
+    book.write_text("".join(d.text[:1500] for d in data.load_documents("shakespeare")[:2]))
+    assert main(["train", "--data", str(book), "--print-config"]) == 0
+    cfg = tomllib.loads(capsys.readouterr().out)
+    assert cfg["name"] == "My-Notes" and cfg["data"]["corpus"] == str(book.resolve()) and cfg["sample"]["prompts"] == []
+    assert main(["train", str(tmp_path), "--print-config"]) == 0  # a folder as the positional means --data
+    cfg = tomllib.loads(capsys.readouterr().out)
+    assert cfg["name"] == tmp_path.name and cfg["data"]["corpus"] == str(tmp_path.resolve())
+    # 1% of 3,000 characters is less than one validation window: trained, with a warning
+    over = {"data.val_fraction": 0.01, "data.vocab_size": 300, "data.cache_dir": str(tmp_path / "cache"),
+            "out_dir": str(tmp_path / "runs"), "model.hidden_size": 32, "model.intermediate_size": 64,
+            "model.n_layers": 1, "model.n_heads": 4, "model.n_kv_heads": 2, "train.steps": 2,
+            "train.batch_size": 2, "train.seq_len": 32, "train.warmup_steps": 1, "sample.count": 1,
+            "sample.max_new_tokens": 2, "checkpoint.every": 0, "eval.every": 0}
+    train.train("tiny", over, progress=False, name="notes", data__corpus=str(book))
+    out = capsys.readouterr().out
+    assert "warning: the validation split holds " in out and "there will be no validation loss" in out

@@ -83,7 +83,7 @@ def _manifest_files(ckpt: Path) -> dict[str, dict] | str:
     """The manifest's {relative path: {"size", "sha256"}}, or why it is unusable."""
     try:
         obj = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         return f"unreadable manifest.json ({e})"
     files = obj.get("files") if isinstance(obj, dict) else None
     if not isinstance(files, dict):
@@ -112,14 +112,16 @@ def _format_problem(ckpt: Path, present: list[str]) -> str | None:
         if rel.endswith(".json"):
             try:
                 json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 return f"{rel} is not valid JSON"
         elif rel.endswith(".safetensors"):
             problem = _safetensors_problem(path)
             if problem:
                 return f"{rel} is not a valid safetensors file ({problem})"
-    if not isinstance(json.loads((ckpt / "trainer.json").read_text()).get("step"), int):
-        return "trainer.json has no integer step"
+    try:
+        read_trainer_state(ckpt)
+    except WeightsError as e:
+        return str(e).replace(f"{ckpt}/", "")
     return None
 
 
@@ -167,10 +169,28 @@ def latest_valid_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -
     return None
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_trainer_state(ckpt: Path) -> dict:
-    state = json.loads((Path(ckpt) / "trainer.json").read_text())
+    """trainer.json, checked: a non-negative integer step, numeric counters, a data position of integers."""
+    try:
+        state = json.loads((Path(ckpt) / "trainer.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise WeightsError(f"{ckpt}/trainer.json is not valid JSON ({e})") from None
+    bad = None
     if not isinstance(state, dict):
-        raise WeightsError(f"{ckpt}/trainer.json is not a JSON object")
+        bad = "is not a JSON object"
+    elif not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+        bad = "has no non-negative integer step"
+    elif not all(_number(state.get(k, 0)) and state.get(k, 0) >= 0 for k in ("tokens", "elapsed_s")):
+        bad = "has a tokens or elapsed_s that is not a non-negative number"
+    elif state.get("data") is not None and not (
+            isinstance(state["data"], dict) and all(isinstance(v, int) for v in state["data"].values())):
+        bad = "has a data position that is not an object of integers"
+    if bad:
+        raise WeightsError(f"{ckpt}/trainer.json {bad}")
     return state
 
 
@@ -213,6 +233,11 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str
     scalars = set(json.loads(meta.get("python_scalars", "[]")))
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise WeightsError("optimizer param_groups must be a list of objects")
+    for g in groups:
+        numbers = [g.get(k, 0.0) for k in ("lr", "eps", "weight_decay", "lr_scale")] + list(g.get("betas", []))
+        if not (isinstance(g.get("params"), list) and all(isinstance(p, (str, int)) for p in g["params"])
+                and all(_number(x) for x in numbers) and len(g.get("betas", [0, 0])) == 2):
+            raise WeightsError("optimizer param_groups hold a value of the wrong type")
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
@@ -371,7 +396,7 @@ class Checkpointer:
             optim_sd = optimizer_from_tensors(*_read_safetensors(ckpt / "state" / "optim.safetensors"))
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                            options=StateDictOptions(full_state_dict=True))
-        except (RuntimeError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, AssertionError, IndexError, AttributeError) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise WeightsError(f"checkpoint {ckpt} does not fit this model and optimizer: {first}") from None
         rank = 0 if self.ctx is None else self.ctx.rank
