@@ -130,8 +130,10 @@ def resume_config(run_dir: Path, requested: dict, config_given: bool, overrides:
     cfg["name"], cfg["out_dir"] = requested["name"], requested["out_dir"]
     problem = identity_difference(saved, cfg)
     if problem:
+        hint = f"; or resume without the config file (llamalab train --resume --name {run_dir.name})" \
+            if config_given else ""
         raise ConfigError(f"cannot resume {run_dir}: {problem}; that would be another run (start it with "
-                          "another --name)")
+                          f"another --name){hint}")
     cfg["data"]["corpus"], cfg["data"]["tokenizer"] = saved["data"]["corpus"], saved["data"]["tokenizer"]
     return cfg
 

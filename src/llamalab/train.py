@@ -579,7 +579,7 @@ def load_config(config: str | Path | dict | None = None, overrides: list[str] | 
 
 def resolve_config_path(config: str | Path) -> Path:
     p = Path(config)
-    if p.exists():
+    if p.is_file():
         return p
     repo_configs = Path(__file__).resolve().parents[2] / "configs"
     for cand in (Path("configs") / f"{config}.toml", repo_configs / f"{config}.toml"):

@@ -36,8 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_data_path(config: str) -> bool:
+    """A folder or a non-TOML file is text to train on (a bundled config's name wins over a folder so named)."""
+    import llamalab
+
     p = Path(config).expanduser()
-    return p.is_dir() or (p.is_file() and p.suffix.lower() != ".toml")
+    if p.is_file():
+        return p.suffix.lower() != ".toml"
+    if not p.is_dir():
+        return False
+    if "/" in config or "\\" in config:
+        return True
+    repo_configs = Path(llamalab.__file__).resolve().parents[2] / "configs"
+    return not any((d / f"{config}.toml").is_file() for d in (Path("configs"), repo_configs))
 
 
 def run_name_for(data: str) -> str:
