@@ -37,6 +37,18 @@ def merge_model(args: argparse.Namespace, command: str) -> None:
         raise LlamalabError(f"which model? llamalab {command} MODEL ... (or --model MODEL), e.g. smollm2")
 
 
+def refuse_preset(name: str, what: str = "text") -> None:
+    """A random-init shape preset has no weights and no tokenizer: say so, and where the real model is."""
+    from pathlib import Path
+
+    from llamalab.config import PRESETS
+
+    if name in PRESETS and not Path(name).exists():
+        hint = "; the pretrained SmolLM2-135M-Instruct is `smollm2`" if name.startswith("smollm2") else ""
+        raise LlamalabError(f"{name} is a random-init shape preset (no trained weights, no tokenizer), "
+                            f"not a model to {what} with{hint}")
+
+
 def check_seed(seed: int | None, option: str = "--seed") -> int | None:
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise LlamalabError(f"{option} must be in 0..{SEED_MAX} (2**63-1), got {seed}")

@@ -19,7 +19,7 @@ import argparse
 import json
 from typing import Any
 
-from llamalab.commands._args import add_model_argument, check_seed, resolve_device
+from llamalab.commands._args import add_model_argument, check_seed, refuse_preset, resolve_device
 from llamalab.errors import LlamalabError
 
 HELP = "score a model: perplexity & bits/byte, KL vs a reference, multiple-choice tasks, generation quality"
@@ -82,6 +82,7 @@ def _dtype(name: str) -> str:
 def _load(path: str, dtype: str, device: str):
     import llamalab
 
+    refuse_preset(path, "evaluate")
     model, tok = llamalab.load(path, dtype=dtype, device=device)
     return model.eval(), tok
 

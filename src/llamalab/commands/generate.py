@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from llamalab.commands._args import add_model_argument, check_seed, read_stdin, resolve_device
+from llamalab.commands._args import add_model_argument, check_seed, read_stdin, refuse_preset, resolve_device
 from llamalab.errors import LlamalabError
 
 HELP = "generate text from a prompt, streamed to the terminal (every sampler, stop strings, speculative decoding)"
@@ -93,6 +93,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import llamalab
 
     device = resolve_device(args.device)
+    refuse_preset(args.model, "generate")
     model, tok = llamalab.load(args.model, dtype=args.dtype, device=device)
     model.eval()
     draft = None
