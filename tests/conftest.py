@@ -11,6 +11,8 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests decode eagerly (the same forward) unless a test asks for the compiled step; CLI subprocesses inherit it
+os.environ.setdefault("LLAMALAB_COMPILE", "0")
 
 
 def smollm2_gguf_path() -> Path:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llamalab.components.attention import CacheStep, GroupedQueryAttention, KVCache
+from llamalab.components.attention import GroupedQueryAttention
+from llamalab.components.kv_cache import CacheStep, KVCache
 from llamalab.components.mlp import SwiGLU
 from llamalab.components.rmsnorm import make_norm
 from llamalab.components.rope import RotaryEmbedding
@@ -27,16 +28,17 @@ from llamalab.config import LlamaConfig
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
-        self.self_attn = GroupedQueryAttention(config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim)
+        self.self_attn = GroupedQueryAttention(config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim,
+                                               layer_idx=layer_idx)
         self.post_attention_layernorm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                step: CacheStep | None = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, step=step, layer_idx=layer_idx)
+                step: CacheStep | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, step=step, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -45,7 +47,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
@@ -116,9 +118,10 @@ class Llama(nn.Module):
                 "kv_cache_bytes_per_token": per_token, "context_len": ctx, "kv_cache_bytes": per_token * ctx}
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype: torch.dtype | None = None, scratch_slot: bool = False) -> KVCache:
+        """A KV cache for this model: ``max_seq_len`` slots per row (default: the model's context)."""
         return KVCache.from_config(self.config, batch_size, max_seq_len or self.config.max_position_embeddings,
-                                   dtype or self.dtype, self.device)
+                                   dtype or self.dtype, self.device, scratch_slot)
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -140,8 +143,23 @@ class Llama(nn.Module):
           over everything there (prefill, then one or more tokens per call). ``cache_rows`` selects
           which cache rows the batch rows are (default: all, in order).
         """
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, cache_rows=cache_rows)
+        if cache is not None:
+            B, T = _check_ids(input_ids)
+            step = cache.plan(cache_rows, B, T, attention_mask, position_ids)
+            logits = self.forward_step(input_ids, cache, step, last_only)
+            cache.commit(step)
+            return logits
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h)).float()
+
+    def forward_step(self, input_ids: torch.Tensor, cache: KVCache, step: CacheStep,
+                     last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T or 1, vocab) float32 for tokens planned into ``cache`` by ``step``
+        (:meth:`KVCache.plan` / :meth:`KVCache.plan_decode`); the caller commits. This is the decode
+        step that :mod:`llamalab.runner` compiles whole."""
+        h = self._blocks(self.embed_tokens(input_ids), step.position_ids, step.mask, step, cache)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h)).float()
@@ -150,35 +168,36 @@ class Llama(nn.Module):
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                       cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last block (before the final norm)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+        B, T = _check_ids(input_ids)
+        if cache is not None:
+            step = cache.plan(cache_rows, B, T, attention_mask, position_ids)
+            h = self._blocks(self.embed_tokens(input_ids), step.position_ids, step.mask, step, cache)
+            cache.commit(step)
+            return h
         h = self.embed_tokens(input_ids)
         mask = None
-        step = None
-        if cache is None:
-            if attention_mask is not None and attention_mask.dim() == 4:
-                # an explicit (B, 1, T, T) boolean mask, True = may attend (e.g. block-diagonal for packed
-                # sequences); position_ids then come from the caller
-                mask = attention_mask.to(torch.bool)
-                if position_ids is None:
-                    raise ValueError("a 4-D attention_mask needs explicit position_ids")
-            elif attention_mask is not None:
-                am = attention_mask.to(torch.bool)
-                if position_ids is None:
-                    position_ids = (am.long().cumsum(-1) - 1).clamp_min(0)
-                causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-                eye = torch.eye(T, dtype=torch.bool, device=h.device)
-                mask = ((causal[None] & am[:, None, :]) | eye[None])[:, None]  # (B, 1, T, T)
-            elif position_ids is None:
-                position_ids = torch.arange(T, device=h.device)[None].expand(B, T)
-        else:
-            step, position_ids = _plan_cache_step(cache, cache_rows, B, T, attention_mask, position_ids, h.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # an explicit (B, 1, T, T) boolean mask, True = may attend (e.g. block-diagonal for packed
+            # sequences); position_ids then come from the caller
+            mask = attention_mask.to(torch.bool)
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids")
+        elif attention_mask is not None:
+            am = attention_mask.to(torch.bool)
+            if position_ids is None:
+                position_ids = (am.long().cumsum(-1) - 1).clamp_min(0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=h.device)
+            mask = ((causal[None] & am[:, None, :]) | eye[None])[:, None]  # (B, 1, T, T)
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=h.device)[None].expand(B, T)
+        return self._blocks(h, position_ids, mask, None, None)
+
+    def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                step: CacheStep | None, cache: KVCache | None) -> torch.Tensor:
         cos, sin = self.rotary(position_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask=mask, step=step, layer_idx=i)
-        if step is not None:
-            cache.lengths[step.rows] += T
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask=mask, step=step, cache=cache)
         return h
 
     # ----------------------------------------------------------------- weights
@@ -209,43 +228,7 @@ def _skip_reset_parameters() -> Iterator[None]:
             cls.reset_parameters = fn  # type: ignore[method-assign]
 
 
-def _plan_cache_step(cache: KVCache, cache_rows, B: int, T: int, attention_mask, position_ids, device):
-    rows = slice(0, B) if cache_rows is None else cache_rows
-    lengths = cache.lengths[rows]
-    if lengths.shape[0] != B:
-        raise ValueError(f"batch of {B} rows but the cache selection has {lengths.shape[0]} rows")
-    lo, hi = int(lengths.min()), int(lengths.max())
-    if hi + T > cache.max_seq_len:
-        raise ValueError(f"KV cache full: {hi} + {T} tokens exceed its {cache.max_seq_len} slots")
-    arange = torch.arange(T, device=device)
-    slots = lengths[:, None] + arange[None]
-    new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
-        else attention_mask.to(torch.bool)
-    padded = attention_mask is not None and not bool(new_valid.all())
-    if padded:
-        cache.has_padding = True
-    has_padding = cache.has_padding
-    if position_ids is None:
-        if has_padding:
-            before = cache.valid[rows].sum(-1) if lo > 0 or hi > 0 else torch.zeros(B, dtype=torch.long,
-                                                                                   device=device)
-            position_ids = (before[:, None] + new_valid.long().cumsum(-1) - 1).clamp_min(0)
-        else:
-            position_ids = slots
-    row_idx = rows if isinstance(rows, torch.Tensor) else torch.arange(cache.batch_size, device=device)[rows]
-    cache.valid[row_idx[:, None].expand(B, T), slots] = new_valid
-    kv_len = hi + T
-    uniform = lo == hi
-    if uniform and not has_padding:
-        mask = None
-        if T > 1:
-            j = torch.arange(kv_len, device=device)
-            mask = (j[None, :] <= (lo + arange)[:, None])[None, None]  # (1, 1, T, kv_len)
-    else:
-        j = torch.arange(kv_len, device=device)
-        q_slot = slots[:, :, None]
-        valid = cache.valid[rows][:, :kv_len]
-        mask = ((j[None, None, :] <= q_slot) & valid[:, None, :]) | (j[None, None, :] == q_slot)
-        mask = mask[:, None]  # (B, 1, T, kv_len)
-    step = CacheStep(cache=cache, rows=rows, start=lo if uniform else None, slots=slots, kv_len=kv_len, mask=mask)
-    return step, position_ids
+def _check_ids(input_ids: torch.Tensor) -> tuple[int, int]:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    return input_ids.shape[0], input_ids.shape[1]

@@ -44,13 +44,13 @@ def check_compatible(target: torch.nn.Module, draft: torch.nn.Module) -> None:
 
 
 def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, rows: list[Any], stop_ids: set[int],
-                       max_len: int, k: int = 4, fast: bool = True,
+                       max_len: int, k: int = 4, compile: bool | None = None,
                        prefill_chunk: int = 512) -> Iterator[tuple[int, str]]:
     """Greedy speculative generation for each row in turn; yields (row slot, text piece).
 
     Sets ``row.stats`` = {"proposed", "accepted", "acceptance_rate", "target_steps", "tokens_per_step", …}.
     """
-    from llamalab.generate import Runner
+    from llamalab.runner import Runner
 
     check_compatible(target, draft)
     if k < 1:
@@ -60,8 +60,8 @@ def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, rows: li
         if not p.greedy or p.has_penalties or p.logit_bias:
             raise LlamalabError("speculative decoding (--draft-model) supports greedy decoding only "
                                 "(temperature 0, no penalties or logit bias)")
-    t_run = Runner(target, 1, max_len, fast=fast)
-    d_run = Runner(draft, 1, max_len, fast=fast)
+    t_run = Runner(target, 1, max_len, compile=False)  # verifies k+1 tokens per call: the eager forward
+    d_run = Runner(draft, 1, max_len, compile=compile)
     for r in rows:
         t_run.cache.reset()
         d_run.cache.reset()

@@ -146,7 +146,7 @@ class Engine:
     """Continuous-batching generation over one model; run :meth:`start` once, then :meth:`submit` jobs."""
 
     def __init__(self, model, tok, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, compile: bool | None = False) -> None:
         self.model = model.eval()
         self.tok = tok
         self.max_batch = max_batch
@@ -154,7 +154,9 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
         self.vocab_size = model.config.vocab_size
-        self.runner = Runner(model, max_batch, self.max_len)  # prefill via the model, decode via FastDecoder
+        # the model's own forward for prefill and decode; the decode step compiled only when asked
+        # (compile=None: as generate decides), since a batch of every row is not measured to pay yet
+        self.runner = Runner(model, max_batch, self.max_len, compile=compile)
         self.cache = self.runner.cache
         self.counts = TokenCounts(max_batch, self.vocab_size, device=model.device)
         self._free = list(range(max_batch))
@@ -272,10 +274,7 @@ class Engine:
             return len(chunk)
         # prompt done: copy the row to the job's other rows, then every choice samples its first token
         for other in job.rows[1:]:
-            self.cache.k[:, other] = self.cache.k[:, row]
-            self.cache.v[:, other] = self.cache.v[:, row]
-            self.cache.lengths[other] = self.cache.lengths[row]
-            self.cache.valid[other] = self.cache.valid[row]
+            self.cache.copy_row(row, other)
         job.seqs = [_Seq(job, job.opts.first_index + i, r, self.tok) for i, r in enumerate(job.rows)]
         for s in job.seqs:
             self.counts.reset(s.row, job.prompt_ids)

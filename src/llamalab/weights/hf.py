@@ -124,7 +124,18 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: to
         return quantize.load_quantized(directory, config, device=device)
     tensors = read_state_dict(directory)
     return model_from_state_dict(config, {from_hf_key(k): v for k, v in tensors.items()},
-                                 dtype=resolve_dtype(dtype), device=device, source=str(directory))
+                                 dtype=resolve_dtype(dtype, default=stored_dtype(tensors)), device=device,
+                                 source=str(directory))
+
+
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (the most common floating dtype): the default
+    load dtype, as transformers and llama.cpp keep a checkpoint's own precision."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

@@ -1,0 +1,139 @@
+"""Prefill / decode / verify over one KV cache — always through the model's own forward.
+
+:class:`Runner` is what ``generate``, ``chat``, the server's engine, speculative decoding and eval's
+generation all decode with. There is one implementation of the math, :meth:`Llama.forward_step`;
+the decode step either runs it eagerly or runs it **compiled whole** (``torch.compile`` of every
+layer, attention and the head as one graph) over a static cache:
+
+* the cache has a fixed number of rows (the batch rounded up to a power of two) and slots (the
+  context needed, rounded up to a multiple of :data:`SEQ_BUCKET`) plus one scratch slot, so one
+  graph serves every step of every call of that bucket; rows that take no part in a step write
+  into the scratch slot (:meth:`KVCache.plan_decode`);
+* CPU: Inductor's C++ code (``cpp_wrapper``); CUDA: CUDA graphs (``mode="reduce-overhead"``);
+* the compiled artifacts are cached on disk (Inductor's FX-graph cache, in
+  ``~/.cache/llamalab/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise), so a second
+  process skips code generation.
+
+Compiling is chosen by ``compile=`` (True / False), else the environment variable
+``LLAMALAB_COMPILE`` (``0`` / ``1``), else :func:`compile_pays` — on where it was measured to pay.
+Forward hooks on any module, or a padded batch, run the eager step (hooks then fire as usual).
+Prefill (many tokens per row) always runs eagerly: its matrix products dominate and need no graph.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+PREFILL_CHUNK = 512
+SEQ_BUCKET = 256
+COMPILE_ENV = "LLAMALAB_COMPILE"
+CACHE_DIR = Path("~/.cache/llamalab").expanduser()
+
+
+def compile_pays(model: torch.nn.Module) -> bool:
+    """Where compiling the decode step was measured to pay: CPU, float32/bfloat16 weights (see
+    docs/generation.md for the figures)."""
+    return model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
+
+
+def want_compile(model: torch.nn.Module, compile: bool | None) -> bool:
+    if compile is not None:
+        return bool(compile)
+    env = os.environ.get(COMPILE_ENV)
+    if env is not None and env.strip():
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    return compile_pays(model)
+
+
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Any forward (pre-)hook on the model's modules, or a global one: the eager step runs them."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+
+
+def compiled_step(model: torch.nn.Module):
+    """``torch.compile(model.forward_step)``, built once per model and kept on it."""
+    fn = model.__dict__.get("_llamalab_compiled_step")
+    if fn is None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR / "inductor"))
+        if model.device.type == "cuda":
+            fn = torch.compile(model.forward_step, mode="reduce-overhead", dynamic=False)
+        else:
+            fn = torch.compile(model.forward_step, dynamic=False, options={"cpp_wrapper": True})
+        model.__dict__["_llamalab_compiled_step"] = fn
+    return fn
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class Runner:
+    """Prefill / decode over one KV cache of ``batch_size`` rows × ``max_seq_len`` slots."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_seq_len: int, compile: bool | None = None
+                 ) -> None:
+        self.model = model
+        self.compiled = want_compile(model, compile)
+        if self.compiled:
+            context = model.config.max_position_embeddings
+            max_seq_len = max(max_seq_len, min(context, -(-max_seq_len // SEQ_BUCKET) * SEQ_BUCKET))
+            self.cache = model.new_cache(_next_pow2(batch_size), max_seq_len, scratch_slot=True)
+            if model.device.type == "cuda":  # CUDA graphs replay over fixed addresses
+                torch._dynamo.mark_static_address(self.cache.k)
+                torch._dynamo.mark_static_address(self.cache.v)
+            self._step = compiled_step(model)
+        else:
+            self.cache = model.new_cache(batch_size, max_seq_len)
+            self._step = None
+        self.first_step_s: float | None = None  # the first decode step's time (compiling or loading the graph)
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: Sequence[int], chunk: int = PREFILL_CHUNK, all_logits: bool = False
+                ) -> torch.Tensor:
+        """Write a prompt into cache row ``row``; logits of its last token (V,) (all (T, V) with all_logits)."""
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
+        rows = slice(row, row + 1)
+        outs = []
+        for s in range(0, x.shape[1], chunk):
+            part = x[:, s:s + chunk]
+            if s + chunk >= x.shape[1] or all_logits:
+                outs.append(self.model(part, cache=self.cache, cache_rows=rows, last_only=not all_logits)[0])
+            else:
+                self.model.hidden_states(part, cache=self.cache, cache_rows=rows)
+        return torch.cat(outs) if all_logits else outs[-1][-1]
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """One token per listed cache row -> logits (len(rows), V)."""
+        dev = self.model.device
+        t = torch.tensor(tokens, dtype=torch.long, device=dev)
+        r = torch.tensor(rows, dtype=torch.long, device=dev)
+        if self._step is not None and not self.cache.has_padding and not has_hooks(self.model):
+            step = self.cache.plan_decode(r)
+            ids = torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=dev)
+            ids[r, 0] = t
+            t0 = time.perf_counter() if self.first_step_s is None else 0.0
+            logits = self._step(ids, self.cache, step)[:, 0]
+            if self.first_step_s is None:
+                self.first_step_s = time.perf_counter() - t0
+            self.cache.commit(step, r)
+            return logits[r]
+        sel = slice(rows[0], rows[0] + 1) if len(rows) == 1 else \
+            (slice(0, len(rows)) if rows == list(range(len(rows))) else r)
+        return self.model(t[:, None], cache=self.cache, cache_rows=sel, last_only=True)[:, 0]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forget everything row ``row`` holds after its first ``length`` tokens (speculative rollback)."""
+        self.cache.truncate(row, length)
+
+    def length(self, row: int) -> int:
+        return self.cache.length(row)
