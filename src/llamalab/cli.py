@@ -85,7 +85,7 @@ def _flush_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llamalab.commands._args import merge_model
+    from llamalab.commands._args import check_arguments, merge_model
     from llamalab.errors import LlamalabError
 
     parser, modules = build_parser()
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("LLAMALAB_DEBUG"))
     prefix = f"llamalab {args.command}: error:"
     try:
+        check_arguments(args)
         merge_model(args, args.command)
         status = int(modules[args.command].run(args) or 0)
         _flush_stdout()  # a full disk shows here, not at exit

@@ -95,6 +95,14 @@ def check_text(text: str, what: str = "standard input") -> str:
     return text
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a command-line argument that is not UTF-8 (the OS hands such bytes over as surrogates)."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not name.startswith("_"):
+                check_text(v, f"the value of --{name.replace('_', '-')}" if name != "model_arg" else "MODEL")
+
+
 def read_stdin() -> str:
     """All of standard input as UTF-8 text, whatever the locale."""
     stream: Any = getattr(sys.stdin, "buffer", None)

@@ -84,7 +84,11 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
                 raise LlamalabError(f"{p}:{n}: expected a string or an object with a 'prompt' string")
             prompts.append(text)
     else:
-        prompts = [line.replace("\\n", "\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LlamalabError(f"{p} is not UTF-8 text") from None
+        prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise LlamalabError(f"{p} holds no prompts")
     return prompts

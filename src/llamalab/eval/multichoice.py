@@ -63,8 +63,12 @@ def load_task(task: str | Path) -> tuple[str, list[Item]]:
     path = tasks.get(str(task)) or Path(task).expanduser()
     if not path.is_file():
         raise LlamalabError(f"no such task: {task} (a JSONL file or one of {', '.join(tasks) or 'none'})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LlamalabError(f"{path} is not UTF-8 text") from None
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
