@@ -132,3 +132,31 @@ class BlockQuantLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+def gguf_block_layers(g, config) -> dict[str, BlockQuantLinear]:
+    """Our module name -> :class:`BlockQuantLinear` for each Q8_0 / Q4_0 / Q4_1 matrix of a GGUF file's blocks,
+    and for the output head (``output.weight``, or a quantized ``token_embd.weight`` when the head is tied).
+
+    `g` is a :class:`llamalab.weights.gguf.GGUFFile`; q/k rows are brought from llama.cpp's RoPE layout to
+    ours by reordering whole rows, so the blocks are used exactly as stored."""
+    from llamalab.weights.gguf import gguf_to_ours, unpermute_qk
+
+    out: dict[str, BlockQuantLinear] = {}
+    for name, t in g.tensors.items():
+        ours = gguf_to_ours(name)
+        if ours is None or t.type not in GGML_TYPES.values() or len(t.shape) != 2:
+            continue
+        if ours == "embed_tokens.weight":
+            if not config.tie_word_embeddings or "output.weight" in g.tensors:
+                continue
+            ours = "lm_head.weight"
+        elif not (ours.startswith("layers.") or ours == "lm_head.weight"):
+            continue
+        layer = BlockQuantLinear.from_gguf(g.raw(t), t.type, t.shape)
+        heads = (config.n_heads if ours.endswith("q_proj.weight")
+                 else config.n_kv_heads if ours.endswith("k_proj.weight") else None)
+        if heads is not None:
+            layer.permute_rows(unpermute_qk(torch.arange(t.shape[0]), heads))
+        out[ours[: -len(".weight")]] = layer
+    return out
