@@ -446,6 +446,11 @@ def test_long_prompt_and_huge_body_then_still_serving(server, tiny, client):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
                    json={"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    short_words = "x " * CONTEXT  # few bytes (inside the byte budget), yet more tokens than the context
+    assert len(tok.encode(short_words)) >= CONTEXT
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": short_words}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "tokens" in r.json()["error"]["message"]
     huge = b'{"model": "tiny-chat", "prompt": "' + b"a" * (2 << 20) + b'"}'
     r = httpx.post(server.url + "/v1/completions", content=huge, headers={"content-type": "application/json"},
                    timeout=30)
@@ -457,6 +462,18 @@ def test_long_prompt_and_huge_body_then_still_serving(server, tiny, client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
     assert client.completions.create(model=MODEL, prompt="hello", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_long_texts_tokenize_as_tok_encode(tiny):
+    """The server tokenizes long prompts through the GIL-releasing batch call: the same ids as tok.encode."""
+    from llamalab.server.app import LONG_TEXT, encode, prompt_byte_budget
+
+    _, tok = tiny
+    text = " ".join(LINES) * (LONG_TEXT // 100)
+    assert len(text) >= LONG_TEXT and encode(tok, text) == tok.encode(text)
+    assert encode(tok, "hello") == tok.encode("hello")
+    # the byte budget is an upper bound: no text that fits the context is refused by it
+    assert prompt_byte_budget(tok, CONTEXT) >= max(len(tok.decode([i]).encode()) for i in range(tok.vocab_size))
 
 
 def test_api_key(tiny):

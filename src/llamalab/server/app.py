@@ -41,8 +41,11 @@ from llamalab.server.protocol import APIError, GenerationRequest, parse_json, pa
 log = logging.getLogger("llamalab.serve")
 
 DISCONNECT_POLL_S = 0.25
-PREP_WORKERS = 4  # threads that parse, template and tokenize requests
-SHRINK_ALLOWANCE = 4  # normalizers (NFKC) can shrink text: bytes per token is bounded by this x the longest token
+PREP_WORKERS = 2  # threads that parse, template and tokenize small requests
+LARGE_BODY = 64 << 10  # bodies from this size are prepared one at a time in their own thread: small requests
+#                        never wait behind them, and they take at most one core from the engine
+LONG_TEXT = 16 << 10  # characters from which tokenizing releases the GIL
+SHRINK_ALLOWANCE = 4
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -56,11 +59,40 @@ class Prepared:
 
 
 def longest_token_bytes(tok: Any) -> int:
-    """Bytes of the longest vocabulary entry (an upper bound on the text one token covers)."""
+    """An upper bound on the bytes of text one token covers: the longest vocabulary entry's."""
     try:
-        return max((len(s.encode("utf-8", "replace")) for s in tok.get_vocab()), default=16)
-    except Exception:  # a tokenizer without a vocabulary listing: a generous guess
-        return 64
+        added = {t.content for t in tok.backend.get_added_tokens_decoder().values()}
+        vocab = tok.get_vocab()
+        if tok.kind == "bpe":  # byte-level: one character of a regular token is one byte
+            return max(len(s.encode("utf-8")) if s in added else len(s) for s in vocab)
+        pieces = tok.backend.decode_batch([[i] for i in vocab.values()], skip_special_tokens=False)
+        return 1 + max(len(s.encode("utf-8")) for s in pieces)  # + a leading space a decoder may strip
+    except Exception:  # some other tokenizer: measure its vocabulary strings
+        try:
+            return max(len(s.encode("utf-8", "replace")) for s in tok.get_vocab()) + 1
+        except Exception:
+            return 256
+
+
+def prompt_byte_budget(tok: Any, max_len: int) -> int:
+    """Bytes of prompt text that could still fit in ``max_len`` tokens: a text longer than this is refused
+    before tokenizing. A normalizer may shrink text (NFKC folds some 3-byte characters to one byte)."""
+    allowance = 1 if getattr(getattr(tok, "backend", None), "normalizer", True) is None else SHRINK_ALLOWANCE
+    return max_len * longest_token_bytes(tok) * allowance
+
+
+def encode(tok: Any, text: str) -> list[int]:
+    """``tok.encode(text)``, for a long text through HF tokenizers' batch call, which releases the GIL
+    (its single ``encode`` holds it throughout: a 500 KB prompt would freeze the event loop for a second)."""
+    backend = getattr(tok, "backend", None)
+    if len(text) < LONG_TEXT or not hasattr(backend, "encode_batch") or not hasattr(tok, "add_bos"):
+        return tok.encode(text)
+    ids = backend.encode_batch([text], add_special_tokens=False)[0].ids
+    if tok.add_bos and tok.bos_token_id is not None and not (ids and ids[0] == tok.bos_token_id):
+        ids.insert(0, tok.bos_token_id)
+    if tok.add_eos and tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return ids
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -83,9 +115,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
     tok = engine.tok
     config = engine.model.config
     stop_ids = stop_token_ids(engine.model, tok)  # the tokenizer's stop tokens and the config's eos ids
-    max_prompt_bytes = engine.max_len * longest_token_bytes(tok) * SHRINK_ALLOWANCE
-    prep_pool = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="llamalab-prep")
-    app.router.on_shutdown.append(lambda: prep_pool.shutdown(wait=False, cancel_futures=True))
+    max_prompt_bytes = prompt_byte_budget(tok, engine.max_len)
+    small_pool = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="llamalab-prep")
+    large_pool = ThreadPoolExecutor(1, thread_name_prefix="llamalab-prep-large")
+    for pool in (small_pool, large_pool):
+        app.router.on_shutdown.append(lambda pool=pool: pool.shutdown(wait=False, cancel_futures=True))
 
     # ----------------------------------------------------------------- errors
     @app.exception_handler(APIError)
@@ -166,7 +200,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
 
     # ----------------------------------------------------------------- generation
     async def prepare_off_loop(raw: bytes, kind: str) -> Prepared:
-        return await asyncio.get_running_loop().run_in_executor(prep_pool, prepare, raw, kind)
+        pool = large_pool if len(raw) >= LARGE_BODY else small_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, prepare, raw, kind)
 
     def prepare(raw: bytes, kind: str) -> Prepared:
         """Parse, check and tokenize a request body (in the prep pool: this can take a while)."""
@@ -218,9 +253,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                                    param="messages") from None
                 if len(text.encode("utf-8")) > max_prompt_bytes:
                     raise too_long(req, f"{len(text.encode('utf-8'))} bytes once templated")
-                ids = tok.encode(text)
+                ids = encode(tok, text)
             elif isinstance(p, str):
-                ids = tok.encode(p)
+                ids = encode(tok, p)
             else:
                 if len(p) >= engine.max_len:
                     raise too_long(req, f"{len(p)} tokens")
