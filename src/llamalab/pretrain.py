@@ -269,11 +269,13 @@ def heldout_prompts(split: Any, tok: Any, count: int, chars: int = 24) -> list[s
     total = split.n_tokens
     if total == 0 or count <= 0:
         return []
-    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in split.shards])
+    ends = np.cumsum([len(s) for s in split.shards])
     prompts = []
     for i in range(count):
-        start = int(i * max(1, total - 64) / max(1, count))
-        text = tok.decode([int(t) for t in flat[start:start + 64]])
+        pos = int(i * max(1, total - 64) / max(1, count))
+        k = int(np.searchsorted(ends, pos, side="right"))
+        offset = pos - (int(ends[k - 1]) if k else 0)
+        text = tok.decode([int(t) for t in split.shards[k][offset:offset + 64]])
         lines = [ln for ln in text.split("\n") if ln.strip()]
         line = (lines[1] if len(lines) > 2 else (lines[0] if lines else "")).strip()
         if line:
