@@ -177,3 +177,51 @@ def test_peft_loads_our_adapter_on_transformers(tiny_model, tmp_path):
 
     again = load_adapter(Llama.from_pretrained(tmp_path / "base"), tmp_path / "peft_saved")
     torch.testing.assert_close(again(ids), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_records_a_bundled_base_by_name_and_a_path_absolute(tmp_path, monkeypatch):
+    from llamalab.lora import adapter_base, base_model_reference
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    assert base_model_reference("smollm2") == "smollm2"  # not <cwd>/smollm2
+    assert base_model_reference("base") == str(tmp_path / "base")  # works from any directory
+    for recorded, resolved in (("smollm2", "smollm2"), ("/gone/elsewhere/smollm2", "smollm2"),
+                               (str(tmp_path / "base"), str(tmp_path / "base"))):
+        (tmp_path / "ad").mkdir(exist_ok=True)
+        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": recorded}))
+        assert str(adapter_base(tmp_path / "ad")) == resolved
+
+
+def test_adapter_of_bundled_smollm2_runs_from_the_cli(smollm2_path, tmp_path):
+    """`llamalab generate|info -m ADAPTER` for an adapter whose base is the bundled name `smollm2`."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from llamalab import Llama
+    from llamalab.lora import _peft_key, lora_modules
+    from llamalab.weights.gguf import config_from_metadata, read_gguf
+
+    g = read_gguf(smollm2_path)
+    meta = apply_lora(Llama.on_meta(config_from_metadata(g.metadata, g.tensors)), LoraConfig(r=2))
+    tensors = {}
+    for name, m in lora_modules(meta).items():  # B = 0: the adapted model answers as its base
+        tensors[_peft_key(name, "lora_A")] = torch.full((2, m.in_features), 0.01)
+        tensors[_peft_key(name, "lora_B")] = torch.zeros(m.out_features, 2)
+    (tmp_path / "ad").mkdir()
+    save_file(tensors, tmp_path / "ad" / "adapter_model.safetensors")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(LoraConfig(r=2).to_peft("smollm2")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "llamalab", *args], capture_output=True, text=True, timeout=300,
+                           env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    greedy = ("-p", "The capital of France is", "--max-new-tokens", "4", "--temperature", "0")
+    assert run("generate", "-m", "ad", *greedy) == run("generate", "-m", "smollm2", *greedy)
+    assert json.loads(run("info", "ad", "--json"))["n_layers"] == meta.config.n_layers

@@ -156,3 +156,64 @@ def test_quantize_cli(tiny_model, tmp_path, capsys):
     assert m.layers[0].mlp.gate_proj.group_size == 64
     rc = main(["quantize", "--model", str(tmp_path / "nope"), "--to", "int8", "--out", str(tmp_path / "x")])
     assert rc == 2
+
+
+MISALIGNED_INT8 = """
+import torch
+from llamalab.quantize import Int8Linear
+torch.manual_seed(0)
+n, k = 64, 64
+store = torch.randint(-127, 128, (n * k + 64,), dtype=torch.int8)
+start = next(i for i in range(64) if (store.data_ptr() + i) % 64 == 56)
+qweight = store[start:start + n * k].view(n, k)  # where memory-mapped safetensors put SmolLM2's
+assert qweight.data_ptr() % 64 == 56
+layer = Int8Linear(qweight, torch.rand(n) / 100)
+xs = torch.randn(4 * k + 32, dtype=torch.bfloat16)
+x = xs[4:4 + 4 * k].view(1, 4, k)  # a misaligned activation of 4 tokens
+y = layer(x)  # without aligned copies: SIGSEGV
+assert layer.qweight.data_ptr() % 64 == 0 and layer._scales_bf16.data_ptr() % 64 == 0
+layer.use_kernel = False
+torch.testing.assert_close(y.float(), layer(x).float(), atol=0.05, rtol=0.02)
+layer.load_state_dict({"qweight": qweight, "scales": layer.scales}, assign=True)  # a misaligned one again
+assert layer.qweight.data_ptr() % 64 == 0
+layer.use_kernel = True
+torch.testing.assert_close(layer(x), y)
+print("ok")
+"""
+
+
+def test_int8_kernel_gets_64_byte_aligned_operands():
+    """torch._weight_int8pack_mm segfaults on operands off a 64-byte boundary: copy them once at load."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", MISALIGNED_INT8], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", f"exit {r.returncode}: {r.stderr[-2000:]}"
+
+
+def test_loaded_int8_buffers_are_aligned(tiny_model, tmp_path):
+    save_quantized(quantize_model(copy.deepcopy(tiny_model), "int8"), tmp_path / "q")
+    import llamalab
+
+    loaded, _ = llamalab.load(tmp_path / "q")
+    layers = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.qweight.data_ptr() % 64 == 0 and m._kernel_ready for m in layers)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(96, 128), (48, 64), (576, 192), (32, 1536)])
+def test_int4_kernel_layout_reads_back_exact_codes(out_f, in_f):
+    """The codes are read back from the kernel's packed weight by a learned permutation, exactly."""
+    from llamalab.quantize import _int4pack_order, _unpack_nibbles
+
+    codes = torch.randint(0, 16, (out_f, in_f), generator=torch.Generator().manual_seed(out_f), dtype=torch.uint8)
+    scales = torch.rand(out_f, in_f // 32) + 0.5
+    layer = Int4Linear(codes, scales, torch.zeros_like(scales), 32)
+    assert layer.in_kernel_layout and "qweight" not in layer._buffers  # codes held once, in the kernel's layout
+    order = _int4pack_order(out_f, in_f)
+    assert order is not None and torch.equal(torch.sort(order).values, torch.arange(out_f * in_f))
+    qweight, s, z = layer.portable()
+    assert torch.equal(_unpack_nibbles(qweight), codes)
+    torch.testing.assert_close(s.float(), scales.to(torch.bfloat16).float())
+    again = Int4Linear.from_packed(qweight, s, z)
+    x = torch.randn(3, in_f)
+    torch.testing.assert_close(again(x), layer(x))

@@ -57,10 +57,22 @@ def read_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"no such data file: {path}")
-    out = [to_messages(obj, f"{path}:{n}") for n, obj in iter_jsonl(path, DataError)]
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; fine-tuning data is one JSONL file ({JSONL_HINT})")
+    try:
+        out = [to_messages(obj, f"{path}:{n}") for n, obj in iter_jsonl(path, DataError)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is this a JSONL file? ({JSONL_HINT})") from None
+    except DataError as e:
+        if f"{path}:1:" in str(e) and ("not valid JSON" in str(e) or "not valid UTF-8" in str(e)):
+            raise DataError(f"{e}: is this a JSONL file? ({JSONL_HINT})") from None
+        raise
     if not out:
         raise DataError(f"{path}: no examples")
     return out
+
+
+JSONL_HINT = 'one {"messages": [...]} or {"prompt": ..., "completion": ...} object per line'
 
 
 def to_messages(obj: Any, where: str = "example") -> list[dict[str, str]]:
@@ -322,6 +334,36 @@ class FinetuneResult:
     val_loss_after: float | None
     steps: int
     minutes: float
+    method: str = "lora"
+    base_model: str | None = None  # what the adapter records as its base (a bundled name or a path)
+    tokens_per_s: float = 0.0
+
+
+def flops_per_token(model: nn.Module, seq_len: int, method: str) -> float:
+    """Matmul FLOPs per trained token (forward + backward), the numerator of MFU.
+
+    Full fine-tuning: 6 per weight (PaLM's estimate, as :func:`llamalab.train.model_flops_per_token`).
+    LoRA: the frozen weights cost 2 forward + 2 backward (the gradient to the input, none to the
+    weight), the adapters 6 each; attention 12·layers·heads·head_dim·seq_len either way."""
+    from llamalab.lora import LoRALinear
+    from llamalab.quantize import QuantizedLinear
+
+    frozen, trained, seen = 0, 0, set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            trained += mod.lora_A.weight.numel() + mod.lora_B.weight.numel()
+        elif isinstance(mod, QuantizedLinear) or (isinstance(mod, nn.Linear) and ".lora_" not in f".{name}"):
+            weight = getattr(mod, "weight", None)
+            if weight is not None and id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            n = mod.in_features * mod.out_features
+            if method == "full":
+                trained += n
+            else:
+                frozen += n
+    cfg = model.config
+    return 4 * frozen + 6 * trained + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -340,7 +382,14 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
              val_data: str | Path | Sequence[Any] | None = None, resume: bool = False,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` (in place) on ``data`` (a JSONL path or a list of examples) into ``out_dir``."""
-    from llamalab.lora import LoraConfig, apply_lora, merge_lora, save_adapter, trainable_parameters
+    from llamalab.lora import (
+        LoraConfig,
+        apply_lora,
+        base_model_reference,
+        merge_lora,
+        save_adapter,
+        trainable_parameters,
+    )
     from llamalab.train import LoopConfig, train_loop
 
     cfg = cfg or FinetuneConfig()
@@ -375,7 +424,7 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
     trainable = trainable_parameters(model)
     val_before = evaluate_loss(model.eval(), val_ex, pad_id, cfg.batch_size) if val_ex else None
 
-    base_name = str(Path(base_path).resolve()) if base_path is not None else None
+    base_name = base_model_reference(base_path) if base_path is not None else None
 
     def save_fn(m: nn.Module, directory: Path) -> None:
         if cfg.method == "lora":
@@ -391,8 +440,10 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
                       eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, log_every=1,
                       max_minutes=cfg.max_minutes, seed=cfg.seed)
     batches = Batches(train_ex, cfg.batch_size, pad_id, packing=cfg.packing, seq_len=cfg.max_len, seed=cfg.seed)
+    mean_len = cfg.max_len if cfg.packing else sum(len(e.ids) for e in train_ex) / len(train_ex)
     result = train_loop(model, batches, loop, out_dir, tokenizer=tok, loss_fn=masked_loss, eval_fn=eval_fn,
                         save_fn=save_fn, resume=resume, progress=progress,
+                        flops_per_token=flops_per_token(model, round(mean_len), cfg.method),
                         extra_state={"finetune": _jsonable(asdict(cfg))})
     model.eval()
     final = out_dir / "final"
@@ -409,7 +460,8 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
         run_dir=out_dir, final_dir=final, merged_dir=merged_dir, trainable_parameters=trainable,
         total_parameters=total, adapter_bytes=adapter_bytes, n_train=len(train_ex), n_val=len(val_ex),
         losses=result.losses, val_loss_before=val_before, val_loss_after=result.val.get("val_loss"),
-        steps=result.step, minutes=result.minutes)
+        steps=result.step, minutes=result.minutes, method=cfg.method, base_model=base_name,
+        tokens_per_s=result.tokens_per_s)
     (out_dir / "finetune_summary.json").write_text(json.dumps(_jsonable(asdict(summary)), indent=2) + "\n")
     return summary
 

@@ -25,7 +25,7 @@ elsewhere (plain LoRA: no DoRA, no per-layer rank patterns):
 API::
 
     apply_lora(model, LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))  # in place
-    save_adapter(model, "adapter/", base_model_name_or_path="path/to/base")
+    save_adapter(model, "adapter/", base_model_name_or_path="path/to/base")  # or a bundled name: "smollm2"
     load_adapter(model, "adapter/")        # onto a freshly loaded base
     merge_lora(model)                      # fold into the weights, back to plain nn.Linear
     llamalab.load("adapter/")              # base from adapter_config.json + the adapter, merged
@@ -235,13 +235,33 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
+def base_model_reference(base: str | Path) -> str:
+    """What an adapter records as its base: a bundled model's name (``smollm2``) as is, a real path
+    absolute (so the adapter works from any directory), anything else as given."""
+    from llamalab.loading import BUNDLED
+
+    if str(base) in BUNDLED:
+        return str(base)
+    path = Path(base)
+    return str(path.resolve()) if path.exists() else str(base)
+
+
 def adapter_base(directory: str | Path) -> Path:
-    """The base model an adapter dir names (``base_model_name_or_path``), resolved locally."""
+    """The base model an adapter dir names (``base_model_name_or_path``), resolved locally.
+
+    A bundled name (``smollm2``) comes back as is, for :func:`llamalab.load` to resolve; so does a
+    missing path whose last part is a bundled name (what adapters once recorded: ``<cwd>/smollm2``)."""
+    from llamalab.loading import BUNDLED
+
     base = read_adapter_config(directory).get("base_model_name_or_path")
-    if not base:
+    if not base or not isinstance(base, str):
         raise ConfigError(f"{directory}/{ADAPTER_CONFIG} names no base_model_name_or_path: pass the base model "
                           "and the adapter separately")
+    if base in BUNDLED:
+        return Path(base)
     path = Path(base)
+    if not path.exists() and path.name in BUNDLED:
+        return Path(path.name)
     if not path.is_absolute() and not path.exists() and (Path(directory) / base).exists():
         path = Path(directory) / base
     if not path.exists():

@@ -20,6 +20,17 @@ are 5–30× slower), so the input is cast to bf16 for the product and the outpu
 else — another device, group-wise int8, shapes the kernels refuse, or when a gradient must flow to
 the input (LoRA on an int8 base) — the fallback dequantizes the weight to the activation dtype and
 calls ``F.linear``: pure PyTorch, runs on any device.  ``module.use_kernel = False`` forces it.
+The kernels read their operands with aligned vector loads and crash (SIGSEGV) on a weight or
+activation that does not start on a 64-byte boundary — which is where memory-mapped safetensors
+put tensors. So every weight is copied to aligned memory once, when the layer is built or loaded
+(:func:`aligned`), a misaligned activation is copied before the call, and a layer whose buffers
+are somehow misaligned takes the fallback instead of the kernel.
+
+The int4 kernel's packed layout depends on the CPU's vector width (its own nibble shuffle).  It is
+a fixed permutation of the codes for each weight shape, so it is learned once per shape by packing
+a few probe matrices whose codes spell out each element's index (:func:`_int4pack_order`); the
+portable codes of a kernel-layout weight (to save it, dequantize it or merge LoRA into it) are then
+one gather, and need not be kept twice in memory.
 
 By default ``embed_tokens`` and ``lm_head`` stay in floating point (``include_lm_head=True`` also
 quantizes the output head; the embedding lookup always stays float).
@@ -60,7 +71,9 @@ Q8_0 keeps its per-32 scales exactly (group-wise int8, computed with the fallbac
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +90,35 @@ DEFAULT_GROUP_SIZE = 32
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+ALIGNMENT = 64  # bytes: the packed CPU kernels' vector loads need operands starting on this boundary
+
+
 def _cpu_kernels_enabled(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    return t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when contiguous and starting on a 64-byte boundary (or not on CPU), else an aligned copy."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0):
+        return t
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if out.data_ptr() % ALIGNMENT:  # torch's CPU allocator aligns to 64 bytes; make sure regardless
+        raw = torch.empty(t.numel() * t.element_size() + ALIGNMENT, dtype=torch.uint8)
+        start = -raw.data_ptr() % ALIGNMENT
+        out = raw[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def _aligned_input(x: torch.Tensor) -> torch.Tensor:
+    """The bf16 activation operand of a kernel: contiguous and 64-byte aligned (copied only if not)."""
+    x = x.to(torch.bfloat16).contiguous()
+    if torch.compiler.is_compiling():  # compiled graphs allocate their own (aligned) buffers
+        return x
+    return aligned(x) if x.data_ptr() % ALIGNMENT else x
 
 
 class QuantizedLinear(nn.Module):
@@ -131,9 +171,14 @@ class Int8Linear(QuantizedLinear):
             raise WeightsError(f"group-wise int8 scales must have shape ({out_features}, {in_features}/"
                                f"{group_size}), got {tuple(scales.shape)}")
         self.group_size = group_size
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())
-        self.register_buffer("_scales_bf16", scales.to(torch.bfloat16).contiguous(), persistent=False)
+        self._set(qweight, scales)
+
+    def _set(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Hold the codes and scales in 64-byte aligned memory (copied once here, never per call)."""
+        self.register_buffer("qweight", aligned(qweight.contiguous()))
+        self.register_buffer("scales", aligned(scales.float().contiguous()))
+        self.register_buffer("_scales_bf16", aligned(scales.to(torch.bfloat16).contiguous()), persistent=False)
+        self._kernel_ready = is_aligned(self.qweight) and is_aligned(self._scales_bf16)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor | nn.Linear, group_size: int | None = None) -> Int8Linear:
@@ -166,9 +211,15 @@ class Int8Linear(QuantizedLinear):
         return (q.view(n, k // self.group_size, self.group_size) * self.scales.to(dtype)[..., None]).view(n, k)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        if self.group_size is not None or not _cpu_kernels_enabled(x2d.device):
+        if self.group_size is not None or not _cpu_kernels_enabled(x2d.device) or not self._kernel_ready:
             return None
-        return torch._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), self.qweight, self._scales_bf16)
+        return torch._weight_int8pack_mm(_aligned_input(x2d), self.qweight, self._scales_bf16)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001 - torch signature
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._set(self.qweight, self.scales)  # realign (assign=True may bring in mmapped tensors); fresh bf16 scales
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
@@ -187,11 +238,41 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
 
 
+def _to_int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> the CPU int4 kernel's packed weight (its layout depends on the CPU)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _int4pack_order(n: int, k: int) -> torch.Tensor | None:
+    """Which code each nibble of the kernel's packed (n, k) weight holds: flat indices into the codes.
+
+    The packing only moves nibbles, so packing probe matrices whose codes are the base-16 digits of
+    each element's flat index spells out, nibble by nibble, where every element went. None when the
+    layout is not such a permutation (then the portable codes are kept beside the kernel's)."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    order = torch.zeros(n * k, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(n * k, 16)))):
+        probe = ((index >> (4 * digit)) & 15).view(n, k)
+        order |= _unpack_nibbles(_to_int4pack(probe).reshape(1, -1)).reshape(-1).long() << (4 * digit)
+    if order.numel() != n * k or not torch.equal(torch.sort(order).values, index):
+        return None
+    check = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return order if torch.equal(_from_int4pack(_to_int4pack(check), order, n, k), check) else None
+
+
+def _from_int4pack(packed: torch.Tensor, order: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) uint8 codes of a kernel-packed weight, given its :func:`_int4pack_order`."""
+    codes = torch.empty(n * k, dtype=torch.uint8)
+    codes[order] = _unpack_nibbles(packed.reshape(1, -1)).reshape(-1)
+    return codes.view(n, k)
+
+
 class Int4Linear(QuantizedLinear):
     """y = x · Ŵᵀ with Ŵ = (q − 8) · s + z per group of ``group_size`` inputs; q ∈ 0..15.
 
     On CPU the codes live only in the kernel's packed layout (0.5 byte/weight); the portable layout
-    of the checkpoint is recovered when the state dict is read (see ``_save_to_state_dict``)."""
+    of the checkpoint is recovered by a gather when the state dict is read (see :meth:`portable`)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
         out_features, in_features = codes.shape
@@ -211,15 +292,17 @@ class Int4Linear(QuantizedLinear):
             self._buffers.pop(name, None)
         scales = scales.to(torch.bfloat16).contiguous()
         zeros = zeros.to(torch.bfloat16).contiguous()
+        order = None
         if _cpu_kernels_enabled(codes.device):
             try:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+                packed = _to_int4pack(codes)
+                order = _int4pack_order(self.out_features, self.in_features)
                 sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # (n_groups, N, 2)
-                self.register_buffer("kernel_weight", packed, persistent=False)
-                self.register_buffer("kernel_scales_zeros", sz, persistent=False)
+                self.register_buffer("kernel_weight", aligned(packed), persistent=False)
+                self.register_buffer("kernel_scales_zeros", aligned(sz), persistent=False)
             except (RuntimeError, AttributeError):
                 pass
-        if not self.in_kernel_layout:
+        if not self.in_kernel_layout or order is None:  # no kernel, or its layout cannot be read back
             self.register_buffer("qweight", _pack_nibbles(codes), persistent=False)
             self.register_buffer("scales", scales, persistent=False)
             self.register_buffer("zeros", zeros, persistent=False)
@@ -270,16 +353,11 @@ class Int4Linear(QuantizedLinear):
     # ---------------------------------------------------------------- views of the weight
     def portable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight uint8 (N, K/2), scales bf16 (N, K/g), zeros bf16 (N, K/g)) — the checkpoint layout."""
-        if not self.in_kernel_layout:
+        if "qweight" in self._buffers:
             return self.qweight, self.scales, self.zeros
-        # Recover the codes through the kernel itself: with scale 1 and zero 0 it computes
-        # I · (q − 8)ᵀ exactly (small integers in float32), whatever its internal layout is.
-        n_groups = self.in_features // self.group_size
-        unit = torch.zeros(n_groups, self.out_features, 2, dtype=torch.float32)
-        unit[..., 0] = 1.0
-        eye = torch.eye(self.in_features, dtype=torch.float32)
-        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.kernel_weight, self.group_size, unit)
-        codes = (q.t().round() + 8).clamp(0, 15).to(torch.uint8)
+        order = _int4pack_order(self.out_features, self.in_features)
+        assert order is not None  # _set keeps the portable codes otherwise
+        codes = _from_int4pack(self.kernel_weight, order, self.out_features, self.in_features)
         sz = self.kernel_scales_zeros
         return _pack_nibbles(codes), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
 
@@ -294,7 +372,7 @@ class Int4Linear(QuantizedLinear):
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
         if not self.in_kernel_layout or x2d.device.type != "cpu":
             return None
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16).contiguous(), self.kernel_weight,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(_aligned_input(x2d), self.kernel_weight,
                                                           self.group_size, self.kernel_scales_zeros)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001 - torch signature

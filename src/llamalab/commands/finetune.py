@@ -5,7 +5,12 @@ Examples::
     llamalab finetune --model SmolLM2.gguf --data chats.jsonl --out runs/ft --steps 200 --r 8
     llamalab finetune --model BASE --data d.jsonl --out runs/ft --method full --lr 2e-5
     llamalab finetune --model BASE --data d.jsonl --out runs/ft --int8-base --merge
-    llamalab generate runs/ft/final --prompt "..."      # the adapter dir names its base
+    llamalab generate --model runs/ft/final -p "..."     # the adapter dir names its base
+
+It ends with a summary (steps, losses, trainable parameters, where everything is) and the next
+commands to try — chat with the result, merge the adapter into its base, convert to GGUF — each of
+which runs as printed. ``--json`` prints the summary as JSON instead (also kept in
+``out/finetune_summary.json``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,9 +73,66 @@ def run(args: argparse.Namespace) -> int:
     res = finetune(model, tok, [{"messages": m} for m in data], args.out, cfg, base_path=args.model,
                    val_data=[{"messages": m} for m in val] if val else None, resume=args.resume,
                    progress=not args.no_progress)
-    summary = {"final": str(res.final_dir), "merged": str(res.merged_dir) if res.merged_dir else None,
-               "trainable_parameters": res.trainable_parameters, "total_parameters": res.total_parameters,
-               "adapter_bytes": res.adapter_bytes, "train_examples": res.n_train, "val_examples": res.n_val,
-               "val_loss_before": res.val_loss_before, "val_loss_after": res.val_loss_after, "steps": res.steps}
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        summary = {"final": str(res.final_dir), "merged": str(res.merged_dir) if res.merged_dir else None,
+                   "base_model": res.base_model, "trainable_parameters": res.trainable_parameters,
+                   "total_parameters": res.total_parameters, "adapter_bytes": res.adapter_bytes,
+                   "train_examples": res.n_train, "val_examples": res.n_val, "val_loss_before": res.val_loss_before,
+                   "val_loss_after": res.val_loss_after, "steps": res.steps}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(summary_text(res, cfg, _sample_prompt(data)))
     return 0
+
+
+def _sample_prompt(conversations: list[list[dict[str, str]]]) -> str:
+    """A short user message from the data for the printed `generate` line (else a greeting)."""
+    for conv in conversations:
+        for m in conv:
+            text = m["content"].strip()
+            if m["role"] == "user" and 0 < len(text) <= 60 and text.isprintable():
+                return text
+    return "Hello"
+
+
+def summary_text(res, cfg, prompt: str = "Hello") -> str:  # noqa: ANN001 - FinetuneResult, FinetuneConfig
+    """What a finished run reports: figures, where its outputs are, and the commands to try next."""
+    from shlex import quote
+
+    lines = [f"done: {res.steps} steps in {res.minutes:.1f} min ({res.tokens_per_s:,.0f} tok/s)"
+             + (f", last train loss {res.losses[-1]:.3f}" if res.losses else "")]
+    if res.val_loss_after is not None:
+        before = f"{res.val_loss_before:.3f} -> " if res.val_loss_before is not None else ""
+        lines.append(f"  val loss {before}{res.val_loss_after:.3f} on {res.n_val} held-out examples "
+                     f"({res.n_train} trained on)")
+    share = 100 * res.trainable_parameters / max(res.total_parameters, 1)
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(cfg.target_modules)
+    what = f"LoRA r={cfg.r} on {targets}" if res.method == "lora" else "full fine-tuning"
+    lines.append(f"  {what}: {res.trainable_parameters:,} trainable of {res.total_parameters / 1e6:.1f}M parameters "
+                 f"({share:.2f}%)" + (f", adapter {res.adapter_bytes / 2**20:.1f} MiB" if res.adapter_bytes else ""))
+    run_dir, final = res.run_dir, res.final_dir
+    lines.append(f"run dir: {run_dir}")
+    if res.method == "lora":
+        lines.append(f"  adapter:    {final}  (base: {res.base_model})")
+    else:
+        lines.append(f"  model:      {final}")
+    if res.merged_dir is not None:
+        lines.append(f"  merged:     {res.merged_dir}  (base + adapter as one HF model)")
+    if (run_dir / "loss.png").exists():
+        lines.append(f"  loss curve: {run_dir / 'loss.png'}")
+    lines.append(f"  summary:    {run_dir / 'finetune_summary.json'}")
+    q = quote
+    steps = [(f"llamalab chat -m {q(str(final))}", "chat with it"),
+             (f"llamalab generate -m {q(str(final))} --chat -p {q(prompt)}", "one answer")]
+    if res.method == "lora":
+        merged = res.merged_dir
+        if merged is None:
+            merged = run_dir / "merged"
+            steps.append((f"llamalab convert {q(str(final))} {q(str(merged))}", "merge: base + adapter, one HF model"))
+        steps.append((f"llamalab convert {q(str(merged))} {q(str(run_dir / 'model.gguf'))}", "GGUF for llama.cpp"))
+    else:
+        steps.append((f"llamalab convert {q(str(final))} {q(str(run_dir / 'model.gguf'))}", "GGUF for llama.cpp"))
+    width = max(len(cmd) for cmd, _ in steps)
+    lines.append("next, try:")
+    lines += [f"  {cmd.ljust(width)}  # {why}" for cmd, why in steps]
+    return "\n".join(lines)
