@@ -80,6 +80,7 @@ def served(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "llamalab", "serve", "--model", str(d / MODEL), "--port",
                                  str(port), "--max-batch", "2", "--max-len", "128", "--max-connections",
                                  str(MAX_CONNECTIONS), "--header-timeout", "1", "--body-timeout", "1",
+                                 "--allowed-hosts", "api.example:8000, other.example",
                                  "--log-level", "info"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=_low_nofile)
     srv = Served(f"http://127.0.0.1:{port}", port, log, proc)
@@ -254,7 +255,8 @@ def test_foreign_host_is_refused(served, host):
     still_serving(served)
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:1234", "[::1]:8000", "[::1]"])
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:1234", "[::1]:8000", "[::1]",
+                                  "api.example", "API.example:80", "other.example"])  # the last three: --allowed-hosts
 def test_local_hosts_are_accepted(served, host):
     status, body = exchange(served, request("/v1/completions", json.dumps(NORMAL).encode(), {"Host": host}))
     assert status == 200 and body["choices"][0]["text"] == served.baseline["completion"]
@@ -307,6 +309,13 @@ def test_hang_up_mid_body_is_quiet(served):
     with connect(served) as s:  # and with a reset instead of a clean close
         s.sendall(raw[: len(raw) - 10])
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # hanging up while the answer streams, and while a non-streamed answer is being generated
+    long = {**NORMAL, "max_tokens": 100, "logit_bias": {"0": -100, "2": -100}}
+    for stream in (True, False):
+        with connect(served) as s:
+            s.sendall(request("/v1/completions", json.dumps({**long, "stream": stream}).encode()))
+            if stream:
+                assert s.recv(1).startswith(b"H")  # the answer has begun
     still_serving(served)
 
 

@@ -34,9 +34,10 @@ class ClientGone(Exception):
 
 def allowed_host_names(bound_host: str, extra: Iterable[str] = ()) -> set[str] | None:
     """The Host names to accept (IP literals are always accepted); None accepts any ("*" in ``extra``)."""
-    extra = [h.strip().lower().rstrip(".") for h in extra if h.strip()]
+    extra = [h.strip() for h in extra if h.strip()]
     if "*" in extra:
         return None
+    extra = [host_of(h) for h in extra]
     names = set(LOCAL_NAMES) | set(extra)
     bound = bound_host.strip().lower().rstrip(".")
     if bound in WILDCARD_BINDS:
