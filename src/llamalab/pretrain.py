@@ -30,16 +30,8 @@ from torch import nn
 
 from llamalab.checkpoint import checkpoint_steps, latest_valid_checkpoint, read_trainer_state, write_json_atomic
 from llamalab.errors import ConfigError, LlamalabError
-from llamalab.train import (
-    LoopConfig,
-    load_config,
-    model_config_from,
-    model_flops_per_token,
-    resolve_precision,
-    to_toml,
-    train_loop,
-    validate,
-)
+from llamalab.run_config import load_config, model_config_from, to_toml, validate
+from llamalab.train import LoopConfig, model_flops_per_token, resolve_precision, train_loop
 
 RUN_MARKER = "train_config.toml"
 # what a run was trained on: changing any of these (or anything in [model]) makes it another run

@@ -45,11 +45,13 @@ the training time of one process (a resumed run gets the full budget again).
 Resume (``train(..., resume=True)``) starts from the run's own ``train_config.toml``: overrides may
 lengthen the run or change how it is logged, evaluated or checkpointed, but one that changes the model,
 the data or the tokenizer is an error, and the tokenizer comes from the checkpoint.
+
+Where things live: this module holds the loop; :mod:`llamalab.checkpoint` the checkpoint format,
+:mod:`llamalab.run_config` the TOML config (re-exported here), :mod:`llamalab.pretrain` the recipe.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -62,7 +64,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -442,223 +443,14 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
 
 
 # =============================================================================================== TOML config
-DEFAULTS: dict[str, Any] = {
-    "name": "",  # run name (default: the config file's stem)
-    "out_dir": "runs",
-    "seed": 1337,
-    "data": {"corpus": "shakespeare", "tokenizer": "bpe", "vocab_size": 2048, "val_fraction": 0.05,
-             "cache_dir": "data_cache"},
-    "model": {"preset": "tiny"},  # plus any LlamaConfig field (hidden_size, n_layers, ...)
-    "train": {"steps": 1000, "batch_size": 32, "seq_len": 256, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4,
-              "warmup_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
-              "precision": "auto", "compile": False, "device": "auto", "max_minutes": 0.0,
-              "threads": 0},  # threads: torch intra-op threads (0 = torch's default)
-    "eval": {"every": 200, "tokens": 65536, "batch_size": 16},
-    "checkpoint": {"every": 500, "keep": 2},
-    "log": {"every": 10},
-    "sample": {"prompts": [], "max_new_tokens": 160, "temperature": 0.8, "top_k": 40, "count": 3},
-    "distributed": {"strategy": "auto", "activation_checkpointing": False, "compile_blocks": False,
-                    "timeout_s": 300, "backend": "auto"},
-}
-_MODEL_FIELDS = {"preset", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                 "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
-                 "initializer_range", "norm_type"}
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare string
-
-
-def _set_dotted(cfg: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = cfg
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def _find_section(key: str) -> str:
-    if key in DEFAULTS and not isinstance(DEFAULTS[key], dict):
-        return key
-    hits = [s for s, v in DEFAULTS.items() if isinstance(v, dict) and key in v]
-    if key in _MODEL_FIELDS:
-        hits.append("model")
-    hits = list(dict.fromkeys(hits))
-    if len(hits) == 1:
-        return f"{hits[0]}.{key}"
-    if not hits:
-        raise ConfigError(f"unknown config key {key!r}")
-    raise ConfigError(f"ambiguous config key {key!r}: say {' or '.join(f'{h}.{key}' for h in hits)}")
-
-
-def _merge(base: dict, new: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for k, v in new.items():
-        path = f"{where}{k}"
-        if where == "model.":
-            if k not in _MODEL_FIELDS:
-                raise ConfigError(f"unknown config key {path!r}; model keys: {', '.join(sorted(_MODEL_FIELDS))}")
-            out[k] = v
-            continue
-        if k not in base:
-            section = where.rstrip(".") or "top level"
-            known = ", ".join(sorted(base))
-            raise ConfigError(f"unknown config key {path!r} (in {section}; known: {known})")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config key {path!r} must be a section ([{path}])")
-            out[k] = _merge(base[k], v, f"{path}.")
-        else:
-            out[k] = _check_type(path, base[k], v)
-    return out
-
-
-def _check_type(path: str, default: Any, v: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(v, bool):
-            raise ConfigError(f"{path} must be true or false, got {v!r}")
-    elif isinstance(default, int):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{path} must be an integer, got {v!r}")
-    elif isinstance(default, float):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {v!r}")
-        v = float(v)
-    elif isinstance(default, str):
-        if not isinstance(v, str):
-            raise ConfigError(f"{path} must be a string, got {v!r}")
-    elif isinstance(default, list):
-        if not isinstance(v, list):
-            v = [v]
-    return v
-
-
-def load_config(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None,
-                **kwargs: Any) -> dict:
-    """Defaults ← TOML file (or dict) ← overrides (``["train.lr=1e-3", ...]`` or a dict) ← keyword args.
-
-    Keyword args may name a key by its leaf when unambiguous (``steps=100``) or with ``__`` for the dot
-    (``train__lr=1e-3``). Unknown keys and wrong types raise :class:`ConfigError`.
-    """
-    raw: dict[str, Any] = {}
-    name = ""
-    if isinstance(config, dict):
-        raw = copy.deepcopy(config)
-    elif config is not None:
-        path = resolve_config_path(config)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        name = path.stem
-    cfg = _merge(DEFAULTS, raw)
-    flat: dict[str, Any] = {}
-    if isinstance(overrides, dict):
-        flat.update(overrides)
-    else:
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-3)")
-            k, v = item.split("=", 1)
-            flat[k.strip()] = _parse_value(v.strip())
-    for k, v in kwargs.items():
-        flat[k.replace("__", ".")] = v
-    nested: dict[str, Any] = {}
-    for k, v in flat.items():
-        _set_dotted(nested, k if "." in k else _find_section(k), v)
-    cfg = _merge(cfg, nested)
-    if not cfg["name"]:
-        cfg["name"] = name or "run"
-    return cfg
-
-
-def resolve_config_path(config: str | Path) -> Path:
-    p = Path(config)
-    if p.is_file():
-        return p
-    repo_configs = Path(__file__).resolve().parents[2] / "configs"
-    for cand in (Path("configs") / f"{config}.toml", repo_configs / f"{config}.toml"):
-        if cand.exists():
-            return cand
-    raise ConfigError(f"no such config file: {config}")
-
-
-def to_toml(cfg: dict) -> str:
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(type(v))
-
-    lines = [f"{k} = {val(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"
-
-
-def model_config_from(cfg: dict, vocab_size: int, bos: int | None = None, eos: int | None = None):
-    """The LlamaConfig a training config describes (raises ConfigError for impossible shapes)."""
-    from llamalab.config import PRESETS, LlamaConfig
-
-    m = dict(cfg["model"])
-    preset = m.pop("preset", None) or "tiny"
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-    if "n_heads" in m and "head_dim" not in m:
-        m["head_dim"] = None
-    try:
-        mc = LlamaConfig.from_preset(preset, **m, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos,
-                                     torch_dtype="float32")
-    except TypeError as e:
-        raise ConfigError(f"bad [model] section: {e}") from None
-    seq_len = cfg["train"]["seq_len"]
-    if seq_len > mc.max_position_embeddings:
-        raise ConfigError(f"train.seq_len {seq_len} exceeds the model's max_position_embeddings "
-                          f"{mc.max_position_embeddings}")
-    return mc
-
-
-def validate(cfg: dict, world: int = 1) -> None:
-    """Every check that needs no data: raises a one-line ConfigError before any work."""
-    from llamalab.data import check_corpus
-
-    t = cfg["train"]
-    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
-        if t[key] <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {t[key]}")
-    if not t["lr"] > 0 or t["min_lr"] < 0 or t["min_lr"] > t["lr"]:
-        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (got lr {t['lr']}, min_lr {t['min_lr']})")
-    if t["warmup_steps"] < 0:
-        raise ConfigError("train.warmup_steps must be >= 0")
-    if t["batch_size"] % (t["grad_accum"] * world):
-        raise ConfigError(f"train.batch_size {t['batch_size']} must be divisible by grad_accum ({t['grad_accum']}) "
-                          f"x processes ({world})")
-    resolve_precision(t["precision"], torch.device("cpu") if t["device"] in ("auto", "cpu") else
-                      torch.device(t["device"])) if t["precision"] != "auto" else None
-    if cfg["distributed"]["strategy"] not in ("auto", "none", "ddp", "fsdp"):
-        raise ConfigError(f"distributed.strategy must be auto, none, ddp or fsdp, got "
-                          f"{cfg['distributed']['strategy']!r}")
-    d = cfg["data"]
-    if not 0 <= d["val_fraction"] < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d['val_fraction']}")
-    check_corpus(d["corpus"])
-    if d["tokenizer"] != "bpe" and not Path(d["tokenizer"]).exists():
-        raise ConfigError(f"data.tokenizer must be \"bpe\" (train one) or a model/tokenizer dir; "
-                          f"{d['tokenizer']} does not exist")
-    model_config_from(cfg, d["vocab_size"] if d["tokenizer"] == "bpe" else 1024)
+from llamalab.run_config import (  # noqa: E402,F401 - re-exported: the config API lived here
+    DEFAULTS,
+    load_config,
+    model_config_from,
+    resolve_config_path,
+    to_toml,
+    validate,
+)
 
 
 # =============================================================================================== from scratch
