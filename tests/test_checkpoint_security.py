@@ -114,7 +114,11 @@ def test_pickle_payload_checkpoints_are_never_unpickled(tmp_path, finished):
         poison(ckpt, marker)
     before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
     res = cli("train", str(tmp_path / "cfg.toml"), "--resume", "--no-progress", "--steps", "8")
-    assert one_error_line(res).endswith("to resume from (each is reported above); nothing was changed")
+    assert res.stderr.strip().splitlines() == [
+        f"llamalab train: error: no usable checkpoint in {run / 'checkpoints'} to resume from (3 checked; the "
+        "newest, step_6: it holds rng_rank0.pt: an older pickle-based checkpoint format, which is never loaded "
+        "(unpickling can run code)); nothing was changed"]
+    assert res.returncode == 2
     assert not marker.exists()
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
     # exporting a poisoned checkpoint: refused, nothing run

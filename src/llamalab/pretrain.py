@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalab.checkpoint import checkpoint_steps, latest_valid_checkpoint, read_trainer_state, write_json_atomic
+from llamalab.checkpoint import (
+    checkpoint_steps,
+    latest_valid_checkpoint,
+    read_trainer_state,
+    verify_checkpoint,
+    write_json_atomic,
+)
 from llamalab.errors import ConfigError, LlamalabError
 from llamalab.run_config import load_config, model_config_from, to_toml, validate
 from llamalab.train import LoopConfig, model_flops_per_token, resolve_precision, train_loop
@@ -288,10 +294,16 @@ def train(config: str | Path | dict | None = None, overrides: list[str] | dict |
     resume_from = None
     if resume and is_run_dir(run_dir):
         cfg = resume_config(run_dir, requested, config is not None, overrides, kwargs)
-        resume_from = latest_valid_checkpoint(run_dir, lambda msg: say(msg, file=sys.stderr))
-        if resume_from is None and checkpoint_steps(run_dir):
-            raise LlamalabError(f"no usable checkpoint in {run_dir / 'checkpoints'} to resume from (each is "
-                                "reported above); nothing was changed")
+        skipped: list[str] = []
+        resume_from = latest_valid_checkpoint(run_dir, skipped.append)
+        steps = checkpoint_steps(run_dir)
+        if resume_from is None and steps:
+            newest = steps[-1][1]
+            raise LlamalabError(f"no usable checkpoint in {run_dir / 'checkpoints'} to resume from ({len(steps)} "
+                                f"checked; the newest, {newest.name}: {verify_checkpoint(newest)}); nothing was "
+                                "changed")
+        for msg in skipped:
+            say(msg, file=sys.stderr)
     else:
         cfg = requested
         if run_dir.exists() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
