@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import make_model, make_tokenizer
+from test_serve import make_model, make_tokenizer, wait_until
 
 MODEL = "m"
 NOFILE = 256  # the server's open-file limit (soft and hard): the flood below opens more sockets than this
@@ -397,3 +397,29 @@ def test_accept_errors_are_logged_one_line_per_interval():
     assert len(records) == 1 and records[0].exc_info is None
     assert "Too many open files" in records[0].getMessage()
     assert handler.suppressed == 999
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_503():
+    """With every connection carrying a request in progress there is no idle one to close: the newcomer
+    gets a 503 error object, and the requests in progress finish normally."""
+    from llamalab.serve import BackgroundServer
+    from llamalab.server.connections import ConnectionLimits
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    with BackgroundServer(model, tok, MODEL, max_batch=1, max_len=128,
+                          limits=ConnectionLimits(max_connections=2)) as srv:
+        srv.engine.pause()
+        with ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(httpx.post, srv.url + "/v1/completions", json=NORMAL, timeout=READ_LIMIT_S)
+                    for _ in range(2)]
+            assert wait_until(lambda: srv.engine.stats()["queued"] == 2, timeout=READ_LIMIT_S)
+            port = int(srv.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=READ_LIMIT_S) as s:
+                err = assert_openai_error(*read_response(s), 503)
+            assert err["code"] == "too_many_connections"
+            srv.engine.resume()
+            texts = [f.result().json()["choices"][0]["text"] for f in busy]
+        assert texts[0] == texts[1]
+        assert httpx.post(srv.url + "/v1/completions", json=NORMAL, timeout=READ_LIMIT_S).json()["choices"][0][
+            "text"] == texts[0]

@@ -99,8 +99,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
                allowed_hosts: set[str] | None = None, body_timeout: float = 30.0) -> FastAPI:
     """Build the app. ``engine`` must be started (:meth:`Engine.start`) before requests arrive.
 
-    ``allowed_hosts``: Host names accepted besides IP literals (default: localhost and the machine's
-    name; None accepts any); ``body_timeout``: seconds a client has to send its body.
+    ``allowed_hosts``: Host names accepted besides IP literals (default: localhost; ``{"*"}`` accepts
+    any; :func:`~llamalab.server.guard.allowed_host_names` builds it from ``--host`` and
+    ``--allowed-hosts``); ``body_timeout``: seconds a client has to send its body.
     """
     if allowed_hosts is None:
         allowed_hosts = allowed_host_names("127.0.0.1")
@@ -132,7 +133,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        msg = f"{request.method} {request.url.path}: {e.detail}"
+        path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+        msg = f"{request.method} {path}: {e.detail}"
         return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code)
 
     def check_auth(request: Request) -> None:
