@@ -109,6 +109,12 @@ def test_generate_to_a_full_disk(dirs):
     _one_line_error(r, "generate", "No space left")
 
 
+def test_non_utf8_command_line_argument(dirs):
+    r = subprocess.run([sys.executable, "-m", "llamalab", "generate", dirs["model"], "-p", b"\xff\xfe"],
+                       capture_output=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _one_line_error(r, "generate", "--prompt", "UTF-8")
+
+
 def test_eval_binary_data(dirs):
     _one_line_error(_run("eval", dirs["model"], "--data", dirs["binary"]), "eval", "UTF-8")
 
