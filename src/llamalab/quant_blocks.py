@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
@@ -48,6 +49,8 @@ class BlockQuantLinear(QuantizedLinear):
         if (kind == "q4_1") != (m is not None):
             raise WeightsError("q4_1 needs mins m; q8_0 / q4_0 take none")
         self.kind = kind
+        kernels.load()
+        self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default
         self.register_buffer("qs", qs.contiguous())
         self.register_buffer("d", d.to(torch.float16).contiguous())
         self.register_buffer("m", None if m is None else m.to(torch.float16).contiguous())
@@ -121,10 +124,15 @@ class BlockQuantLinear(QuantizedLinear):
             return w.to(dtype)
         return dequantize(self.kind, self.qs, self.d, self.m, dtype=dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            if self.m is None:
+                return self._op(x, self.qs, self.d)
+            return self._op(x, self.qs, self.d, self.m)
+        return F.linear(x, self.dequantize(x.dtype))
+
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        if x2d.device.type != "cpu":
-            return None
-        return kernels.block_linear(self.kind, x2d, self.qs, self.d, self.m)
+        return kernels.block_linear(self.kind, x2d, self.qs, self.d, self.m) if x2d.device.type == "cpu" else None
 
     @property
     def weight_nbytes(self) -> int:

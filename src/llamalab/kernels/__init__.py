@@ -1,9 +1,11 @@
 """CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), registered as torch ops.
 
 ``torch.ops.llamalab.q8_0_linear(x, qs, d)``, ``q4_0_linear(x, qs, d)`` and ``q4_1_linear(x, qs, d, m)``
-take a contiguous float32 activation (M, K) and a weight in the layouts of :mod:`.reference`, and
-return y = x · Wᵀ (M, N) float32. Each has a fake (meta) implementation, so ``torch.compile`` keeps
-them in its graph as single calls.
+take an activation (..., K) of any float dtype and a weight in the layouts of :mod:`.reference`, and
+return y = x · Wᵀ (..., N) in x's dtype: the integer kernel below ``GEMM_ROWS`` rows, else a GEMM on
+the weight dequantized by ``torch.ops.llamalab.dequantize`` (bfloat16 where the CPU has bf16 dot
+products). Each has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as
+single calls.
 
 The C++ source (``blocks.cpp``, one translation unit) is compiled on first use with the system's C++
 compiler and cached under ``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by
@@ -126,7 +128,7 @@ def _define_python_fallback(reason: str) -> None:
 def _register_fakes() -> None:
     for kind in KINDS:
         def fake(x, qs, d, m=None):
-            return x.new_empty((x.shape[0], qs.shape[0]))
+            return x.new_empty((*x.shape[:-1], qs.shape[0]))
 
         torch.library.register_fake(f"llamalab::{kind}_linear", fake)
 
@@ -162,6 +164,7 @@ def load() -> bool:
         _register_fakes()
         _state.update(native=native, reason=reason)
         if native:
+            torch.ops.llamalab.configure(GEMM_ROWS, gemm_bf16())
             forced = os.environ.get("LLAMALAB_KERNEL_ISA")
             if forced:
                 set_isa(forced)
@@ -219,12 +222,7 @@ def gemm_bf16() -> bool:
 
 def block_linear(kind: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor,
                  m: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) float32 = x (M, K) · Wᵀ: the ``llamalab::<kind>_linear`` op for few rows, else a GEMM on the
-    weight dequantized by ``llamalab::dequantize`` (bfloat16 where the CPU multiplies bf16 natively)."""
+    """y (..., N) = x (..., K) · Wᵀ through the ``llamalab::<kind>_linear`` op, in x's dtype."""
     load()
-    if x.shape[0] >= GEMM_ROWS:
-        w = torch.ops.llamalab.dequantize(qs, d, m, KINDS.index(kind), gemm_bf16())
-        return torch.nn.functional.linear(x.to(w.dtype), w).float()
-    x = x.to(torch.float32).contiguous()
     op = getattr(torch.ops.llamalab, f"{kind}_linear")
     return op(x, qs, d) if m is None else op(x, qs, d, m)

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -40,6 +41,14 @@ constexpr int QK = 32;
 constexpr int MAXG = 4;  // activation blocks are padded to a multiple of this many
 
 int64_t g_isa = -1;  // -1: best available
+int64_t g_gemm_rows = 24;  // from this many activation rows on: dequantize + GEMM (set by configure)
+bool g_gemm_bf16 = false;  // the GEMM in bfloat16 (CPUs with bf16 dot products)
+
+int64_t configure(int64_t gemm_rows, bool gemm_bf16) {
+  g_gemm_rows = gemm_rows;
+  g_gemm_bf16 = gemm_bf16;
+  return g_gemm_rows;
+}
 
 bool supported(int64_t isa) {
 #if LL_X86
@@ -353,59 +362,6 @@ int group_for(int64_t isa, Kind kind) {
   return isa == AVX512VNNI ? 4 : 2;
 }
 
-at::Tensor block_linear(Kind kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
-                        const at::Tensor* m) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "llamalab block linear: x must be a contiguous float32 (M, K) tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
-  TORCH_CHECK(K % QK == 0, "llamalab block linear: K=", K, " is not a multiple of 32");
-  const int64_t row_bytes = kind == Q8_0 ? K : K / 2;
-  TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes && qs.is_contiguous() && qs.element_size() == 1,
-              "llamalab block linear: qs must be a contiguous (N, ", row_bytes, ") byte tensor");
-  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == nb && d.scalar_type() == at::kHalf && d.is_contiguous(),
-              "llamalab block linear: d must be a contiguous float16 (N, K/32) tensor");
-  if (m) {
-    TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
-                "llamalab block linear: m must be like d");
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const int64_t isa = active_isa();
-  const int group = group_for(isa, kind);
-  const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
-  std::vector<int8_t> xq(M * nbp * QK + 64);  // + slack: full-width loads of the last group
-  std::vector<float> xd(M * nbp + MAXG), xs(M * nbp + MAXG);
-  quantize_rows(x.data_ptr<float>(), M, K, kind, group, xq.data(), xd.data(), xs.data());
-
-  const uint8_t* w = (const uint8_t*)qs.data_ptr();
-  const uint16_t* dw = (const uint16_t*)d.data_ptr();
-  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
-  float* yp = y.data_ptr<float>();
-  constexpr int R = 4;  // weight rows per step
-  const int64_t tiles = (N + R - 1) / R;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    float out[R];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
-      const uint8_t* wr = w + n0 * row_bytes;
-      const uint16_t* dr = dw + n0 * nb;
-      const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
-      for (int64_t r = 0; r < M; ++r) {
-        const QRow xr{xq.data() + r * nbp * QK, xd.data() + r * nbp, xs.data() + r * nbp};
-        if (nr == R) {
-          rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, group, out);
-        } else {
-          for (int64_t i = 0; i < nr; ++i)
-            rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, group,
-                    out + i);
-        }
-        std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
-      }
-    }
-  });
-  return y;
-}
 
 // ------------------------------------------------------------------------------------------ dequantize
 // The float weight (N, K) as float32 or bfloat16 (round to nearest even), for batched products through a
@@ -466,6 +422,75 @@ at::Tensor dequantize_op(const at::Tensor& qs, const at::Tensor& d, const c10::o
   return out;
 }
 
+// y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
+                        const at::Tensor* m) {
+  const int64_t N = qs.size(0), K = x_in.size(-1), nb = K / QK;
+  const int64_t row_bytes = kind == Q8_0 ? K : K / 2;
+  TORCH_CHECK(K % QK == 0, "llamalab block linear: K=", K, " is not a multiple of 32");
+  TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes && qs.is_contiguous() && qs.element_size() == 1,
+              "llamalab block linear: qs must be a contiguous (N, ", row_bytes, ") byte tensor");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == nb && d.scalar_type() == at::kHalf && d.is_contiguous(),
+              "llamalab block linear: d must be a contiguous float16 (N, K/32) tensor");
+  if (m) {
+    TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
+                "llamalab block linear: m must be like d");
+  }
+  std::vector<int64_t> out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  const at::Tensor x2 = x_in.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
+    const at::Tensor w = dequantize_op(qs, d, m ? c10::optional<at::Tensor>(*m) : c10::nullopt, kind, g_gemm_bf16);
+    return at::mm(x2.to(w.scalar_type()), w.t()).to(x_in.scalar_type()).view(out_sizes);
+  }
+  const at::Tensor x = x2.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.to(x_in.scalar_type()).view(out_sizes);
+  const int64_t isa = active_isa();
+  const int group = group_for(isa, kind);
+  const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xs;
+  xq.resize(std::max<size_t>(xq.size(), M * nbp * QK + 64));  // + slack: full-width loads of the last group
+  xd.resize(std::max<size_t>(xd.size(), M * nbp + MAXG));
+  xs.resize(std::max<size_t>(xs.size(), M * nbp + MAXG));
+  // (pointers, not the thread_local vectors, go into the worker threads: each thread has its own vectors)
+  int8_t* const xqp = xq.data();
+  float* const xdp = xd.data();
+  float* const xsp = xs.data();
+  quantize_rows(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+
+  const uint8_t* w = (const uint8_t*)qs.data_ptr();
+  const uint16_t* dw = (const uint16_t*)d.data_ptr();
+  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
+  float* yp = y.data_ptr<float>();
+  constexpr int R = 4;  // weight rows per step
+  const int64_t tiles = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    float out[R];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
+      const uint8_t* wr = w + n0 * row_bytes;
+      const uint16_t* dr = dw + n0 * nb;
+      const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        const QRow xr{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
+        if (nr == R) {
+          rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, group, out);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, group,
+                    out + i);
+        }
+        std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
+      }
+    }
+  });
+  return y.to(x_in.scalar_type()).view(out_sizes);
+}
+
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
   return block_linear(Q8_0, x, qs, d, nullptr);
 }
@@ -483,6 +508,7 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
+  lib.def("configure(int gemm_rows, bool gemm_bf16) -> int", &configure);
   lib.def("cpu_isa() -> int", &cpu_isa);
   lib.def("set_isa(int isa) -> int", &set_isa);
   lib.def("active_isa() -> int", &active_isa);

@@ -1,0 +1,168 @@
+"""Batch-1 matrix-vector throughput of the block-quantized kernels vs torch's stock kernels (one thread).
+
+    python benchmarks/bench_kernels.py                # per layer shape + the whole SmolLM2 set + decode tok/s
+    python benchmarks/bench_kernels.py --rows 1 8 32  # also batched products (prefill / serving batches)
+
+Per layer: each SmolLM2-135M linear shape, as Q8_0 / Q4_0 / Q4_1 blocks through ``llamalab::*_linear``,
+against fp32 ``F.linear``, ``torch._weight_int8pack_mm`` (per-channel int8, bf16 activations) and
+``torch._weight_int4pack_mm_for_cpu`` (group 32, bf16 activations). Whole model: every linear of the
+shipped ``SmolLM2-135M-Instruct.Q4_1.gguf`` once (what one decoded token multiplies), the file's own
+blocks (Q4_1 layers, Q8_0 head) vs the same weights as fp32. Decode: ``llamalab.load("smollm2")`` +
+greedy ``generate`` of 64 tokens, blocks kept vs dequantized to float32, and llama.cpp on the same file
+when ``llama-cpp-python`` is installed. Rounds are interleaved; each round keeps the fastest of its
+repetitions (the machine may be shared), and the figures are medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llamalab import kernels
+from llamalab.quant_blocks import BlockQuantLinear
+
+SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
+          "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
+
+
+def timed(fn, reps: int) -> float:
+    """The fastest of `reps` calls: on a shared machine the minimum is what the code itself costs."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def candidates(w: torch.Tensor, rows: int) -> dict[str, tuple[object, int]]:
+    """name -> (callable, weight bytes read) for one float weight (N, K)."""
+    n, k = w.shape
+    x = torch.randn(rows, k)
+    xb = x.bfloat16()
+    out: dict[str, tuple[object, int]] = {"fp32 F.linear": (lambda: F.linear(x, w), w.numel() * 4)}
+    for kind in ("q8_0", "q4_0", "q4_1"):
+        layer = BlockQuantLinear.from_float(w, kind)
+        out[f"llamalab {kind}"] = (lambda layer=layer: layer(x), layer.weight_nbytes)
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-8)
+    q8 = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+    sb = scale.bfloat16()
+    out["torch int8pack (bf16 x)"] = (lambda: torch._weight_int8pack_mm(xb, q8, sb), q8.numel() + n * 2)
+    try:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        sz = torch.rand(k // 32, n, 2).bfloat16()
+        out["torch int4pack g32 (bf16 x)"] = (lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, 32, sz),
+                                              n * k // 2 + sz.numel() * 2)
+    except (RuntimeError, AttributeError):
+        pass
+    return out
+
+
+def bench_layers(rows: int, rounds: int) -> None:
+    print(f"\n### per layer, {rows} activation row(s): µs per call (weight GB/s)\n")
+    for label, (n, k) in SHAPES.items():
+        w = torch.randn(n, k) * 0.02
+        cands = candidates(w, rows)
+        times: dict[str, list[float]] = {name: [] for name in cands}
+        reps = max(3, int(2e6 / (n * k)) * 5)
+        for _ in range(rounds):
+            for name, (fn, _) in cands.items():
+                times[name].append(timed(fn, reps))
+        cells = [f"{name} {statistics.median(ts) * 1e6:.0f} ({cands[name][1] / statistics.median(ts) / 1e9:.1f})"
+                 for name, ts in times.items()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def bench_model(rounds: int) -> None:
+    from llamalab.loading import smollm2_path
+    from llamalab.quant_blocks import gguf_block_layers
+    from llamalab.weights.gguf import config_from_metadata, read_gguf
+
+    g = read_gguf(smollm2_path())
+    cfg = config_from_metadata(g.metadata, g.tensors)
+    blocks = gguf_block_layers(g, cfg)
+    floats = {name: layer.dequantize() for name, layer in blocks.items()}
+    xs = {name: torch.randn(1, layer.in_features) for name, layer in blocks.items()}
+    block_bytes = sum(layer.weight_nbytes for layer in blocks.values())
+    float_bytes = sum(w.numel() * 4 for w in floats.values())
+
+    def run_blocks():
+        for name, layer in blocks.items():
+            layer(xs[name])
+
+    def run_float():
+        for name, w in floats.items():
+            F.linear(xs[name], w)
+
+    tb, tf = [], []
+    for _ in range(rounds):
+        tb.append(timed(run_blocks, 10))
+        tf.append(timed(run_float, 5))
+    b, f = statistics.median(tb), statistics.median(tf)
+    print(f"\n### every linear of SmolLM2-135M-Instruct.Q4_1.gguf once ({len(blocks)} layers)\n")
+    print("| weights | ms per token | weight GB/s | token/s bound |\n|---|---:|---:|---:|")
+    print(f"| file blocks (Q4_1 layers, Q8_0 head), {kernels.active_isa()} | {b * 1e3:.2f} | "
+          f"{block_bytes / b / 1e9:.1f} | {1 / b:.0f} |")
+    print(f"| fp32 F.linear | {f * 1e3:.2f} | {float_bytes / f / 1e9:.1f} | {1 / f:.0f} |")
+
+
+def bench_decode(rounds: int, tokens: int) -> None:
+    import llamalab
+    from llamalab.generate import generate
+
+    prompt = "Write a short story about a robot who learns to paint."
+    engines = {}
+    blocks, tok = llamalab.load("smollm2", keep_quantized=True)
+    engines["llamalab, GGUF blocks kept"] = lambda: generate(blocks, tok, prompt, max_new_tokens=tokens,
+                                                               temperature=0.0)
+    fmodel, _ = llamalab.load("smollm2", dtype="float32")
+    engines["llamalab, dequantized to float32"] = lambda: generate(fmodel, tok, prompt, max_new_tokens=tokens,
+                                                                     temperature=0.0)
+    try:
+        from llama_cpp import Llama as LlamaCpp
+
+        from llamalab.loading import smollm2_path
+
+        cpp = LlamaCpp(str(smollm2_path()), n_threads=1, n_batch=1, n_ubatch=1, verbose=False)
+        engines["llama.cpp, same file"] = lambda: cpp(prompt, max_tokens=tokens, temperature=0.0)
+    except ImportError:
+        pass
+    results: dict[str, list[float]] = {name: [] for name in engines}
+    for fn in engines.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            t = time.perf_counter()
+            fn()
+            results[name].append(tokens / (time.perf_counter() - t))
+    print(f"\n### decode, greedy, {tokens} new tokens (prompt included in the time), tokens/s\n")
+    print("| engine | tok/s |\n|---|---:|")
+    for name, rs in results.items():
+        print(f"| {name} | {statistics.median(rs):.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"C++ kernels: {kernels.load()}, ISA {kernels.active_isa()} (available: {kernels.available_isas()}), "
+          f"torch {torch.__version__}, 1 thread")
+    for rows in args.rows:
+        bench_layers(rows, args.rounds)
+    bench_model(args.rounds)
+    if not args.skip_decode:
+        bench_decode(args.rounds, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
