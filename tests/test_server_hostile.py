@@ -268,6 +268,10 @@ def test_missing_host_and_malformed_http(served):
                 b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
                 b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (128 * 1024) + b"\r\n\r\n"):
         assert_openai_error(*exchange(served, raw), 400)
+    upgrade = request("/v1/completions", b"", {"Upgrade": "websocket", "Connection": "Upgrade, close",
+                                               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                               "Sec-WebSocket-Version": "13"}, method="GET")
+    assert_openai_error(*exchange(served, upgrade), 405)  # no WebSocket: a plain GET of a POST-only route
     still_serving(served)
 
 

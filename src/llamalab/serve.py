@@ -78,7 +78,7 @@ def uvicorn_server(app, host: str, port: int, limits: ConnectionLimits, log_leve
     cap = connection_cap(limits.max_connections, raise_open_file_limit())
     if cap != limits.max_connections:
         limits = ConnectionLimits(**{**limits.__dict__, "max_connections": cap})
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits),
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits), ws="none",
                             backlog=limits.backlog, timeout_keep_alive=limits.keep_alive_timeout,
                             timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=64 * 1024)
     return _Server(config), limits
