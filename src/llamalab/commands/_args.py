@@ -13,7 +13,7 @@ from typing import Any
 
 from llamalab.errors import LlamalabError
 
-MODEL_HELP = "HF dir, .gguf file, run dir, 'smollm2' (the bundled pretrained model) or a preset name"
+MODEL_HELP = "HF dir, .gguf file, run dir or 'smollm2' (the bundled pretrained model)"
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed accepts up to 2**64-1, numpy and random less: keep one range
 
 

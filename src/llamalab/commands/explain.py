@@ -18,7 +18,7 @@ HELP = "write a measured, illustrated HTML anatomy of RoPE, RMSNorm, GQA and att
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sections", nargs="*", default=["all"], metavar="SECTION",
                    help="rope, rmsnorm, gqa, attention or all (default: all); several may be given")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", "-m", default=None,
                    help="HF dir, .gguf file, run dir or preset name (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="explain_report", help="output folder for index.html and the figures")
     p.add_argument("--quick", action="store_true", help="shrink every experiment (seconds, for tests)")

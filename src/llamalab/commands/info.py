@@ -25,7 +25,7 @@ MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not a mo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_argument(p)
+    add_model_argument(p, help="HF dir, .gguf file, run dir, 'smollm2' or a preset name (a random-init shape)")
     p.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure "
                    "(default: the model's)")
     p.add_argument("--dtype", default=None,
