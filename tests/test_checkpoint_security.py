@@ -276,3 +276,28 @@ def test_well_formed_but_hostile_checkpoint_contents_are_refused(tmp_path, finis
     res = cli("train", str(cfg), "--resume", "--steps", "6", "--no-progress")
     assert one_error_line(res).startswith(f"llamalab train: error: checkpoint {step4} does not fit this model and "
                                           "optimizer: ")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_written(tmp_path, corpus_dir):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare (a user mount namespace) to mount a small tmpfs")
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    runs.mkdir()
+    kept.mkdir()
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(train.to_toml(tiny_cfg(corpus_dir, runs)))
+    # room for one checkpoint (~550 KB) but not two; the run dir is copied out before the tmpfs goes away
+    script = (f'mount -t tmpfs -o size=900k tmpfs "{runs}" && "$0" "$@"; rc=$?; cp -a "{runs}/t" "{kept}/"; '
+              'exit $rc')
+    res = cli("train", str(cfg), "--no-progress", prefix=["unshare", "-rm", "sh", "-c", script])
+    assert one_error_line(res) == (f"llamalab train: error: cannot write the step 4 checkpoint in {runs / 't'}/"
+                                   "checkpoints (No space left on device (os error 28)); the checkpoints written "
+                                   "before it are intact: free space or fix permissions, then --resume")
+    run = kept / "t"
+    assert [s for s, _ in checkpoint_steps(run)] == [2]
+    assert verify_checkpoint(run / "checkpoints" / "step_2") is None
+    assert not (run / "checkpoints" / ".tmp_step_4").exists()
+    # with room again, the run resumes from what was kept
+    res = cli("train", str(cfg), "--resume", "--no-progress", "--set", f"out_dir={json.dumps(str(kept))}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stderr and (run / "final" / "model.safetensors").exists()

@@ -70,6 +70,12 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for d in (Path(run_dir) / "checkpoints").glob("step_*"):
@@ -339,6 +345,21 @@ class Checkpointer:
         return model_from_state_dict(cfg, full, dtype=torch.float32)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, trainer_state: dict) -> Path:
+        """Write ``checkpoints/step_N`` (a one-line error, and the older checkpoints intact, when the disk is
+        full or read-only)."""
+        from safetensors import SafetensorError
+
+        try:
+            return self._save(model, optimizer, step, trainer_state)
+        except (OSError, SafetensorError) as e:
+            if self.ctx is None or self.ctx.is_main:
+                shutil.rmtree(self.run_dir / "checkpoints" / f".tmp_step_{step}", ignore_errors=True)
+            reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).split(": ")[-1]
+            raise LlamalabError(f"cannot write the step {step} checkpoint in {self.run_dir / 'checkpoints'} "
+                                f"({reason}); the checkpoints written before it are intact: free space or fix "
+                                "permissions, then --resume") from None
+
+    def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, trainer_state: dict) -> Path:
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -373,6 +394,10 @@ class Checkpointer:
         if ctx is not None:
             ctx.barrier()
         if is_main:
+            mode = 0o666 & ~_umask()  # safetensors writes 0600: checkpoints follow the umask like other files
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    p.chmod(mode)
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             write_json_atomic(tmp / "manifest.json", {"step": step, "files": files})
