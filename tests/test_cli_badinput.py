@@ -83,6 +83,11 @@ def test_generate_utf8_stdin_under_c_locale(dirs):
     assert r.returncode == 0, r.stderr.decode()
 
 
+def test_generate_to_an_ascii_only_stdout(dirs):
+    r = _run("generate", dirs["model"], "-p", "明月", "-n", "4", env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()
+
+
 @pytest.mark.parametrize("args, words", [
     (["--seed", str(2**70)], ["--seed"]),
     (["--seed", "-1"], ["--seed"]),

@@ -77,6 +77,17 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _tolerant_stdout() -> None:
+    """Under a locale that cannot show all of Unicode (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8
+    mode), print what the model writes with replacement characters rather than fail mid-stream."""
+    enc = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if enc not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(errors="replace")
+        except (ValueError, OSError):
+            pass
+
+
 def _flush_stdout() -> None:
     try:
         sys.stdout.flush()
@@ -101,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = bool(os.environ.get("LLAMALAB_DEBUG"))
+    _tolerant_stdout()
     prefix = f"llamalab {args.command}: error:"
     try:
         check_arguments(args)
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 msg += " (writing the output)"
             _quiet_stdout()
         elif isinstance(e, UnicodeError) and not isinstance(e, LlamalabError):
-            msg = f"text is not valid UTF-8 ({e})"
+            msg = f"text encoding error: {e}"
         else:
             msg = str(e)
         print(f"{prefix} {' '.join(msg.split())}", file=sys.stderr)
