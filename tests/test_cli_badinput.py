@@ -120,6 +120,12 @@ def test_non_utf8_command_line_argument(dirs):
     _one_line_error(r, "generate", "--prompt", "UTF-8")
 
 
+def test_writing_where_no_file_can_be_is_one_line(dirs):
+    blocker = dirs["root"] / "a_file"
+    blocker.write_text("x")
+    _one_line_error(_run("convert", dirs["model"], str(blocker / "out")), "convert", "a_file")
+
+
 def test_eval_binary_data(dirs):
     _one_line_error(_run("eval", dirs["model"], "--data", dirs["binary"]), "eval", "UTF-8")
 
