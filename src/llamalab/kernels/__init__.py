@@ -42,7 +42,8 @@ _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
 # From this many activation rows on, dequantizing the weight (C++, vectorised) and calling the GEMM is
-# faster than the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures).
+# faster than the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures):
+# 12 with a bf16 GEMM (AMX / AVX512-BF16), 24 with an fp32 one. Set by load().
 GEMM_ROWS = 24
 
 _lock = threading.Lock()
@@ -140,6 +141,7 @@ def _register_fakes() -> None:
 
 def load() -> bool:
     """Make the ``llamalab::*_linear`` ops available (once per process); True if the C++ kernels are in use."""
+    global GEMM_ROWS
     if "native" in _state:
         return bool(_state["native"])
     with _lock:
@@ -164,6 +166,7 @@ def load() -> bool:
         _register_fakes()
         _state.update(native=native, reason=reason)
         if native:
+            GEMM_ROWS = 12 if gemm_bf16() else 24
             torch.ops.llamalab.configure(GEMM_ROWS, gemm_bf16())
             forced = os.environ.get("LLAMALAB_KERNEL_ISA")
             if forced:

@@ -365,10 +365,15 @@ int group_for(int64_t isa, Kind kind) {
 
 // ------------------------------------------------------------------------------------------ dequantize
 // The float weight (N, K) as float32 or bfloat16 (round to nearest even), for batched products through a
-// GEMM. Plain loops, compiled per ISA by target_clones so that the compiler vectorises them.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void dequantize_rows(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t n0, int64_t n1,
-                     int64_t K, float* outf, uint16_t* outb) {
+// GEMM: 16 weights per AVX-512 step where the CPU has it, plain loops otherwise.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void dequantize_rows_scalar(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t n0,
+                            int64_t n1, int64_t K, float* outf, uint16_t* outb) {
   const int64_t nb = K / QK, rb = kind == Q8_0 ? K : K / 2;
   float tmp[QK];
   for (int64_t n = n0; n < n1; ++n) {
@@ -386,17 +391,59 @@ void dequantize_rows(Kind kind, const uint8_t* w, const uint16_t* dw, const uint
         }
       }
       const int64_t o = n * K + b * QK;
-      if (outf) {
-        for (int i = 0; i < QK; ++i) outf[o + i] = tmp[i];
-      } else {
-        for (int i = 0; i < QK; ++i) {
-          uint32_t u;
-          std::memcpy(&u, &tmp[i], 4);
-          outb[o + i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
+      for (int i = 0; i < QK; ++i) {
+        if (outf) outf[o + i] = tmp[i];
+        else outb[o + i] = float_to_bf16(tmp[i]);
       }
     }
   }
+}
+
+#if LL_X86
+LL_AVX512_ATTR inline void store16(__m512 v, float* outf, uint16_t* outb, int64_t o) {
+  if (outf) {
+    _mm512_storeu_ps(outf + o, v);
+  } else {
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i*)(outb + o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  }
+}
+
+LL_AVX512_ATTR void dequantize_rows_avx512(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw,
+                                           int64_t n0, int64_t n1, int64_t K, float* outf, uint16_t* outb) {
+  const int64_t nb = K / QK, rb = kind == Q8_0 ? K : K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float df = _cvtsh_ss(dw[n * nb + b]);
+      const __m512 d = _mm512_set1_ps(df);
+      const int64_t o = n * K + b * QK;
+      if (kind == Q8_0) {
+        const int8_t* q = (const int8_t*)w + n * rb + b * QK;
+        for (int h = 0; h < 2; ++h) {
+          const __m512i qi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16 * h)));
+          store16(_mm512_mul_ps(d, _mm512_cvtepi32_ps(qi)), outf, outb, o + 16 * h);
+        }
+      } else {
+        const __m512 m = _mm512_set1_ps(kind == Q4_1 ? _cvtsh_ss(mw[n * nb + b]) : -8.f * df);
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(w + n * rb + b * 16));
+        const __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(15));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+        store16(_mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), m), outf, outb, o);
+        store16(_mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), m), outf, outb, o + 16);
+      }
+    }
+  }
+}
+#endif
+
+void dequantize_rows(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t n0, int64_t n1,
+                     int64_t K, float* outf, uint16_t* outb) {
+#if LL_X86
+  if (active_isa() == AVX512VNNI) return dequantize_rows_avx512(kind, w, dw, mw, n0, n1, K, outf, outb);
+#endif
+  dequantize_rows_scalar(kind, w, dw, mw, n0, n1, K, outf, outb);
 }
 
 at::Tensor dequantize_op(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m, int64_t kind,
