@@ -11,6 +11,7 @@ names its own corpus and ``val_fraction`` in ``train_config.toml`` (:func:`run_v
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,12 +72,28 @@ def training_run_dir(model: str | Path) -> Path | None:
     return None
 
 
-def run_data(run_dir: Path) -> tuple[str, float]:
-    """(corpus, val_fraction) a training run was trained on, from its train_config.toml."""
+def _heldout_record(run_dir: Path) -> dict:
+    """``heldout.json`` (written by training: corpus, val_fraction, val_doc_ids), or {} when absent/unreadable."""
+    from llamalab.jsonio import read_json_object
+
+    path = run_dir / "heldout.json"
+    if not path.is_file():
+        return {}
     try:
-        cfg = tomllib.loads((run_dir / "train_config.toml").read_text(encoding="utf-8"))
-        data = cfg["data"]
-        corpus, val_fraction = str(data["corpus"]), float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
+        return read_json_object(path)
+    except (LlamalabError, OSError):
+        return {}
+
+
+def run_data(run_dir: Path) -> tuple[str, float]:
+    """(corpus, val_fraction) a training run was trained on: from its heldout.json, else train_config.toml."""
+    record = _heldout_record(run_dir)
+    try:
+        if isinstance(record.get("corpus"), str) and isinstance(record.get("val_fraction"), (int, float)):
+            corpus, val_fraction = record["corpus"], float(record["val_fraction"])
+        else:
+            data = tomllib.loads((run_dir / "train_config.toml").read_text(encoding="utf-8"))["data"]
+            corpus, val_fraction = str(data["corpus"]), float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise LlamalabError(f"{run_dir}/train_config.toml does not say what the run was trained on ({e}); "
                             "pass --data") from None
@@ -88,4 +105,9 @@ def run_data(run_dir: Path) -> tuple[str, float]:
 def run_validation(run_dir: Path) -> tuple[str, list[Document]]:
     """The documents a training run held out for validation: its own corpus and val_fraction."""
     corpus, val_fraction = run_data(run_dir)
-    return documents(corpus, "validation", val_fraction)
+    label, docs = documents(corpus, "validation", val_fraction)
+    recorded = _heldout_record(run_dir).get("val_doc_ids")
+    if isinstance(recorded, list) and recorded and [d.doc_id for d in docs][:len(recorded)] != recorded:
+        print(f"warning: {corpus} has changed since {run_dir} was trained: its validation documents now differ "
+              "from those training held out", file=sys.stderr)
+    return label, docs
