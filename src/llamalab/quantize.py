@@ -255,7 +255,7 @@ def _int4pack_order(n: int, k: int) -> torch.Tensor | None:
     for digit in range(max(1, math.ceil(math.log(n * k, 16)))):
         probe = ((index >> (4 * digit)) & 15).view(n, k)
         order |= _unpack_nibbles(_to_int4pack(probe).reshape(1, -1)).reshape(-1).long() << (4 * digit)
-    if order.numel() != n * k or not torch.equal(torch.sort(order).values, index):
+    if order.numel() != n * k or int(order.max()) >= n * k or not bool((torch.bincount(order) == 1).all()):
         return None
     check = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     return order if torch.equal(_from_int4pack(_to_int4pack(check), order, n, k), check) else None
@@ -527,6 +527,7 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
     target = resolve_dtype(dtype) if dtype is not None else None
     device = torch.device(device)
     model = Llama.on_meta(config)
+    expected = dict(model.state_dict(keep_vars=True))  # the float model's tensors (meta: shapes only)
     quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
     for name in quant_names:
         try:
@@ -556,7 +557,6 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
             new = Int4Linear.from_packed(qw, tensors["scales"], tensors["zeros"])
         replace_linear(model, name, new)
     head_quantized = "lm_head" in quant_names
-    expected = dict(model.state_dict(keep_vars=True))
     for name in list(expected):
         if name.rsplit(".", 1)[0] in quant_names:
             expected.pop(name)
