@@ -183,6 +183,22 @@ def test_info_names_the_stored_and_loaded_dtype(dirs):
     assert "bf16" in text and "bfloat16" in text and "float32" not in text
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_info_counts_quantized_weights_as_parameters(dirs, tmp_path, method):
+    import llamalab
+    from llamalab.quantize import quantize_model, save_quantized
+
+    model, tok = llamalab.load(dirs["model"])
+    n = model.num_parameters()
+    quantize_model(model, method, group_size=32)
+    save_quantized(model, tmp_path / method)
+    r = _run("info", str(tmp_path / method), "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    info = json.loads(r.stdout)
+    assert info["parameters"] == n and info["quantization"]
+    assert info["stored"]["file_bytes"] < 4 * n  # smaller than the float32 weights
+
+
 def test_eval_run_dir_scores_its_own_validation_split(dirs):
     from llamalab.data import load_documents, split_documents
 
