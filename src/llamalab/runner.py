@@ -9,7 +9,8 @@ layer, attention and the head as one graph) over a static cache:
   context needed, rounded up to a multiple of :data:`SEQ_BUCKET`) plus one scratch slot, so one
   graph serves every step of every call of that bucket; rows that take no part in a step write
   into the scratch slot (:meth:`KVCache.plan_decode`);
-* CPU: Inductor's C++ code (``cpp_wrapper``); CUDA: CUDA graphs (``mode="reduce-overhead"``);
+* CPU: Inductor's C++ kernels (its ``cpp_wrapper`` option was tried: a cold compile of SmolLM2's step
+  did not finish in 10 minutes on 2 busy cores); CUDA: CUDA graphs (``mode="reduce-overhead"``);
 * the compiled artifacts are cached on disk (Inductor's FX-graph cache, in
   ``~/.cache/llamalab/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise), so a second
   process skips code generation.
@@ -67,7 +68,7 @@ def compiled_step(model: torch.nn.Module):
         if model.device.type == "cuda":
             fn = torch.compile(model.forward_step, mode="reduce-overhead", dynamic=False)
         else:
-            fn = torch.compile(model.forward_step, dynamic=False, options={"cpp_wrapper": True})
+            fn = torch.compile(model.forward_step, dynamic=False)
         model.__dict__["_llamalab_compiled_step"] = fn
     return fn
 

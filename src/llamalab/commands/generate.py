@@ -41,10 +41,12 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     p.add_argument("--draft-layers", type=int, default=None,
                    help="speculative decoding with an early-exit draft: the model's first N layers")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round (4)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step compiled whole (torch.compile; cached on disk under ~/.cache/llamalab)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eagerly (the default unless LLAMALAB_COMPILE=1)")
     p.add_argument("--decode-dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="store the decode step's weights in this dtype (float16: about 2x faster on CPU; "
-                        "exact for bfloat16 weights, rounds float32 ones)")
+                   help="accepted for compatibility; ignored (the step runs in the model's dtype: see --dtype)")
     p.add_argument("--no-fast", action="store_true", help="decode with the model's plain forward")
     p.add_argument("--truncate", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
@@ -112,17 +114,24 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def warm_up(model: Any, tok: Any, prompt: Any, kwargs: dict[str, Any]) -> None:
     """A short generation first, so that --stats leaves out one-time costs (building the decode step,
-    torch.compile, first-call allocations)."""
-    from llamalab.generate import stream_batch
+    torch.compile, first-call allocations); prints how long the compiled step took to start."""
+    from llamalab.generate import Completion, stream_batch
 
-    for _ in stream_batch(model, tok, [prompt], **{**kwargs, "max_new_tokens": 2, "stop": None}):
+    results: list[Completion] = []
+    t = time.perf_counter()
+    for _ in stream_batch(model, tok, [prompt], results=results, **{**kwargs, "max_new_tokens": 2, "stop": None}):
         pass
+    if results and results[0].stats.get("compiled"):
+        first = results[0].stats.get("first_step_s", 0.0)
+        print(f"[decode step compiled: first step {first:.1f}s (compiling cold, or loading the cached graph "
+              f"warm); warm-up {time.perf_counter() - t:.1f}s]", file=sys.stderr)
 
 
 def generation_kwargs(args: argparse.Namespace, params: Any, draft: Any) -> dict[str, Any]:
     return dict(params=params, max_new_tokens=args.max_new_tokens, stop=args.stop or None, truncate=args.truncate,
                 draft_model=draft, num_draft_tokens=args.num_draft_tokens, fast=not args.no_fast,
-                compile=args.compile, decode_dtype=args.decode_dtype)
+                compile=True if args.compile else (False if getattr(args, "no_compile", False) else None),
+                decode_dtype=args.decode_dtype)
 
 
 def print_stats(result: Any, elapsed: float) -> None:
