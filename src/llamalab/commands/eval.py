@@ -87,18 +87,18 @@ def _load(path: str, dtype: str, device: str):
     return model.eval(), tok
 
 
-def _sources(args: argparse.Namespace, no_mode: bool) -> tuple[list[tuple[str | None, Any]], str]:
-    """[(label or None, source)] to score, and a phrase saying what they are (for the header)."""
+def _sources(args: argparse.Namespace, no_mode: bool) -> tuple[list[tuple[str, Any]], str]:
+    """[(label, documents)] to score, read before the model loads (a bad path or an empty split fails
+    first), and a phrase saying what they are (for the header)."""
     from llamalab.eval.sources import documents, run_data, run_validation, training_run_dir
 
     if not no_mode:
         srcs = args.data or []
         if not srcs:
             return [], ""
-        # resolve now: a bad path or an empty split fails before the model loads
-        labels = [documents(src, args.split)[0] for src in srcs]
-        parts = [lab if ":" in lab else f"{lab} (all of it)" for lab in labels]
-        return list(zip(labels, srcs)), ", ".join(parts)
+        chosen = [documents(src, args.split) for src in srcs]
+        parts = [lab if ":" in lab else f"{lab} (all of it)" for lab, _ in chosen]
+        return chosen, ", ".join(parts)
     run_dir = training_run_dir(args.model)
     if run_dir is not None:
         if args.split not in (None, "validation"):
@@ -108,8 +108,8 @@ def _sources(args: argparse.Namespace, no_mode: bool) -> tuple[list[tuple[str | 
         label, docs = run_validation(run_dir)
         return [(label, docs)], (f"{label}, the validation split {run_dir} held out of {corpus} "
                                  f"(val_fraction {val_fraction:g})")
-    labels = [documents(src, args.split)[0] for src in DEFAULT_CORPORA]
-    return list(zip(labels, DEFAULT_CORPORA)), ", ".join(labels) + " (bundled corpora)"
+    chosen = [documents(src, args.split) for src in DEFAULT_CORPORA]
+    return chosen, ", ".join(lab for lab, _ in chosen) + " (bundled corpora)"
 
 
 def run(args: argparse.Namespace) -> int:
