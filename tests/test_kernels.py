@@ -139,6 +139,9 @@ def test_state_dict_roundtrip_through_safetensors(tmp_path):
     again = BlockQuantLinear("q4_1", sd["qs"], sd["d"], sd["m"])
     x = torch.randn(2, 64, generator=gen)
     assert torch.equal(again(x), layer(x))
+    other = BlockQuantLinear(*(("q4_1",) + random_blocks("q4_1", 9, 64, gen)))
+    other.load_state_dict(sd)  # into an existing layer: forward sees the loaded blocks
+    assert torch.equal(other(x), layer(x))
 
 
 def test_torch_compile_keeps_the_op_in_one_graph():

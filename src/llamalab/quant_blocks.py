@@ -54,6 +54,7 @@ class BlockQuantLinear(QuantizedLinear):
         self.register_buffer("qs", qs.contiguous())
         self.register_buffer("d", d.to(torch.float16).contiguous())
         self.register_buffer("m", None if m is None else m.to(torch.float16).contiguous())
+        self._refresh()
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -115,6 +116,7 @@ class BlockQuantLinear(QuantizedLinear):
         self.d = self.d[index].contiguous()
         if self.m is not None:
             self.m = self.m[index].contiguous()
+        self._refresh()
         return self
 
     # ---------------------------------------------------------------- compute
@@ -126,10 +128,22 @@ class BlockQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-            if self.m is None:
-                return self._op(x, self.qs, self.d)
-            return self._op(x, self.qs, self.d, self.m)
+            if torch.compiler.is_compiling():
+                return self._op(x, self.qs, self.d) if self.m is None else self._op(x, self.qs, self.d, self.m)
+            return self._op(x, *self._args)  # (eager: a plain attribute, not three buffer look-ups per call)
         return F.linear(x, self.dequantize(x.dtype))
+
+    def _refresh(self) -> None:
+        self.__dict__["_args"] = (self.qs, self.d) if self.m is None else (self.qs, self.d, self.m)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:
         return kernels.block_linear(self.kind, x2d, self.qs, self.d, self.m) if x2d.device.type == "cpu" else None
