@@ -33,6 +33,7 @@ _ROPE_REQUIRED = {
     "yarn": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+_ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _ROPE_OPTIONAL = {
     "default": (),
     "linear": (),
@@ -49,6 +50,70 @@ _HF_IGNORED_KEYS = {
     "rope_scaling", "rope_parameters", "rope_theta", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "quantization_config", "partial_rotary_factor",
 }
+
+# The longest context a config may claim: RoPE tables and KV caches are sized from it, so a corrupt or
+# hostile file saying 10^9 must be refused, not allocated (the largest published Llamas use 2^17).
+MAX_CONTEXT = 1 << 24
+
+
+def describe(value: Any) -> str:
+    """A short repr for error messages (a hostile file's value may be a 40 MB array)."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return f"an array of {len(value)}"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (JSON true/false and strings are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_token_id(name: str, value: Any, many: bool = False) -> None:
+    ids = value if many and isinstance(value, list) else [value]
+    if value is not None and not all(is_int(i) and i >= 0 for i in ids):
+        kind = "a token id or a list of them" if many else "a token id (an integer >= 0)"
+        raise ConfigError(f"{name} must be {kind}, got {describe(value)}")
+
+
+# config.json keys and the type each must have when present (null means "not set")
+_HF_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings")
+_HF_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
+_HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_HF_STRINGS = ("model_type", "hidden_act", "torch_dtype", "dtype", "norm_type")
+_HF_OBJECTS = ("rope_scaling", "rope_parameters", "llamalab_quantization")
+
+
+def _check_hf_types(d: dict[str, Any]) -> None:
+    """Refuse config.json values of the wrong JSON type, naming the key (before anything reads them)."""
+    for key in _HF_POSITIVE_INTS:
+        if d.get(key) is not None and not (is_int(d[key]) and d[key] > 0):
+            raise ConfigError(f"{key} must be a positive integer, got {describe(d[key])}")
+    for key in _HF_NUMBERS:
+        if d.get(key) is not None and not is_number(d[key]):
+            raise ConfigError(f"{key} must be a number, got {describe(d[key])}")
+    for key in _HF_BOOLS:
+        if d.get(key) is not None and not isinstance(d[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {describe(d[key])}")
+    for key in _HF_STRINGS:
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(f"{key} must be a string, got {describe(d[key])}")
+    for key in _HF_OBJECTS:
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{key} must be a JSON object, got {describe(d[key])}")
+    archs = d.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"architectures must be a list of strings, got {describe(archs)}")
+    for key in ("bos_token_id", "pad_token_id"):
+        _check_token_id(key, d.get(key))
+    _check_token_id("eos_token_id", d.get("eos_token_id"), many=True)
 
 
 
@@ -76,10 +141,10 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other HF keys, written back as-is
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "n_heads"):
+        for name in ("hidden_size", "n_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {describe(value)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -96,8 +161,23 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {describe(value)}")
+        if self.max_position_embeddings > MAX_CONTEXT:
+            raise ConfigError(f"max_position_embeddings {self.max_position_embeddings:,} is beyond the "
+                              f"{MAX_CONTEXT:,} positions llamalab accepts (a corrupt or hostile config?)")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            if not is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {describe(getattr(self, name))}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {describe(self.tie_word_embeddings)}")
+        _check_token_id("bos_token_id", self.bos_token_id)
+        _check_token_id("pad_token_id", self.pad_token_id)
+        _check_token_id("eos_token_id", self.eos_token_id, many=True)
+        if not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"torch_dtype must be a string, got {describe(self.torch_dtype)}")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise ConfigError(f"quantization must be an object, got {describe(self.quantization)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) for grouped-query "
@@ -143,6 +223,7 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
         d = copy.deepcopy(d)
+        _check_hf_types(d)
         model_type = d.get("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"unsupported model_type {model_type!r}: llamalab runs model_type 'llama' only")
@@ -171,6 +252,8 @@ class LlamaConfig:
                 raise ConfigError("per-layer rope_parameters are not supported for llama")
             rope_params = dict(rope_params)
             rope_theta = rope_params.pop("rope_theta", rope_theta)
+            if rope_theta is not None and not is_number(rope_theta):
+                raise ConfigError(f"rope_theta must be a number, got {describe(rope_theta)}")
             rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
             rope_scaling = None if rtype == "default" and len(rope_params) <= 1 else rope_params
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
@@ -181,22 +264,22 @@ class LlamaConfig:
             return cls(
                 vocab_size=d["vocab_size"],
                 hidden_size=d["hidden_size"],
-                intermediate_size=d.get("intermediate_size", 4 * d["hidden_size"]),
+                intermediate_size=d.get("intermediate_size") or 4 * d["hidden_size"],
                 n_layers=d["num_hidden_layers"],
                 n_heads=d["num_attention_heads"],
-                n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                n_kv_heads=d.get("num_key_value_heads"),  # null or absent: as many as query heads (MHA)
                 head_dim=d.get("head_dim"),
-                max_position_embeddings=d.get("max_position_embeddings", 2048),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=d.get("max_position_embeddings") or 2048,
+                rms_norm_eps=float(d["rms_norm_eps"] if d.get("rms_norm_eps") is not None else 1e-6),
                 rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
                 rope_scaling=rope_scaling,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings") or False),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
                 torch_dtype=str(dtype).replace("torch.", ""),
-                initializer_range=float(d.get("initializer_range", 0.02)),
-                norm_type=d.get("norm_type", "rmsnorm"),
+                initializer_range=float(d["initializer_range"] if d.get("initializer_range") is not None else 0.02),
+                norm_type=d.get("norm_type") or "rmsnorm",
                 quantization=d.get("llamalab_quantization"),
                 extra=extra,
             )
@@ -246,7 +329,12 @@ class LlamaConfig:
             raise ConfigError(f"no config.json at {path}")
         from llamalab.jsonio import read_json_object
 
-        return cls.from_hf_dict(read_json_object(path))
+        try:
+            return cls.from_hf_dict(read_json_object(path))
+        except ConfigError as e:
+            if str(path) in str(e):
+                raise
+            raise ConfigError(f"{path}: {e}") from None
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -278,8 +366,10 @@ def normalize_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_emb
     if not isinstance(rope_scaling, dict):
         raise ConfigError(f"rope_scaling must be a JSON object, got {rope_scaling!r}")
     rs = dict(rope_scaling)
-    rtype = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
-    rs.pop("type", None)
+    rtype, legacy = rs.pop("rope_type", None), rs.pop("type", None)
+    rtype = rtype if rtype is not None else legacy if legacy is not None else "default"
+    if not isinstance(rtype, str):
+        raise ConfigError(f"rope_type must be a string, got {describe(rtype)}")
     rs.pop("rope_theta", None)
     if rtype not in ROPE_TYPES:
         raise ConfigError(f"unknown rope_type {rtype!r}; supported: {', '.join(ROPE_TYPES)}")
@@ -295,9 +385,17 @@ def normalize_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_emb
     unknown = sorted(set(rs) - allowed)
     if unknown:
         raise ConfigError(f"rope_scaling of type {rtype!r} has unsupported keys: {', '.join(unknown)}")
-    factor = rs.get("factor")
-    if factor is not None and (not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0):
-        raise ConfigError(f"rope_scaling factor must be a positive number, got {factor!r}")
+    for key, value in rs.items():
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ConfigError(f"rope_scaling truncate must be true or false, got {describe(value)}")
+        elif value is not None and not (is_number(value) and (value > 0 or key not in _ROPE_POSITIVE and value == 0)):
+            kind = "a positive" if key in _ROPE_POSITIVE else "a non-negative"
+            raise ConfigError(f"rope_scaling {key} must be {kind} number, got {describe(value)}")
+    orig = rs.get("original_max_position_embeddings")
+    if orig is not None and (orig != int(orig) or orig > MAX_CONTEXT):
+        raise ConfigError(f"rope_scaling original_max_position_embeddings must be a whole number of positions "
+                          f"up to {MAX_CONTEXT:,}, got {describe(orig)}")
     if rtype == "llama3" and not rs["high_freq_factor"] > rs["low_freq_factor"]:
         raise ConfigError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
     return {"rope_type": rtype, **rs}

@@ -279,7 +279,9 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
 
         tensors = _read_safetensors(weights)
     elif (directory / "adapter_model.bin").exists():
-        tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+        from llamalab.weights.hf import read_tensor_bin
+
+        tensors = read_tensor_bin(directory / "adapter_model.bin")
     else:
         raise WeightsError(f"no {ADAPTER_WEIGHTS} in {directory}")
     # PEFT may keep the adapter name in the key ("lora_A.default.weight"); drop it

@@ -14,7 +14,8 @@ BOS policy: ``encode(text)`` adds exactly one BOS when the model wants one (``ad
 one when the text (e.g. a rendered chat template) already starts with it. Stop tokens are every EOS id
 plus the end-of-turn tokens found in the vocabulary (``<|eot_id|>``, ``<|im_end|>``, ...).
 Chat templates are rendered with jinja2 the way transformers does (sandboxed, ``trim_blocks``,
-``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``).
+``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``), within a step and size budget
+(:mod:`llamalab.chat_template`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ import re
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
-from datetime import datetime
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from llamalab.chat_template import render_chat_template
+from llamalab.config import describe
 from llamalab.errors import TokenizerError
+from llamalab.jsonio import parse_json
 
 # End-of-turn / end-of-text tokens that stop generation when they are in the vocabulary.
 STOP_TOKEN_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
@@ -139,15 +143,10 @@ class Tokenizer:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's jinja chat template."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        try:
-            text = _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
-                **extra)
-        except TokenizerError:
-            raise
-        except Exception as e:  # noqa: BLE001 - jinja errors become one line
-            raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+        text = render_chat_template(
+            self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "",
+            unk_token=self.unk_token or "", **extra)
         return self.encode(text) if tokenize else text
 
     # ------------------------------------------------------------------ saving
@@ -182,35 +181,6 @@ class Tokenizer:
         return directory
 
 
-# ---------------------------------------------------------------------------------------------- chat templates
-def _raise_exception(message: str) -> None:
-    raise TokenizerError(f"chat template: {message}")
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except Exception as e:  # noqa: BLE001
-        raise TokenizerError(f"chat template does not parse: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------- loading
 def _token_str(v: Any) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
@@ -222,10 +192,7 @@ def _token_str(v: Any) -> str | None:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    d = parse_json(path.read_bytes(), str(path), TokenizerError)
     return d if isinstance(d, dict) else {}
 
 
@@ -248,12 +215,24 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     cfg = _read_json(directory / "tokenizer_config.json")
     template = cfg.get("chat_template")
     if (directory / "chat_template.jinja").exists():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{directory / 'chat_template.jinja'} is not valid UTF-8 (byte {e.start})") from None
     elif (directory / "chat_template.json").exists():
         template = _read_json(directory / "chat_template.json").get("chat_template", template)
     if isinstance(template, list):  # named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{directory}: chat_template must be a string, got {describe(template)}")
+    for key in ("add_bos_token", "add_eos_token"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise TokenizerError(f"{directory}/tokenizer_config.json: {key} must be true or false, got "
+                                 f"{describe(cfg[key])}")
+    for key in ("llamalab_kind", "llamalab_gguf_pre"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise TokenizerError(f"{directory}/tokenizer_config.json: {key} must be a string, got {describe(cfg[key])}")
     stop_ids = _as_id_list(cfg.get("llamalab_stop_token_ids"))
     for extra in ("generation_config.json", "config.json"):
         stop_ids += _as_id_list(_read_json(directory / extra).get("eos_token_id"))
@@ -264,8 +243,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     if tj.exists():
         try:
             backend = HFTokenizer.from_file(str(tj))
-        except Exception as e:  # noqa: BLE001
-            raise TokenizerError(f"cannot read {tj}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's errors, in one line
+            raise TokenizerError(f"cannot read {tj}: {str(e).splitlines()[0] if str(e) else e!r}") from None
         add_bos = cfg.get("add_bos_token")
         if add_bos is None:  # no explicit setting: does the post-processor add BOS?
             probe = backend.encode("a", add_special_tokens=True).ids
@@ -507,43 +486,82 @@ def bpe_backend(tokens: Sequence[str], merges: Sequence[str], types: Sequence[in
 
 
 # ---------------------------------------------------------------------------------------------- GGUF metadata
+def _gguf_list(meta: dict[str, Any], key: str, kind: type, n: int | None, default: list | None = None) -> list:
+    """A GGUF array (a list, or the numpy array the reader keeps numbers in) as a list of ``kind``,
+    ``n`` long when given; a one-line TokenizerError when the file holds anything else."""
+    v = meta.get(key)
+    if v is None:
+        if default is None:
+            raise TokenizerError(f"GGUF tokenizer has no {key}")
+        return default
+    if kind is str:
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    else:
+        v = np.asarray(v) if isinstance(v, (list, np.ndarray)) else None
+        ok = v is not None and v.ndim == 1 and (v.dtype.kind in "iub" if kind is int else v.dtype.kind in "iuf")
+        if ok and kind is float:
+            ok = bool(np.isfinite(v).all())
+        v = v.tolist() if ok else v
+    if not ok:
+        raise TokenizerError(f"GGUF metadata {key} must be an array of {kind.__name__}s, got {describe(v)}")
+    if n is not None and len(v) != n:
+        raise TokenizerError(f"GGUF metadata {key} has {len(v)} entries for {n} tokens")
+    return v
+
+
+def _gguf_flag(meta: dict[str, Any], key: str, default: bool) -> bool:
+    v = meta.get(key, default)
+    if not isinstance(v, (bool, np.bool_)):
+        raise TokenizerError(f"GGUF metadata {key} must be true or false, got {describe(v)}")
+    return bool(v)
+
+
 def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
     """Rebuild the tokenizer from GGUF ``tokenizer.*`` metadata (None when the file has none)."""
     model = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if model is None or tokens is None:
+    if model is None or meta.get("tokenizer.ggml.tokens") is None:
         return None
+    tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, None)
     n = len(tokens)
-    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * n)
-    if model == "gpt2":
-        merges = meta.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise TokenizerError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-        pre = meta.get("tokenizer.ggml.pre") or "default"
-        backend = bpe_backend(tokens, merges, types, pre)
-        kind, default_add_bos, spm_scores = "bpe", False, None
-    elif model == "llama":
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
-        backend = spm_backend(tokens, scores, types,
-                              add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-        kind, pre, default_add_bos = "spm", None, True
-        spm_scores = scores
-    else:
-        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2, llama)")
+    types = _gguf_list(meta, "tokenizer.ggml.token_type", int, n, default=[TOKEN_NORMAL] * n)
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"GGUF metadata tokenizer.chat_template must be a string, got {describe(template)}")
+    try:
+        if model == "gpt2":
+            merges = _gguf_list(meta, "tokenizer.ggml.merges", str, None)
+            pre = meta.get("tokenizer.ggml.pre") or "default"
+            if not isinstance(pre, str):
+                raise TokenizerError(f"GGUF metadata tokenizer.ggml.pre must be a string, got {describe(pre)}")
+            backend = bpe_backend(tokens, merges, types, pre)
+            kind, default_add_bos, spm_scores = "bpe", False, None
+        elif model == "llama":
+            scores = _gguf_list(meta, "tokenizer.ggml.scores", float, n, default=[0.0] * n)
+            backend = spm_backend(tokens, scores, types,
+                                  add_dummy_prefix=_gguf_flag(meta, "tokenizer.ggml.add_space_prefix", True))
+            kind, pre, default_add_bos = "spm", None, True
+            spm_scores = scores
+        else:
+            raise TokenizerError(f"unsupported GGUF tokenizer model {describe(model)} (supported: gpt2, llama)")
+    except TokenizerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library refuses an inconsistent vocabulary
+        raise TokenizerError(f"GGUF tokenizer metadata is inconsistent: {str(e).splitlines()[0] if str(e) else e!r}"
+                             ) from None
 
     def tok_at(key: str) -> str | None:
         i = meta.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < n else None
 
     extra_ids = [i for i in _as_id_list(meta.get("tokenizer.ggml.eot_token_id"))
-                 + _as_id_list(meta.get("tokenizer.ggml.eom_token_id")) if i < n]
+                 + _as_id_list(meta.get("tokenizer.ggml.eom_token_id")) if 0 <= i < n]
     return Tokenizer(backend, bos_token=tok_at("tokenizer.ggml.bos_token_id"),
                      eos_token=tok_at("tokenizer.ggml.eos_token_id"),
                      pad_token=tok_at("tokenizer.ggml.padding_token_id"),
                      unk_token=tok_at("tokenizer.ggml.unknown_token_id"),
-                     chat_template=meta.get("tokenizer.chat_template"),
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)),
-                     add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+                     chat_template=template,
+                     add_bos=_gguf_flag(meta, "tokenizer.ggml.add_bos_token", default_add_bos),
+                     add_eos=_gguf_flag(meta, "tokenizer.ggml.add_eos_token", False),
                      extra_stop_ids=extra_ids, kind=kind, pre=pre, scores=spm_scores)
 
 

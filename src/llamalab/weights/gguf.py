@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from llamalab.config import LlamaConfig
+from llamalab.config import LlamaConfig, describe, is_int, is_number
 from llamalab.errors import ConfigError, TokenizerError, WeightsError
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
@@ -55,6 +55,9 @@ _NP_SCALAR = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 
               7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+# Bounds on what a header may claim (real files: < 100 keys, a few thousand tensors, arrays never nested)
+_MAX_KEYS, _MAX_TENSORS, _MAX_NESTING, _MAX_DIMS = 1 << 16, 1 << 20, 8, 4
+_MIN_KEY_BYTES, _MIN_TENSOR_BYTES = 13, 24  # name length + type + a 1-byte value; name length + dims + type + offset
 
 # GGUF tensor name -> ours (per-layer names take the block index)
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
@@ -136,7 +139,10 @@ class _Cursor:
 
     def need(self, n: int) -> None:
         if self.pos + n > self.size:
-            raise WeightsError(f"truncated GGUF file {self.path}: header/metadata runs past the end of the file")
+            self.truncated()
+
+    def truncated(self) -> None:
+        raise WeightsError(f"truncated GGUF file {self.path}: header/metadata runs past the end of the file")
 
     def scalar(self, t: int) -> Any:
         fmt = _SCALAR[t]
@@ -159,17 +165,21 @@ class _Cursor:
         buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
         out = []
         append = out.append
-        for _ in range(count):
-            (n,) = unpack(buf, pos)
-            pos += 8
-            append(buf[pos:pos + n].decode("utf-8", errors="replace"))
-            pos += n
+        try:  # a length running past the end shows as a short slice, then a failing unpack or pos > size
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                pos += 8
+                append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+                pos += n
+        except (struct.error, OverflowError):
+            self.truncated()
         if pos > self.size:
-            raise WeightsError(f"truncated GGUF file {self.path}: header/metadata runs past the end of the file")
+            self.truncated()
         self.pos = pos
         return out
 
-    def value(self, t: int) -> Any:
+    def value(self, t: int, depth: int = 0) -> Any:
+        """One metadata value: a Python scalar or str, a list of str, a numpy array, or a list of arrays."""
         if t == _STRING:
             return self.string()
         if t == _ARRAY:
@@ -177,14 +187,18 @@ class _Cursor:
             count = self.scalar(10)
             if et == _STRING:
                 return self.strings(count)
-            if et in _NP_SCALAR:
+            if et in _NP_SCALAR:  # numbers stay one numpy array (a Python list costs ~15x the bytes)
                 dt = np.dtype(_NP_SCALAR[et]).newbyteorder("<")
                 self.need(count * dt.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos).copy()
                 self.pos += count * dt.itemsize
-                return arr.tolist()
+                return arr
             if et == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                if depth >= _MAX_NESTING:
+                    raise WeightsError(f"corrupt GGUF file {self.path}: metadata arrays nested more than "
+                                       f"{_MAX_NESTING} deep")
+                self.need(count * 12)  # each element array has at least a type and a count
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             raise WeightsError(f"corrupt GGUF file {self.path}: unknown array element type {et}")
         if t in _SCALAR:
             return self.scalar(t)
@@ -211,8 +225,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
     if version not in (2, 3):
         raise WeightsError(f"{path}: unsupported GGUF version {version} (big-endian or too new?)")
     n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
-    if n_tensors > 1 << 24 or n_kv > 1 << 24:
-        raise WeightsError(f"corrupt GGUF file {path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
+    if n_tensors > _MAX_TENSORS or n_kv > _MAX_KEYS:
+        raise WeightsError(f"corrupt GGUF file {path}: implausible counts ({n_tensors:,} tensors, {n_kv:,} keys)")
+    if n_tensors * _MIN_TENSOR_BYTES + n_kv * _MIN_KEY_BYTES > cur.size - cur.pos:
+        raise WeightsError(f"truncated or corrupt GGUF file {path}: the header announces {n_tensors:,} tensors and "
+                           f"{n_kv:,} keys, more than the file's {cur.size:,} bytes hold")
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -221,16 +238,21 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.scalar(4)
-        if n_dims > 8:
-            raise WeightsError(f"corrupt GGUF file {path}: tensor {name} has {n_dims} dimensions")
+        if n_dims > _MAX_DIMS:
+            raise WeightsError(f"corrupt GGUF file {path}: tensor {name!r} has {n_dims:,} dimensions")
         ne = [cur.scalar(10) for _ in range(n_dims)]
         ttype = cur.scalar(4)
         offset = cur.scalar(10)
         infos.append((name, ne, ttype, offset))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise WeightsError(f"corrupt GGUF file {path}: general.alignment must be a power-of-two integer, got "
+                           f"{describe(align)}")
     data_start = (cur.pos + align - 1) // align * align
     tensors: dict[str, TensorInfo] = {}
     for name, ne, ttype, offset in infos:
+        if name in tensors:
+            raise WeightsError(f"corrupt GGUF file {path}: tensor {name!r} appears twice")
         try:
             qtype = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[qtype]
@@ -302,63 +324,82 @@ def _get(meta: dict[str, Any], key: str, default: Any = None, required: bool = F
     return default
 
 
+def _int(meta: dict[str, Any], key: str, default: int | None = None, required: bool = False,
+         minimum: int = 1) -> int:
+    """An integer metadata value (at least ``minimum``), or a one-line error naming the key."""
+    v = _get(meta, key, default, required)
+    if not is_int(v) or v < minimum:
+        raise ConfigError(f"GGUF metadata {key} must be an integer >= {minimum}, got {describe(v)}")
+    return v
+
+
+def _float(meta: dict[str, Any], key: str, default: float) -> float:
+    v = _get(meta, key, default)
+    if not is_number(v):
+        raise ConfigError(f"GGUF metadata {key} must be a number, got {describe(v)}")
+    return float(v)
+
+
 def config_from_metadata(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> LlamaConfig:
     """LlamaConfig from ``llama.*`` GGUF metadata (plus the tensor table for what metadata may omit)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"unsupported GGUF architecture {arch!r}: llamalab reads llama-architecture files only")
+        raise ConfigError(f"unsupported GGUF architecture {describe(arch)}: llamalab reads llama-architecture "
+                          "files only")
     a = "llama."
-    hidden = int(_get(meta, a + "embedding_length", required=True))
-    n_heads = int(_get(meta, a + "attention.head_count", required=True))
-    n_kv = int(_get(meta, a + "attention.head_count_kv", n_heads))
-    head_dim = int(_get(meta, a + "attention.key_length", hidden // n_heads))
-    if int(_get(meta, a + "attention.value_length", head_dim)) != head_dim:
+    hidden = _int(meta, a + "embedding_length", required=True)
+    n_heads = _int(meta, a + "attention.head_count", required=True)
+    n_kv = _int(meta, a + "attention.head_count_kv", n_heads)
+    head_dim = _int(meta, a + "attention.key_length", max(1, hidden // n_heads))
+    if _int(meta, a + "attention.value_length", head_dim) != head_dim:
         raise ConfigError("GGUF key_length != value_length is not supported")
-    rot = int(_get(meta, a + "rope.dimension_count", head_dim))
+    rot = _int(meta, a + "rope.dimension_count", head_dim)
     if rot != head_dim:
         raise ConfigError(f"partial RoPE (rope.dimension_count {rot} < head_dim {head_dim}) is not supported")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get(a + "vocab_size")
-    if vocab is None:
-        emb = tensors.get("token_embd.weight")
-        vocab = emb.shape[0] if emb is not None else (len(tokens) if tokens else None)
-    if vocab is None:
+    if a + "vocab_size" in meta:
+        vocab = _int(meta, a + "vocab_size")
+    elif "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"].shape[0]
+    elif isinstance(meta.get("tokenizer.ggml.tokens"), list) and meta["tokenizer.ggml.tokens"]:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    else:
         raise WeightsError("GGUF file has neither llama.vocab_size nor token_embd.weight")
-    ctx = int(_get(meta, a + "context_length", 2048))
+    ctx = _int(meta, a + "context_length", 2048)
     rope_scaling = _rope_scaling(meta, tensors, ctx)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(_get(meta, a + "feed_forward_length", required=True)),
-        n_layers=int(_get(meta, a + "block_count", required=True)), n_heads=n_heads, n_kv_heads=n_kv,
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_int(meta, a + "feed_forward_length", required=True),
+        n_layers=_int(meta, a + "block_count", required=True), n_heads=n_heads, n_kv_heads=n_kv,
         head_dim=head_dim, max_position_embeddings=ctx,
-        rms_norm_eps=float(_get(meta, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_get(meta, a + "rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        rms_norm_eps=_float(meta, a + "attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_float(meta, a + "rope.freq_base", 10000.0), rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
 
 
 def _rope_scaling(meta: dict[str, Any], tensors: dict[str, TensorInfo], ctx: int) -> dict[str, Any] | None:
     a = "llama.rope."
-    if "llamalab.rope.scaling.type" in meta:  # written by save_gguf: exact parameters
+    if "llamalab.rope.scaling.type" in meta:  # written by save_gguf: exact parameters (checked by LlamaConfig)
         prefix = "llamalab.rope.scaling."
         d = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
         return {"rope_type": d.pop("type"), **d}
     stype = meta.get(a + "scaling.type")
-    factor = meta.get(a + "scaling.factor") or meta.get(a + "scale_linear")
-    if stype in (None, "none") and factor in (None, 1.0, 0.0):
+    if stype is not None and not isinstance(stype, str):
+        raise ConfigError(f"GGUF metadata {a}scaling.type must be a string, got {describe(stype)}")
+    key = a + "scaling.factor" if a + "scaling.factor" in meta else a + "scale_linear"
+    factor = _float(meta, key, 0.0) or None
+    if stype in (None, "none") and factor in (None, 1.0):
         return None  # (a rope_freqs.weight tensor, llama3 scaling, is resolved in load_gguf)
-    orig = meta.get(a + "scaling.original_context_length") or ctx
+    orig = _int(meta, a + "scaling.original_context_length", ctx)
     if stype in ("linear", None, "none"):
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if stype == "yarn":
-        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor),
-                               "original_max_position_embeddings": int(orig)}
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
         for key, ours in (("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow")):
             if a + key in meta:
-                out[ours] = float(meta[a + key])
+                out[ours] = _float(meta, a + key, 0.0)
         return out
     raise ConfigError(f"unsupported GGUF rope scaling type {stype!r}")
 
@@ -401,8 +442,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     g = read_gguf(path)
     try:
         config = config_from_metadata(g.metadata, g.tensors)
+        _check_tensor_table(g, config)
         if "rope_freqs.weight" in g.tensors and not (config.rope_scaling or {}).get("rope_type") == "llama3":
             t = g.tensors["rope_freqs.weight"]
+            if t.shape != (config.head_dim // 2,) or _type_name(t.type) not in ("F32", "F16", "BF16"):
+                raise WeightsError(f"{g.path}: rope_freqs.weight must be {config.head_dim // 2} floats, got "
+                                   f"{_type_name(t.type)} {t.shape}")
             freqs = dequantize(g.raw(t), t.type, t.shape).numpy()
             config.rope_scaling = _llama3_from_freqs(freqs, config.head_dim, config.rope_theta,
                                                      config.max_position_embeddings)
@@ -413,9 +458,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
             model = _load_keep_quantized(g, config, target, device)
             return model, _tokenizer(g.metadata, from_gguf_metadata)
         state: dict[str, torch.Tensor] = {}
-        for name, ours, t in _llama_tensors(g):
-            if _type_name(t.type) not in SUPPORTED_TYPES:
-                raise WeightsError(f"{g.path}: tensor {name} has unsupported type {_type_name(t.type)}")
+        for _name, ours, t in _llama_tensors(g):
             w = dequantize_np(g.raw(t), t.type, t.shape)
             if ours.endswith("q_proj.weight"):
                 w = unpermute_qk(w, config.n_heads)
@@ -426,6 +469,29 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
         return model.eval(), _tokenizer(g.metadata, from_gguf_metadata)
     finally:
         g.close()
+
+
+def _check_tensor_table(g: GGUFFile, config: LlamaConfig) -> None:
+    """Every tensor named, shaped and typed as `config` needs, before any tensor is read or block built."""
+    from llamalab.model import Llama
+    from llamalab.weights.hf import check_layer_count
+
+    ours = {o: (name, t) for name, o, t in _llama_tensors(g)}
+    check_layer_count(config, ours, str(g.path))
+    expected = {k: tuple(p.shape) for k, p in Llama.on_meta(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    for key, shape in expected.items():
+        if key not in ours:
+            raise WeightsError(f"{g.path}: missing tensor {ours_to_gguf(key)}")
+        name, t = ours[key]
+        if t.shape != shape:
+            raise WeightsError(f"{g.path}: tensor {name} has shape {t.shape}, the metadata implies {shape}")
+        if _type_name(t.type) not in SUPPORTED_TYPES:
+            raise WeightsError(f"{g.path}: tensor {name} has unsupported type {_type_name(t.type)}")
+    extra = [name for key, (name, _) in ours.items() if key not in expected]
+    if extra:
+        raise WeightsError(f"{g.path}: unexpected tensor {extra[0]} (not part of a llama with this metadata)")
 
 
 def _tokenizer(meta: dict[str, Any], build):

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -58,10 +59,17 @@ def parse_size(size: int | str) -> int:
 def _weight_files(directory: Path) -> tuple[list[Path], str]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index} is not a valid safetensors index: {e}") from None
+        from llamalab.jsonio import read_json_object
+
+        weight_map = read_json_object(index, WeightsError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index} is not a valid safetensors index: weight_map must map tensor names to "
+                               "file names")
+        for name in set(weight_map.values()):
+            shard = Path(name)
+            if shard.is_absolute() or not shard.parts or ".." in shard.parts or shard.suffix != ".safetensors":
+                raise WeightsError(f"{index} names shard {name!r}: shards must be .safetensors files inside "
+                                   f"{directory}")
         files = sorted({directory / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -85,12 +93,64 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
         if kind == "safetensors":
             tensors.update(_read_safetensors(f))
         else:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - report any failure as one line
-                raise WeightsError(f"cannot read {f}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-            tensors.update(sd)
+            tensors.update(read_tensor_bin(f))
     return tensors
+
+
+def read_tensor_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy ``torch.save`` file of named tensors, read by torch's restricted loader
+    (``weights_only=True``: tensors and plain containers only, never code); anything else is refused."""
+    import pickle
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(f"cannot read {path}: it holds pickled Python objects, not only tensors (refused: "
+                           "llamalab never runs code from a file; use safetensors)") from None
+    except Exception as e:  # noqa: BLE001 - zip/pickle/IO failures of a corrupt file: report as one line
+        msg = str(e).splitlines()[0] if str(e) else "unreadable"
+        raise WeightsError(f"cannot read {path}: {type(e).__name__}: {msg}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise WeightsError(f"cannot read {path}: not a dictionary of named tensors")
+    return sd
+
+
+def tensor_names(directory: str | Path) -> list[str]:
+    """The tensor names a checkpoint dir holds (safetensors headers only: no tensor data is read)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    files, kind = _weight_files(directory)
+    if kind != "safetensors":
+        return list(read_state_dict(directory))
+    names: list[str] = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                names += list(fh.keys())
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeightsError(f"corrupt or truncated safetensors file {f}: {msg}") from None
+    return names
+
+
+def check_layer_count(config: LlamaConfig, names: Iterable[str], source: str) -> None:
+    """The config's layer count must be the layers the checkpoint holds: checked before any block is built
+    (a file claiming 10^7 layers would otherwise build 10^7 blocks first)."""
+    layers: set[int] = set()
+    for name in names:
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdecimal():
+            layers.add(int(parts[1]))
+    if len(layers) == config.n_layers and max(layers, default=-1) == config.n_layers - 1:
+        return  # exactly layers 0 .. n-1
+    if not layers:
+        held = "no layer tensors"
+    elif len(layers) == max(layers) + 1:
+        held = f"tensors for {len(layers)} layers"
+    else:
+        held = f"tensors for {len(layers)} layers numbered up to {max(layers)}"
+    raise WeightsError(f"{source}: the config says {config.n_layers:,} layers but the checkpoint holds {held}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -119,6 +179,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: to
         raise WeightsError(f"{directory} has no config.json")
     config = LlamaConfig.from_json(directory / "config.json")
     if config.quantization:
+        check_layer_count(config, (from_hf_key(k) for k in tensor_names(directory)), str(directory))
         from llamalab import quantize
 
         return quantize.load_quantized(directory, config, device=device)
@@ -143,6 +204,7 @@ def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], d
     """Meta-build a Llama and assign `state` (our key names) into it, checking names and shapes."""
     from llamalab.model import Llama
 
+    check_layer_count(config, state, source)
     model = Llama.on_meta(config)
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     if config.tie_word_embeddings:
@@ -170,11 +232,27 @@ def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], d
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask can only swap it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file renamed over ``path``; the file gets the mode a plain open() gives
+    (0o666 less the umask), not mkstemp's 0o600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
