@@ -25,7 +25,7 @@ from llamalab.server import Engine, create_app
 from llamalab.server.connections import (
     AcceptErrorLog,
     ConnectionLimits,
-    connection_cap,
+    fit_to_open_files,
     guarded_protocol,
     raise_open_file_limit,
 )
@@ -75,9 +75,7 @@ class _Server(uvicorn.Server):
 def uvicorn_server(app, host: str, port: int, limits: ConnectionLimits, log_level: str, graceful_s: int):
     """A uvicorn server for ``app`` with the guarded protocol and limits (the open-file limit raised first)."""
     limits.check()
-    cap = connection_cap(limits.max_connections, raise_open_file_limit())
-    if cap != limits.max_connections:
-        limits = ConnectionLimits(**{**limits.__dict__, "max_connections": cap})
+    limits = fit_to_open_files(limits, raise_open_file_limit())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits), ws="none",
                             backlog=limits.backlog, timeout_keep_alive=limits.keep_alive_timeout,
                             timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=64 * 1024)

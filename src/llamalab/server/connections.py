@@ -5,7 +5,8 @@ builds the one used here, uvicorn's h11 protocol plus three rules:
 
 * **a header deadline** — a connection has ``header_timeout`` seconds from its first byte (or from
   connecting) to deliver complete request headers; then it gets a 408 and is closed. Half-open
-  sockets and slowloris-style trickles cannot hold a file descriptor for long.
+  sockets and slowloris-style trickles cannot hold a file descriptor for long; nor can a client that,
+  once answered, keeps trickling the unread rest of its body.
 * **a connection cap** — at most ``max_connections`` open at once (never more than the open-file
   limit allows, so ``accept()`` does not run out of descriptors). When a new connection would pass
   the cap, the connection idle the longest (no request in progress: half-open, headers still
@@ -23,6 +24,7 @@ the body.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -47,7 +49,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0  # seconds to deliver the request line and headers
     body_timeout: float = 30.0  # seconds to deliver the whole body, once the headers are in
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
-    backlog: int = 2048  # connections the kernel queues before accept()
+    backlog: int = 2048  # connections the kernel queues before accept(), and asyncio accepts in one go
 
     def check(self) -> None:
         from llamalab.errors import LlamalabError
@@ -84,11 +86,15 @@ def open_descriptors() -> int:
         return 0
 
 
-def connection_cap(requested: int, nofile: int | None) -> int:
-    """``requested``, lowered so that connections never exhaust the open-file limit."""
+def fit_to_open_files(limits: ConnectionLimits, nofile: int | None) -> ConnectionLimits:
+    """``limits`` lowered so that connections never exhaust the open-file limit. asyncio accepts up to
+    ``backlog`` connections in one go before the cap can close idle ones, so both share the room left."""
     if nofile is None:
-        return requested
-    return max(1, min(requested, nofile - open_descriptors() - FD_RESERVE))
+        return limits
+    room = max(2, nofile - open_descriptors() - FD_RESERVE)
+    backlog = max(1, min(limits.backlog, room // 2))
+    cap = max(1, min(limits.max_connections, room - backlog))
+    return dataclasses.replace(limits, max_connections=cap, backlog=backlog)
 
 
 def _error_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -113,9 +119,6 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         def idle(self) -> bool:
             """No request in progress (its headers may be arriving)."""
             return self.cycle is None or self.cycle.response_complete
-
-        def waiting_for_headers(self) -> bool:
-            return self.idle() and self.conn.their_state is h11.IDLE
 
         def arm_header_timer(self) -> None:
             if self.header_timer is None:
@@ -159,11 +162,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
         def data_received(self, data: bytes) -> None:
             self.last_active = time.monotonic()
-            if self.waiting_for_headers():
+            if self.idle():  # the next request's headers (or the unread rest of an answered one's body)
                 self.partial = True
                 self.arm_header_timer()
             super().data_received(data)
-            if not self.waiting_for_headers():  # a request is in (or the connection failed)
+            if not self.idle():  # a request is in
                 self.partial = False
                 self.cancel_header_timer()
 
@@ -173,11 +176,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
         def on_header_timeout(self) -> None:
             self.header_timer = None
-            if not self.waiting_for_headers():
+            if not self.idle():
                 return
-            reply = _error_response(408, "Request Timeout", f"the request headers did not arrive within "
-                                    f"{limits.header_timeout:g} s", "request_timeout") if self.partial else None
-            self.close_with(reply)
+            headers_due = self.partial and self.conn.their_state is h11.IDLE
+            self.close_with(_error_response(408, "Request Timeout", f"the request headers did not arrive within "
+                                            f"{limits.header_timeout:g} s", "request_timeout") if headers_due else None)
 
         def send_400_response(self, msg: str) -> None:
             self.close_with(_error_response(400, "Bad Request", f"malformed HTTP request: {msg}", "invalid_http"))
