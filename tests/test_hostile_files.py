@@ -561,3 +561,60 @@ def test_chat_templates_are_bounded(tiny, template, message):
     refused(hostile.apply_chat_template, [{"role": "user", "content": "hi"}], match=message)
     ok = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert ok == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"r": "8"}, "r must be"), ({"r": 10**9}, "r must be"), ({"r": 0}, "r must be"),
+    ({"lora_alpha": "16"}, "lora_alpha"), ({"lora_dropout": [0.1]}, "lora_dropout"),
+    ({"use_rslora": "false"}, "use_rslora"), ({"target_modules": 5}, "target_modules"),
+    ({"target_modules": [["q_proj"]]}, "target_modules"), ({"base_model_name_or_path": 7}, "base_model"),
+])
+def test_hostile_adapter_config(tiny, tmp_path, change, message):
+    from llamalab.lora import LoraConfig, apply_lora, save_adapter
+
+    _, model, _ = tiny
+    adapted = Llama(model.config)
+    apply_lora(adapted, LoraConfig(r=2))
+    ad = save_adapter(adapted, tmp_path / "adapter", base_model_name_or_path=str(_hf_copy(tiny, tmp_path)))
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    refused(llamalab.load, ad, match=message)
+
+
+def test_tokenizer_config_flags_must_be_booleans(tiny, tmp_path):
+    d = _hf_copy(tiny, tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": "false"}))
+    refused(load_tokenizer, d, match="add_bos_token")
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": 12}))
+    refused(load_tokenizer, d, match="chat_template")
+
+
+@pytest.fixture(scope="module")
+def spm_bytes(tmp_path_factory) -> bytes:
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    (d / "c.txt").write_text("\n".join(f"the quick brown fox jumps over the lazy dog {i}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(d / "c.txt"), model_prefix=str(d / "tokenizer"), vocab_size=330,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    return (d / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_damaged_sentencepiece_model(spm_bytes, tmp_path, seed):
+    """Cut at a random point or bit-flipped: a one-line error, or a tokenizer that encodes."""
+    rng = random.Random(seed)
+    data = bytearray(spm_bytes[:rng.randrange(len(spm_bytes))] if seed % 2 else spm_bytes)
+    for _ in range(0 if seed % 2 else rng.randint(1, 6)):
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    (tmp_path / "tokenizer.model").write_bytes(bytes(data))
+    tok = one_line_or_clean(load_tokenizer, tmp_path)
+    if isinstance(tok, Tokenizer):
+        tok.encode("hello world")
+
+
+def test_empty_sentencepiece_model(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    refused(load_tokenizer, tmp_path)

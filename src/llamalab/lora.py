@@ -106,11 +106,21 @@ class LoraConfig:
                 targets = list(ALL_LINEAR)
             else:
                 raise ConfigError(f"{source}: regex target_modules {targets!r} are not supported; list names")
-        try:
-            return cls(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
-                       target_modules=tuple(targets), use_rslora=bool(d.get("use_rslora", False)))
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing key {e}") from None
+        from llamalab.config import describe, is_int, is_number
+
+        if "r" not in d:
+            raise ConfigError(f"{source}: missing key 'r'")
+        checks = [("r", is_int(d["r"]) and 0 < d["r"] <= 1 << 16, "an integer 1..65536"),
+                  ("lora_alpha", is_number(d.get("lora_alpha", 8)), "a number"),
+                  ("lora_dropout", is_number(d.get("lora_dropout", 0.0)), "a number"),
+                  ("use_rslora", isinstance(d.get("use_rslora", False), bool), "true or false"),
+                  ("target_modules", isinstance(targets, list) and all(isinstance(t, str) for t in targets),
+                   "a list of module names")]
+        for key, ok, kind in checks:
+            if not ok:
+                raise ConfigError(f"{source}: {key} must be {kind}, got {describe(d.get(key))}")
+        return cls(r=d["r"], alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
+                   target_modules=tuple(targets), use_rslora=d.get("use_rslora", False))
 
 
 class LoRALinear(nn.Module):

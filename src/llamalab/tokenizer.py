@@ -182,6 +182,10 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _token_str(v: Any) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
     if isinstance(v, dict):
@@ -244,7 +248,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
         try:
             backend = HFTokenizer.from_file(str(tj))
         except Exception as e:  # noqa: BLE001 - the tokenizers library's errors, in one line
-            raise TokenizerError(f"cannot read {tj}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            raise TokenizerError(f"cannot read {tj}: {_first_line(e)}") from None
         add_bos = cfg.get("add_bos_token")
         if add_bos is None:  # no explicit setting: does the post-processor add BOS?
             probe = backend.encode("a", add_special_tokens=True).ids
@@ -345,16 +349,22 @@ def _load_sentencepiece(path: Path, bos: str | None, eos: str | None, cfg: dict[
     try:
         sp = spm.SentencePieceProcessor(model_proto=data)
     except Exception as e:  # noqa: BLE001
-        raise TokenizerError(f"cannot read sentencepiece model {path}: {e}") from None
+        raise TokenizerError(f"cannot read sentencepiece model {path}: {_first_line(e)}") from None
     trainer, normalizer = _spm_specs(data)
     model_type = {1: "unigram", 2: "bpe"}.get(trainer.get(3, 1), "unsupported")
     if model_type == "unsupported":
         raise TokenizerError(f"{path}: only BPE and unigram sentencepiece models are supported")
     add_dummy_prefix = bool(normalizer.get(3, 1))
-    pieces, scores, types = _spm_pieces(data)
-    if len(pieces) != sp.get_piece_size():
+    try:
+        pieces, scores, types = _spm_pieces(data)
+    except UnicodeDecodeError:
+        raise TokenizerError(f"sentencepiece model {path} has a piece that is not valid UTF-8") from None
+    if not pieces or len(pieces) != sp.get_piece_size():
         raise TokenizerError(f"cannot read the pieces of sentencepiece model {path}")
-    backend = spm_backend(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, model_type=model_type)
+    try:
+        backend = spm_backend(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, model_type=model_type)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library refuses an inconsistent vocabulary
+        raise TokenizerError(f"sentencepiece model {path} is inconsistent: {_first_line(e)}") from None
     unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
     bos = bos or (sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
     eos = eos or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
@@ -546,7 +556,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
     except TokenizerError:
         raise
     except Exception as e:  # noqa: BLE001 - the tokenizers library refuses an inconsistent vocabulary
-        raise TokenizerError(f"GGUF tokenizer metadata is inconsistent: {str(e).splitlines()[0] if str(e) else e!r}"
+        raise TokenizerError(f"GGUF tokenizer metadata is inconsistent: {_first_line(e)}"
                              ) from None
 
     def tok_at(key: str) -> str | None:
