@@ -147,12 +147,16 @@ def test_tiny_finetune_drives_loss_down(chat_tok, tmp_path, method, packing, one
     cfg = FinetuneConfig(method=method, steps=25, lr=1e-2 if method == "lora" else 3e-3, batch_size=4, r=4,
                          alpha=8, dropout=0.0, target_modules="all-linear", val_fraction=0.0, packing=packing,
                          max_len=64, warmup_steps=2, precision="fp32")
-    res = finetune(model, chat_tok, data, tmp_path / "run", cfg, progress=False)
+    res = finetune(model, chat_tok, data, tmp_path / "run", cfg, progress=False, base_path="smollm2")
     assert res.losses[-1] < 0.5 * res.losses[0]
     assert res.steps == 25
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] > 0 for r in rows if "loss" in r)  # measured, not 0.0%
     if method == "lora":
         assert (res.final_dir / "adapter_model.safetensors").exists()
         assert res.trainable_parameters < res.total_parameters
+        adapter = json.loads((res.final_dir / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "smollm2"  # the bundled name, not <cwd>/smollm2
     else:
         assert (res.final_dir / "config.json").exists()
         assert res.trainable_parameters == res.total_parameters

@@ -103,8 +103,8 @@ def summary_text(res, cfg, prompt: str = "Hello") -> str:  # noqa: ANN001 - Fine
              + (f", last train loss {res.losses[-1]:.3f}" if res.losses else "")]
     if res.val_loss_after is not None:
         before = f"{res.val_loss_before:.3f} -> " if res.val_loss_before is not None else ""
-        lines.append(f"  val loss {before}{res.val_loss_after:.3f} on {res.n_val} held-out examples "
-                     f"({res.n_train} trained on)")
+        lines.append(f"  val loss {before}{res.val_loss_after:.3f} on {res.n_val} held-out example"
+                     f"{'s' if res.n_val != 1 else ''} ({res.n_train} trained on)")
     share = 100 * res.trainable_parameters / max(res.total_parameters, 1)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(cfg.target_modules)
     what = f"LoRA r={cfg.r} on {targets}" if res.method == "lora" else "full fine-tuning"
