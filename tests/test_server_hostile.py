@@ -395,6 +395,9 @@ def test_a_burst_of_bad_requests(served):
         answers = list(pool.map(lambda raw: exchange(served, request("/v1/completions", raw)), bodies * 3))
     for status, body in answers:
         assert status is not None and 400 <= status < 500 and "error" in body
+    for _ in range(40):  # malformed HTTP: uvicorn's warning for each is logged once per 10 s
+        assert_openai_error(*exchange(served, b"GARBAGE\r\n\r\n"), 400)
+    assert served.log_text().count("Invalid HTTP request received.") <= 10
     still_serving(served)
 
 

@@ -25,6 +25,7 @@ from llamalab.server import Engine, create_app
 from llamalab.server.connections import (
     AcceptErrorLog,
     ConnectionLimits,
+    QuietRepeats,
     fit_to_open_files,
     guarded_protocol,
     raise_open_file_limit,
@@ -79,6 +80,7 @@ def uvicorn_server(app, host: str, port: int, limits: ConnectionLimits, log_leve
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits), ws="none",
                             backlog=limits.backlog, timeout_keep_alive=limits.keep_alive_timeout,
                             timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=64 * 1024)
+    QuietRepeats.install()
     return _Server(config), limits
 
 

@@ -15,7 +15,8 @@ builds the one used here, uvicorn's h11 protocol plus three rules:
   uvicorn's plain-text 400.
 
 :class:`AcceptErrorLog` replaces the event loop's exception handler so that a burst of ``accept()``
-failures (``EMFILE``: too many open files) logs one line per interval, not a traceback per try;
+failures (``EMFILE``: too many open files) logs one line per interval, not a traceback per try, and
+:class:`QuietRepeats` does the same for uvicorn's warning per malformed request;
 :func:`raise_open_file_limit` lifts the soft ``nofile`` limit toward the hard one at startup.
 The request-body deadline lives in the app (:func:`llamalab.server.app.create_app`), which reads
 the body.
@@ -212,3 +213,39 @@ class AcceptErrorLog:
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
         self.logger.warning("cannot accept connections: %s%s; retrying", exc.strerror or exc, more)
         self.last, self.suppressed = now, 0
+
+
+class QuietRepeats(logging.Filter):
+    """A log filter: uvicorn's per-request warnings about malformed requests pass once per ``interval``
+    seconds (the next one says how many were held back), so a flood of garbage cannot flood the log."""
+
+    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.")
+    DROPPED = ("No supported WebSocket library",)  # advice to install one: this server serves no WebSocket
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith(self.DROPPED):
+            return False
+        if not msg.startswith(self.MESSAGES):
+            return True
+        now = time.monotonic()
+        if now - self.last.get(msg, -float("inf")) < self.interval:
+            self.held[msg] = self.held.get(msg, 0) + 1
+            return False
+        if self.held.get(msg):
+            record.msg, record.args = f"{msg} ({self.held[msg]} more like it not logged)", ()
+        self.last[msg], self.held[msg] = now, 0
+        return True
+
+    @classmethod
+    def install(cls, logger_name: str = "uvicorn.error") -> None:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
