@@ -54,6 +54,9 @@ _HF_IGNORED_KEYS = {
 # The longest context a config may claim: RoPE tables and KV caches are sized from it, so a corrupt or
 # hostile file saying 10^9 must be refused, not allocated (the largest published Llamas use 2^17).
 MAX_CONTEXT = 1 << 24
+# The widest any dimension may be (vocabulary, hidden, MLP, heads x head_dim): real models stay under
+# 2^18; beyond 2^24 a tensor's storage size overflows before any shape check could name the problem.
+MAX_DIM = 1 << 24
 
 
 def describe(value: Any) -> str:
@@ -163,6 +166,13 @@ class LlamaConfig:
             value = getattr(self, name)
             if not is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {describe(value)}")
+        for name, value in (("vocab_size", self.vocab_size), ("hidden_size", self.hidden_size),
+                            ("intermediate_size", self.intermediate_size),
+                            ("n_heads * head_dim", self.n_heads * self.head_dim),
+                            ("n_kv_heads * head_dim", self.n_kv_heads * self.head_dim)):
+            if value > MAX_DIM:
+                raise ConfigError(f"{name} {value:,} is beyond the {MAX_DIM:,} llamalab accepts (a corrupt or "
+                                  "hostile config?)")
         if self.max_position_embeddings > MAX_CONTEXT:
             raise ConfigError(f"max_position_embeddings {self.max_position_embeddings:,} is beyond the "
                               f"{MAX_CONTEXT:,} positions llamalab accepts (a corrupt or hostile config?)")
@@ -176,8 +186,15 @@ class LlamaConfig:
         _check_token_id("eos_token_id", self.eos_token_id, many=True)
         if not isinstance(self.torch_dtype, str):
             raise ConfigError(f"torch_dtype must be a string, got {describe(self.torch_dtype)}")
-        if self.quantization is not None and not isinstance(self.quantization, dict):
-            raise ConfigError(f"quantization must be an object, got {describe(self.quantization)}")
+        if self.quantization is not None:
+            q = self.quantization
+            if not isinstance(q, dict):
+                raise ConfigError(f"quantization must be an object, got {describe(q)}")
+            for key in ("format", "group_size"):
+                if q.get(key) is not None and not (is_int(q[key]) and q[key] > 0):
+                    raise ConfigError(f"quantization {key} must be a positive integer, got {describe(q[key])}")
+            if not isinstance(q.get("method"), str):
+                raise ConfigError(f"quantization method must be a string, got {describe(q.get('method'))}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) for grouped-query "
