@@ -182,3 +182,31 @@ def gguf_block_layers(g, config) -> dict[str, BlockQuantLinear]:
             layer.permute_rows(unpermute_qk(torch.arange(t.shape[0]), heads))
         out[ours[: -len(".weight")]] = layer
     return out
+
+
+def keep_gguf_blocks(model: nn.Module, g, device: torch.device | str = "cpu") -> dict[str, BlockQuantLinear]:
+    """Swap `model`'s linears for the blocks of GGUF file `g` (see :func:`gguf_block_layers`), in place;
+    sets ``model.config.quantization`` so that ``save_pretrained`` writes the blocks and ``load`` reads them."""
+    from llamalab.quantize import replace_linear
+
+    layers = gguf_block_layers(g, model.config)
+    for name, layer in layers.items():
+        replace_linear(model, name, layer.to(device))
+    if layers:
+        model.config.quantization = {"method": "gguf", "kinds": sorted({lay.kind for lay in layers.values()}),
+                                     "group_size": QK, "lm_head": "lm_head" in layers, "format": 1}
+    return layers
+
+
+def pop_block_layer(state: dict[str, torch.Tensor], name: str, like: nn.Linear, source: object) -> BlockQuantLinear:
+    """The :class:`BlockQuantLinear` saved under ``name.qs`` / ``.d`` / ``.m`` in a checkpoint's state dict
+    (tensors popped from `state`), checked against the float layer `like` it replaces."""
+    qs, d, m = state.pop(f"{name}.qs"), state.pop(f"{name}.d", None), state.pop(f"{name}.m", None)
+    if d is None:
+        raise WeightsError(f"{source}: missing tensor {name}.d for the blocks {name}.qs")
+    kind = "q8_0" if qs.dtype == torch.int8 else ("q4_0" if m is None else "q4_1")
+    layer = BlockQuantLinear(kind, qs, d, m)
+    if (layer.out_features, layer.in_features) != (like.out_features, like.in_features):
+        raise WeightsError(f"{source}: blocks {name} are {layer.out_features}x{layer.in_features}, the config "
+                           f"expects {like.out_features}x{like.in_features}")
+    return layer

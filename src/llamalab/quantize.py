@@ -519,7 +519,7 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
     directory = Path(directory)
     q = config.quantization or {}
     method = q.get("method")
-    if method not in METHODS:
+    if method not in METHODS + ("gguf",):  # gguf: blocks kept from a GGUF file (llamalab.quant_blocks)
         raise WeightsError(f"{directory}: unknown llamalab_quantization method {method!r}")
     if int(q.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
         raise WeightsError(f"{directory}: quantized format {q.get('format')} is newer than this llamalab reads")
@@ -528,7 +528,7 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
     device = torch.device(device)
     model = Llama.on_meta(config)
     expected = dict(model.state_dict(keep_vars=True))  # the float model's tensors (meta: shapes only)
-    quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
+    quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".qs"))})
     for name in quant_names:
         try:
             module = model.get_submodule(name)
@@ -536,6 +536,11 @@ def load_quantized(directory: str | Path, config: Any, device: torch.device | st
             raise WeightsError(f"{directory}: unexpected quantized tensor {to_hf_key(name)}.qweight") from None
         if not isinstance(module, nn.Linear):
             raise WeightsError(f"{directory}: {to_hf_key(name)} is not a linear layer")
+        if f"{name}.qs" in state:
+            from llamalab.quant_blocks import pop_block_layer
+
+            replace_linear(model, name, pop_block_layer(state, name, module, directory).to(device))
+            continue
         tensors = {}
         for part in ("qweight", "scales", "zeros") if method == "int4" else ("qweight", "scales"):
             key = f"{name}.{part}"
