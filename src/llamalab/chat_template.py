@@ -59,10 +59,7 @@ _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("chat_t
 
 def _budget() -> _Budget:
     budget = _BUDGET.get()
-    if budget is None:  # rendered outside render_chat_template (e.g. a caller's own Template.render)
-        budget = _Budget(MIN_OUTPUT)
-        _BUDGET.set(budget)
-    return budget
+    return _Budget(MIN_OUTPUT) if budget is None else budget  # None: a Template.render of the caller's own
 
 
 def _check_int_args(args: tuple, kwargs: dict) -> None:

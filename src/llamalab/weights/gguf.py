@@ -11,8 +11,9 @@ seconds on a 49k-token vocabulary), memory-maps the data section and dequantizes
   (element j < 16 is the low nibble of byte j, element j >= 16 the high nibble of byte j - 16),
   vectorised in torch; Q4_K, Q6_K and the other k-quants through ``gguf.quants.dequantize``.
 
-``keep_quantized=True`` instead turns the blocks' Q8_0 / Q4_0 / Q4_1 linear layers into
-:mod:`llamalab.quantize`'s Int8Linear / Int4Linear with the file's own codes and per-32 scales.
+``keep_quantized=True`` (the default when no dtype is asked for and the C++ kernels are built) instead
+keeps the Q8_0 / Q4_0 / Q4_1 linear layers — and a quantized output head — as blocks, in
+:mod:`llamalab.quant_blocks`' BlockQuantLinear, multiplied by :mod:`llamalab.kernels`.
 
 llama.cpp applies RoPE to adjacent pairs (x0, x1), (x2, x3), ... while HF Llama checkpoints (and this
 library) rotate halves (x_i, x_{i + d/2}). `convert_hf_to_gguf.py` therefore permutes the rows of
@@ -409,6 +410,8 @@ def _llama3_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, ctx: int)
     from llamalab.components.rope import compute_inv_freq
 
     f = np.asarray(freqs, dtype=np.float64)
+    if not (np.isfinite(f).all() and (f > 0).all()):
+        raise ConfigError("GGUF rope_freqs.weight must hold finite positive divisors")
     factor = float(f.max())
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv
@@ -434,8 +437,11 @@ def _llama3_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, ctx: int)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-              keep_quantized: bool = False):
-    """Read a llama-architecture GGUF file -> (Llama, Tokenizer | None)."""
+              keep_quantized: bool | None = None):
+    """Read a llama-architecture GGUF file -> (Llama, Tokenizer | None).
+
+    ``keep_quantized`` (default: when no ``dtype`` is given and the C++ kernels are available): Q8_0 /
+    Q4_0 / Q4_1 matrices stay as blocks (:mod:`llamalab.quant_blocks`), as llama.cpp runs them."""
     from llamalab.tokenizer import from_gguf_metadata
     from llamalab.weights.hf import model_from_state_dict, resolve_dtype
 
@@ -454,6 +460,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
             config = config.replace()  # re-validate
         target = resolve_dtype(dtype)
         config.torch_dtype = str(target).replace("torch.", "")
+        if keep_quantized is None:
+            from llamalab.quant_blocks import keeps_blocks_by_default
+
+            keep_quantized = dtype is None and keeps_blocks_by_default(g)
         if keep_quantized:
             model = _load_keep_quantized(g, config, target, device)
             return model, _tokenizer(g.metadata, from_gguf_metadata)
@@ -540,26 +550,17 @@ def _llama_tensors(g):
 
 
 def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, device):
-    """Q8_0 / Q4_0 / Q4_1 linear layers of the blocks become llamalab.quantize Int8Linear / Int4Linear
-    (exactly the file's codes and per-32 scales); everything else is dequantized to `target`."""
-    from llamalab.quantize import Int4Linear, Int8Linear, replace_linear
+    """Q8_0 / Q4_0 / Q4_1 linear layers (and a quantized output head) become llamalab.quant_blocks
+    BlockQuantLinear, the file's blocks as stored; everything else is dequantized to `target`."""
+    from llamalab.quant_blocks import gguf_block_layers, keep_gguf_blocks
     from llamalab.weights.hf import model_from_state_dict
 
     state: dict[str, torch.Tensor] = {}
-    quantized: dict[str, torch.nn.Module] = {}
+    quantized = gguf_block_layers(g, config)
     for _name, ours, t in _llama_tensors(g):
         heads = config.n_heads if ours.endswith("q_proj.weight") else (
             config.n_kv_heads if ours.endswith("k_proj.weight") else None)
-        if ours.startswith("layers.") and t.type in (Q8_0, Q4_0, Q4_1) and len(t.shape) == 2:
-            q, d, m = _blocks(g.raw(t), t.type, t.shape)
-            if heads is not None:
-                q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
-                m = None if m is None else unpermute_qk(m, heads)
-            if t.type == Q8_0:
-                layer = Int8Linear.from_blocks(q, d, group_size=32)
-            else:
-                layer = Int4Linear.from_blocks(q, d, mins=m, group_size=32)
-            quantized[ours[: -len(".weight")]] = layer.to(device)
+        if ours[: -len(".weight")] in quantized:
             state[ours] = torch.zeros((), dtype=target).expand(t.shape)  # placeholder, replaced below
             continue
         w = dequantize_np(g.raw(t), t.type, t.shape)
@@ -569,11 +570,7 @@ def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, 
     if not quantized:
         raise WeightsError(f"{g.path}: keep_quantized needs Q8_0/Q4_0/Q4_1 linear weights; this file has none")
     model = model_from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
-    for name, layer in quantized.items():
-        replace_linear(model, name, layer)
-    method = "int4" if any(isinstance(m, Int4Linear) for m in quantized.values()) else "int8"
-    model.config.quantization = {"method": method, "group_size": 32, "symmetric": False, "lm_head": False,
-                                 "format": 1}
+    keep_gguf_blocks(model, g, device, layers=quantized)
     return model.eval()
 
 
