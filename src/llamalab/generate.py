@@ -280,8 +280,8 @@ def _events(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], *, max_
         yield from speculative_events(model, draft_model, rows, stop_ids, max_len, num_draft_tokens,
                                       compile=compile, prefill_chunk=prefill_chunk)
     else:
-        t0 = time.perf_counter()
         runner = Runner(model, B, max_len, compile=compile)
+        t0 = time.perf_counter()
         counts = TokenCounts(B, V, dev) if any(p.has_penalties for p in plist) else None
         logits = []
         for r in rows:

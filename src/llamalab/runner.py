@@ -60,6 +60,35 @@ def has_hooks(model: torch.nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
+MATVEC_ROWS = 4  # CPU: products with at most this many activation rows become streaming reductions
+
+
+def _matvec_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for a few rows of x as the reduction Σ_j x[.., j]·w[i, j], in float32.
+
+    Over the row-major (out, in) weight this is one vectorised loop per output row that streams the
+    weight once, fused with what surrounds it; the stock CPU gemv behind ``F.linear`` reads row-major
+    weights at about half that rate.
+    """
+    y = (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+    return y if b is None else y + b
+
+
+def _cpu_backend(gm: torch.fx.GraphModule, example_inputs):
+    """Inductor, after turning the graph's few-row ``F.linear`` calls into :func:`_matvec_linear`
+    (a graph rewrite, so Inductor's on-disk FX-graph cache still applies)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._nn.linear:
+            x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+            if (x is not None and x.device.type == "cpu" and x.is_floating_point() and x.dim() >= 2
+                    and x.numel() // x.shape[-1] <= MATVEC_ROWS):
+                node.target = _matvec_linear
+    gm.recompile()
+    return compile_fx(gm, example_inputs)
+
+
 def compiled_step(model: torch.nn.Module):
     """``torch.compile(model.forward_step)``, built once per model and kept on it."""
     fn = model.__dict__.get("_llamalab_compiled_step")
@@ -68,7 +97,7 @@ def compiled_step(model: torch.nn.Module):
         if model.device.type == "cuda":
             fn = torch.compile(model.forward_step, mode="reduce-overhead", dynamic=False)
         else:
-            fn = torch.compile(model.forward_step, dynamic=False)
+            fn = torch.compile(model.forward_step, dynamic=False, backend=_cpu_backend)
         model.__dict__["_llamalab_compiled_step"] = fn
     return fn
 
