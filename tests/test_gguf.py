@@ -150,7 +150,8 @@ def test_export_q8_0_is_q8_0(tok, tmp_path):
     path = save_gguf(model, tok, tmp_path / "m.gguf", "q8_0")
     f32 = save_gguf(model, tok, tmp_path / "f.gguf", "f32")
     assert path.stat().st_size < 0.4 * f32.stat().st_size
-    back, _ = load_gguf(path)
+    back, _ = load_gguf(path, dtype="float32")  # dequantized: exactly the q8_0 weights
+    blocks, _ = load_gguf(path)  # the default keeps the blocks (int8 activations: close, not equal)
     ref = _model(tok, seed=1)
     with torch.no_grad():
         for p in ref.parameters():
@@ -161,6 +162,7 @@ def test_export_q8_0_is_q8_0(tok, tmp_path):
     out, want, exact = _logits(back, ids), _logits(ref, ids), _logits(model, ids)
     torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
     assert 0 < (out - exact).abs().max() < 0.05 * exact.abs().max()
+    assert (_logits(blocks, ids) - want).abs().max() < 0.05 * want.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
@@ -239,15 +241,17 @@ def test_cli_reports_bad_gguf_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- keep_quantized
 def test_keep_quantized_q8_0(tok, tmp_path):
-    from llamalab.quantize import Int8Linear
+    from llamalab.quant_blocks import BlockQuantLinear
 
     model = _model(tok, seed=3)
     path = save_gguf(model, tok, tmp_path / "m.gguf", "q8_0")
-    deq, _ = load_gguf(path)
+    deq, _ = load_gguf(path, dtype="float32")
     kept, _ = load_gguf(path, keep_quantized=True)
-    assert isinstance(kept.layers[0].self_attn.q_proj, Int8Linear)
-    assert kept.config.quantization["method"] == "int8"
+    assert isinstance(kept.layers[0].self_attn.q_proj, BlockQuantLinear)
+    assert kept.layers[0].self_attn.q_proj.kind == "q8_0"
+    assert kept.config.quantization["method"] == "gguf"
     ids = torch.tensor([tok.encode(TEXTS[0])])
+    # the blocks multiply int8-quantized activations (llama.cpp's recipe): close to the dequantized model
     torch.testing.assert_close(_logits(kept, ids), _logits(deq, ids), rtol=0, atol=2e-2)
 
 

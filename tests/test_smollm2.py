@@ -82,11 +82,13 @@ def test_tokenizer_matches_transformers_gguf(smollm2, smollm2_path):
 
 
 def test_keep_quantized_quarter_memory(smollm2, smollm2_path):
-    from llamalab.quantize import Int4Linear, model_bytes
+    from llamalab.quant_blocks import BlockQuantLinear
+    from llamalab.quantize import model_bytes
 
     model, tok = smollm2
     q, _ = load_gguf(smollm2_path, keep_quantized=True)
-    assert isinstance(q.layers[0].mlp.down_proj, Int4Linear)
+    assert isinstance(q.layers[0].mlp.down_proj, BlockQuantLinear) and q.layers[0].mlp.down_proj.kind == "q4_1"
+    assert isinstance(q.lm_head, BlockQuantLinear) and q.lm_head.kind == "q8_0"  # the file's tied Q8_0 head
     assert model_bytes(q) < 0.4 * model_bytes(model)
     ids = torch.tensor([tok.apply_chat_template(QUESTION, tokenize=True)])
     with torch.no_grad():

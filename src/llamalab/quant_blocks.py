@@ -184,12 +184,22 @@ def gguf_block_layers(g, config) -> dict[str, BlockQuantLinear]:
     return out
 
 
-def keep_gguf_blocks(model: nn.Module, g, device: torch.device | str = "cpu") -> dict[str, BlockQuantLinear]:
-    """Swap `model`'s linears for the blocks of GGUF file `g` (see :func:`gguf_block_layers`), in place;
-    sets ``model.config.quantization`` so that ``save_pretrained`` writes the blocks and ``load`` reads them."""
+def keeps_blocks_by_default(g) -> bool:
+    """Whether ``llamalab.load`` keeps GGUF file `g` quantized when no dtype is asked for: its block
+    linears are Q8_0 / Q4_0 / Q4_1 and the C++ kernels are built (the fallback would be slower than float)."""
+    has_blocks = any(name.startswith("blk.") and t.type in GGML_TYPES.values() and len(t.shape) == 2
+                     for name, t in g.tensors.items())
+    return has_blocks and kernels.native()
+
+
+def keep_gguf_blocks(model: nn.Module, g, device: torch.device | str = "cpu",
+                     layers: dict[str, BlockQuantLinear] | None = None) -> dict[str, BlockQuantLinear]:
+    """Swap `model`'s linears for the blocks of GGUF file `g` (``layers``, default :func:`gguf_block_layers`),
+    in place; sets ``model.config.quantization`` so that ``save_pretrained`` writes the blocks and
+    ``llamalab.load`` reads them back."""
     from llamalab.quantize import replace_linear
 
-    layers = gguf_block_layers(g, model.config)
+    layers = gguf_block_layers(g, model.config) if layers is None else layers
     for name, layer in layers.items():
         replace_linear(model, name, layer.to(device))
     if layers:
