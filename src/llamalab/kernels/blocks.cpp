@@ -483,17 +483,18 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
     TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
                 "llamalab block linear: m must be like d");
   }
-  std::vector<int64_t> out_sizes = x_in.sizes().vec();
+  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
   out_sizes.back() = N;
-  const at::Tensor x2 = x_in.reshape({-1, K});
-  const int64_t M = x2.size(0);
+  const int64_t M = K ? x_in.numel() / K : 0;
   if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
     const at::Tensor w = dequantize_op(qs, d, m ? c10::optional<at::Tensor>(*m) : c10::nullopt, kind, g_gemm_bf16);
-    return at::mm(x2.to(w.scalar_type()), w.t()).to(x_in.scalar_type()).view(out_sizes);
+    return at::mm(x_in.reshape({M, K}).to(w.scalar_type()), w.t()).to(x_in.scalar_type()).view(out_sizes);
   }
-  const at::Tensor x = x2.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y.to(x_in.scalar_type()).view(out_sizes);
+  // (a contiguous float32 activation, the decode case, is used as is: no reshape / copy / view calls)
+  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
+  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
   const int64_t isa = active_isa();
   const int group = group_for(isa, kind);
   const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
@@ -535,7 +536,7 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
       }
     }
   });
-  return y.to(x_in.scalar_type()).view(out_sizes);
+  return plain ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
