@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
                 raise LlamalabError(f"unknown section {part!r}; choose from {', '.join(SECTIONS)} or all")
     names = list(dict.fromkeys(names))
     model_name = args.model or default_model()
+    from llamalab.config import PRESETS
+    from llamalab.loading import BUNDLED
+
+    if model_name not in PRESETS and model_name not in BUNDLED and not Path(model_name).exists():
+        raise LlamalabError(f"no such model: {model_name} (a model dir, run dir, .gguf file, 'smollm2' or a preset)")
     try:
         dtype = getattr(torch, args.dtype)
         if not isinstance(dtype, torch.dtype):
