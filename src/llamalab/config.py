@@ -80,8 +80,8 @@ def is_number(value: Any) -> bool:
 
 def _check_token_id(name: str, value: Any, many: bool = False) -> None:
     ids = value if many and isinstance(value, list) else [value]
-    if value is not None and not all(is_int(i) and i >= 0 for i in ids):
-        kind = "a token id or a list of them" if many else "a token id (an integer >= 0)"
+    if value is not None and not all(is_int(i) for i in ids):  # (some hub configs say -1 for "none")
+        kind = "a token id or a list of them" if many else "a token id (an integer)"
         raise ConfigError(f"{name} must be {kind}, got {describe(value)}")
 
 
