@@ -199,6 +199,25 @@ def test_info_counts_quantized_weights_as_parameters(dirs, tmp_path, method):
     assert info["stored"]["file_bytes"] < 4 * n  # smaller than the float32 weights
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_info_of_a_q8_0_gguf_names_its_stored_type(dirs, tmp_path, tied):
+    import llamalab
+    from llamalab.weights.gguf import save_gguf
+
+    model, tok = llamalab.load(dirs["model"])
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+    n = model.num_parameters()
+    path = save_gguf(model, tok, tmp_path / "m.gguf", type="q8_0")
+    r = _run("info", str(path), "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    info = json.loads(r.stdout)
+    assert info["parameters"] == n and "q8_0" in info["stored"]["dtypes"]
+    assert info["stored"]["file_bytes"] == path.stat().st_size
+    assert "q8_0" in _run("info", str(path)).stdout.decode()
+
+
 def test_eval_run_dir_scores_its_own_validation_split(dirs):
     from llamalab.data import load_documents, split_documents
 

@@ -89,12 +89,14 @@ def stored(path: Path) -> dict[str, Any] | None:
 
 
 def logical_parameters(model: Any) -> int:
-    """Parameters, counting each quantized linear's packed int8/int4 weight as its in × out values."""
+    """Parameters, counting each quantized linear's packed weight (int8, int4, GGUF blocks) as its in × out
+    values; a quantized copy of a tied output head is the embedding again, not more parameters."""
     from llamalab.quantize import QuantizedLinear
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     total = model.num_parameters()
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear) and not (tied and name.split(".")[-1] == "lm_head"):
             total += m.in_features * m.out_features
     return total
 
