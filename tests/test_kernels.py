@@ -90,11 +90,12 @@ def test_reference_equals_gguf_dequantize_then_matmul(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_many_rows_use_the_gemm_close_to_float(kind):
+@pytest.mark.parametrize("n,k", [(21, 96), (300, 2048)], ids=["one-tile", "tiles"])  # tiles of ~1 MB of weights
+def test_many_rows_use_the_gemm_close_to_float(kind, n, k):
     gen = torch.Generator().manual_seed(3)
-    qs, d, m = random_blocks(kind, 21, 96, gen)
+    qs, d, m = random_blocks(kind, n, k, gen)
     layer = BlockQuantLinear(kind, qs, d, m)
-    x = torch.randn(2, kernels.GEMM_ROWS, 96, generator=gen)
+    x = torch.randn(2, kernels.GEMM_ROWS, k, generator=gen)
     exact = x @ dequantize(kind, qs, d, m).t()
     torch.testing.assert_close(layer(x), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
     want = dequantize(kind, qs, d, m)
@@ -104,7 +105,7 @@ def test_many_rows_use_the_gemm_close_to_float(kind):
         assert torch.equal(layer.dequantize(), want)
         assert torch.equal(layer.dequantize(torch.bfloat16), want.bfloat16())
         y = layer(x.bfloat16())  # any float activation dtype in, the same dtype out
-        assert y.dtype == torch.bfloat16 and y.shape == (2, kernels.GEMM_ROWS, 21)
+        assert y.dtype == torch.bfloat16 and y.shape == (2, kernels.GEMM_ROWS, n)
     if kernels.available_isas():
         kernels.set_isa(None)
 

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -469,6 +470,36 @@ at::Tensor dequantize_op(const at::Tensor& qs, const at::Tensor& d, const c10::o
   return out;
 }
 
+// Many activation rows: dequantize ~1 MB tiles of weight rows into a reused per-thread buffer (a fresh
+// weight-sized allocation would page-fault its way through memory) and multiply each by a GEMM.
+at::Tensor gemm_linear(Kind kind, const at::Tensor& x2, const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m,
+                       int64_t N, int64_t K) {
+  const at::ScalarType dt = g_gemm_bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor x = x2.to(dt).contiguous();
+  const int64_t M = x.size(0), esize = g_gemm_bf16 ? 2 : 4;
+  const int64_t tile = std::min<int64_t>(N, std::max<int64_t>(16, ((1 << 20) / (K * esize)) / 16 * 16));
+  thread_local std::vector<uint8_t> buf;
+  buf.resize(std::max<size_t>(buf.size(), tile * K * esize));
+  uint8_t* const bp = buf.data();
+  const uint8_t* w = (const uint8_t*)qs.data_ptr();
+  const uint16_t* dw = (const uint16_t*)d.data_ptr();
+  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
+  at::Tensor y = at::empty({M, N}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t nt = std::min<int64_t>(tile, N - n0);
+    at::parallel_for(0, nt, std::max<int64_t>(1, 65536 / K), [&](int64_t a, int64_t b) {
+      // dequantize_rows indexes its output by absolute row: shift the buffer back by n0 rows
+      float* of = g_gemm_bf16 ? nullptr : (float*)bp - n0 * K;
+      uint16_t* ob = g_gemm_bf16 ? (uint16_t*)bp - n0 * K : nullptr;
+      dequantize_rows(kind, w, dw, mw, n0 + a, n0 + b, K, of, ob);
+    });
+    const at::Tensor wt = at::from_blob(bp, {nt, K}, x.options());
+    if (nt == N) return at::mm(x, wt.t());
+    y.narrow(1, n0, nt).copy_(at::mm(x, wt.t()));
+  }
+  return y;
+}
+
 // y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
 at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
                         const at::Tensor* m) {
@@ -487,8 +518,7 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   out_sizes.back() = N;
   const int64_t M = K ? x_in.numel() / K : 0;
   if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
-    const at::Tensor w = dequantize_op(qs, d, m ? c10::optional<at::Tensor>(*m) : c10::nullopt, kind, g_gemm_bf16);
-    return at::mm(x_in.reshape({M, K}).to(w.scalar_type()), w.t()).to(x_in.scalar_type()).view(out_sizes);
+    return gemm_linear(kind, x_in.reshape({M, K}), qs, d, m, N, K).to(x_in.scalar_type()).view(out_sizes);
   }
   // (a contiguous float32 activation, the decode case, is used as is: no reshape / copy / view calls)
   const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
