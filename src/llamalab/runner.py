@@ -9,8 +9,9 @@ layer, attention and the head as one graph) over a static cache:
   context needed, rounded up to a multiple of :data:`SEQ_BUCKET`) plus one scratch slot, so one
   graph serves every step of every call of that bucket; rows that take no part in a step write
   into the scratch slot (:meth:`KVCache.plan_decode`);
-* CPU: Inductor's C++ kernels (its ``cpp_wrapper`` option was tried: a cold compile of SmolLM2's step
-  did not finish in 10 minutes on 2 busy cores); CUDA: CUDA graphs (``mode="reduce-overhead"``);
+* CPU: Inductor's defaults (``cpp_wrapper``, ``freezing`` and few-row products rewritten as streaming
+  reductions were tried and measured no faster: docs/generation.md); CUDA: CUDA graphs
+  (``mode="reduce-overhead"``);
 * the compiled artifacts are cached on disk (Inductor's FX-graph cache, in
   ``~/.cache/llamalab/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise), so a second
   process skips code generation.
@@ -60,35 +61,6 @@ def has_hooks(model: torch.nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
-MATVEC_ROWS = 4  # CPU: products with at most this many activation rows become streaming reductions
-
-
-def _matvec_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` for a few rows of x as the reduction Σ_j x[.., j]·w[i, j], in float32.
-
-    Over the row-major (out, in) weight this is one vectorised loop per output row that streams the
-    weight once, fused with what surrounds it; the stock CPU gemv behind ``F.linear`` reads row-major
-    weights at about half that rate.
-    """
-    y = (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
-    return y if b is None else y + b
-
-
-def _cpu_backend(gm: torch.fx.GraphModule, example_inputs):
-    """Inductor, after turning the graph's few-row ``F.linear`` calls into :func:`_matvec_linear`
-    (a graph rewrite, so Inductor's on-disk FX-graph cache still applies)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._nn.linear:
-            x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
-            if (x is not None and x.device.type == "cpu" and x.is_floating_point() and x.dim() >= 2
-                    and x.numel() // x.shape[-1] <= MATVEC_ROWS):
-                node.target = _matvec_linear
-    gm.recompile()
-    return compile_fx(gm, example_inputs)
-
-
 def compiled_step(model: torch.nn.Module):
     """``torch.compile(model.forward_step)``, built once per model and kept on it."""
     fn = model.__dict__.get("_llamalab_compiled_step")
@@ -97,7 +69,7 @@ def compiled_step(model: torch.nn.Module):
         if model.device.type == "cuda":
             fn = torch.compile(model.forward_step, mode="reduce-overhead", dynamic=False)
         else:
-            fn = torch.compile(model.forward_step, dynamic=False, backend=_cpu_backend)
+            fn = torch.compile(model.forward_step, dynamic=False)
         model.__dict__["_llamalab_compiled_step"] = fn
     return fn
 
