@@ -51,7 +51,7 @@ def load_source(args: argparse.Namespace):
         raise LlamalabError(f"{args.src} is a random-init shape preset, not a model with weights{hint}")
     if args.src not in BUNDLED and not Path(args.src).exists():
         raise LlamalabError(f"no such model: {args.src} (a model dir, run dir, .gguf file or 'smollm2')")
-    return load(args.src)
+    return load(args.src, dtype="float32")  # float weights (a GGUF file is otherwise kept in its blocks)
 
 
 def resolve_paths(args: argparse.Namespace) -> None:
