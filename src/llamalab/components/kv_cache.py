@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llamalab.errors import LlamalabError
+
 
 def _physical_memory() -> int | None:
     try:
@@ -67,7 +69,7 @@ class KVCache:
         nbytes = 2 * n_layers * batch_size * n_kv_heads * slots * head_dim * torch.empty((), dtype=dtype).element_size()
         limit = _physical_memory()
         if limit is not None and nbytes > limit and torch.device(device or "cpu").type == "cpu":
-            raise ValueError(f"a KV cache of {batch_size} x {max_seq_len} tokens needs {nbytes / 2**30:.1f} GiB, "
+            raise LlamalabError(f"a KV cache of {batch_size} x {max_seq_len} tokens needs {nbytes / 2**30:.1f} GiB, "
                              f"more than this machine's {limit / 2**30:.1f} GiB: use a shorter context")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
