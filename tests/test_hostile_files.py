@@ -641,3 +641,22 @@ def test_damaged_sentencepiece_model(spm_bytes, tmp_path, seed):
 def test_empty_sentencepiece_model(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"")
     refused(load_tokenizer, tmp_path)
+
+
+def _safetensors(header: dict | bytes, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize("blob", [
+    struct.pack("<Q", 2**63) + b"{}",  # a header longer than any file
+    _safetensors(b"\xff\xfe{"),  # not UTF-8 JSON
+    _safetensors({"model.embed_tokens.weight": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+    _safetensors({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}},
+                 bytes(8)),
+    _safetensors({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**40]}}, bytes(8)),
+], ids=["header length", "header bytes", "dtype", "shape", "offsets"])
+def test_hostile_safetensors(tiny, tmp_path, blob):
+    d = _hf_copy(tiny, tmp_path)
+    (d / "model.safetensors").write_bytes(blob)
+    refused(llamalab.load, d, match="safetensors")
