@@ -340,6 +340,45 @@ LL_AVX512_ATTR void rows_avx512(Kind kind, const uint8_t* w, int64_t rb, const u
     out[r] = _mm512_reduce_add_ps(acc[r]) + (kind == Q4_0 ? -8.f * cs : cs);
   }
 }
+
+// Several activation rows (batch > 1) times one Q4 weight row: the weight is loaded and unpacked once
+// per step and used for all MR rows.
+template <int MR>
+LL_AVX512_ATTR void cols_avx512_q4(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t nb,
+                                   const QRow* x, float* out) {
+  __m512 acc[MR];
+  __m128 corr[MR];
+  for (int j = 0; j < MR; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    corr[j] = _mm_setzero_ps();
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t b = 0; b < nb; b += 4) {
+    const int nblk = (int)std::min<int64_t>(4, nb - b);
+    const __mmask64 mask = nblk == 4 ? ~0ULL : ((1ULL << (16 * nblk)) - 1);
+    const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
+    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + b * 16);
+    const __m512i lo = _mm512_and_si512(wv, low);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+    const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + b));
+    const __m128 c4 = kind == Q4_0 ? d4 : _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + b));
+    for (int j = 0; j < MR; ++j) {
+      __m512i p = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x[j].q + b * QK));
+      p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(x[j].q + b * QK + 64));
+      const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(x[j].d + b));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4)), acc[j]);
+      corr[j] = _mm_fmadd_ps(c4, _mm_loadu_ps(x[j].s + b), corr[j]);
+    }
+  }
+  for (int j = 0; j < MR; ++j) {
+    __m128 c = _mm_add_ps(corr[j], _mm_movehl_ps(corr[j], corr[j]));
+    c = _mm_add_ss(c, _mm_movehdup_ps(c));
+    const float cs = _mm_cvtss_f32(c);
+    out[j] = _mm512_reduce_add_ps(acc[j]) + (kind == Q4_0 ? -8.f * cs : cs);
+  }
+}
 #endif
 
 // R consecutive weight rows times one activation row -> out[0..R)
@@ -357,6 +396,8 @@ void rows(int64_t isa, Kind kind, const uint8_t* w, int64_t rb, const uint16_t* 
         out[r] = dot_scalar(kind, w + r * rb, dw + r * nb, mw ? mw + r * nb : nullptr, x, nb, group);
   }
 }
+
+inline const uint16_t* mr_ptr(const uint16_t* mw, int64_t n, int64_t nb) { return mw ? mw + n * nb : nullptr; }
 
 int group_for(int64_t isa, Kind kind) {
   if (kind == Q8_0) return 1;
@@ -553,6 +594,29 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
       const uint8_t* wr = w + n0 * row_bytes;
       const uint16_t* dr = dw + n0 * nb;
       const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
+#if LL_X86
+      if (isa == AVX512VNNI && kind != Q8_0 && M > 1) {  // batch: each weight row unpacked once for 4 rows
+        for (int64_t i = 0; i < nr; ++i) {
+          for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mr = (int)std::min<int64_t>(4, M - m0);
+            QRow xs4[4];
+            for (int j = 0; j < mr; ++j)
+              xs4[j] = QRow{xqp + (m0 + j) * nbp * QK, xdp + (m0 + j) * nbp, xsp + (m0 + j) * nbp};
+            const uint8_t* wi = wr + i * row_bytes;
+            const uint16_t* di = dr + i * nb;
+            const uint16_t* mi = mr_ptr(mw, n0 + i, nb);
+            switch (mr) {
+              case 4: cols_avx512_q4<4>(kind, wi, di, mi, nb, xs4, out); break;
+              case 3: cols_avx512_q4<3>(kind, wi, di, mi, nb, xs4, out); break;
+              case 2: cols_avx512_q4<2>(kind, wi, di, mi, nb, xs4, out); break;
+              default: cols_avx512_q4<1>(kind, wi, di, mi, nb, xs4, out);
+            }
+            for (int j = 0; j < mr; ++j) yp[(m0 + j) * N + n0 + i] = out[j];
+          }
+        }
+        continue;
+      }
+#endif
       for (int64_t r = 0; r < M; ++r) {
         const QRow xr{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
         if (nr == R) {
