@@ -6,7 +6,7 @@ the decode step either runs it eagerly or runs it **compiled whole** (``torch.co
 layer, attention and the head as one graph) over a static cache:
 
 * the cache has a fixed number of rows (the batch rounded up to a power of two) and slots (the
-  context needed, rounded up to a multiple of :data:`SEQ_BUCKET`) plus one scratch slot, so one
+  context needed, rounded up to a power of two of at least :data:`SEQ_BUCKET`) plus one scratch slot, so one
   graph serves every step of every call of that bucket; rows that take no part in a step write
   into the scratch slot (:meth:`KVCache.plan_decode`);
 * CPU: Inductor's defaults (``cpp_wrapper``, ``freezing`` and few-row products rewritten as streaming
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 PREFILL_CHUNK = 512
-SEQ_BUCKET = 256
+SEQ_BUCKET = 512  # the compiled step's slots: a power of two, at least this (a short warm-up shares the graph)
 COMPILE_ENV = "LLAMALAB_COMPILE"
 CACHE_DIR = Path("~/.cache/llamalab").expanduser()
 
@@ -87,7 +87,7 @@ class Runner:
         self.compiled = want_compile(model, compile)
         if self.compiled:
             context = model.config.max_position_embeddings
-            max_seq_len = max(max_seq_len, min(context, -(-max_seq_len // SEQ_BUCKET) * SEQ_BUCKET))
+            max_seq_len = max(max_seq_len, min(context, _next_pow2(max(max_seq_len, SEQ_BUCKET))))
             self.cache = model.new_cache(_next_pow2(batch_size), max_seq_len, scratch_slot=True)
             if model.device.type == "cuda":  # CUDA graphs replay over fixed addresses
                 torch._dynamo.mark_static_address(self.cache.k)
