@@ -420,7 +420,10 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from llamalab.quantize import QuantizedLinear
+
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))  # int8 base
     trainable = trainable_parameters(model)
     val_before = evaluate_loss(model.eval(), val_ex, pad_id, cfg.batch_size) if val_ex else None
 

@@ -108,8 +108,10 @@ def summary_text(res, cfg, prompt: str = "Hello") -> str:  # noqa: ANN001 - Fine
     share = 100 * res.trainable_parameters / max(res.total_parameters, 1)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(cfg.target_modules)
     what = f"LoRA r={cfg.r} on {targets}" if res.method == "lora" else "full fine-tuning"
-    lines.append(f"  {what}: {res.trainable_parameters:,} trainable of {res.total_parameters / 1e6:.1f}M parameters "
-                 f"({share:.2f}%)" + (f", adapter {res.adapter_bytes / 2**20:.1f} MiB" if res.adapter_bytes else ""))
+    total = f"{res.total_parameters / 1e6:.1f}M" if res.total_parameters >= 10**6 else f"{res.total_parameters:,}"
+    size = "" if not res.adapter_bytes else (f", adapter {res.adapter_bytes / 2**20:.1f} MiB" if res.adapter_bytes
+                                            >= 2**20 else f", adapter {res.adapter_bytes / 1024:.1f} KiB")
+    lines.append(f"  {what}: {res.trainable_parameters:,} trainable of {total} parameters ({share:.2f}%){size}")
     run_dir, final = res.run_dir, res.final_dir
     lines.append(f"run dir: {run_dir}")
     if res.method == "lora":
