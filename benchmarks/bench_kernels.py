@@ -158,11 +158,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true", help="only the whole-model and decode tables")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"C++ kernels: {kernels.load()}, ISA {kernels.active_isa()} (available: {kernels.available_isas()}), "
           f"torch {torch.__version__}, 1 thread")
-    for rows in args.rows:
+    for rows in [] if args.skip_layers else args.rows:
         bench_layers(rows, args.rounds)
     bench_model(args.rounds)
     if not args.skip_decode:

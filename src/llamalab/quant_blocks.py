@@ -29,6 +29,15 @@ GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3}  # GGML tensor type ids
 _BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and starting on a cache line (64 bytes; torch allocates so, numpy copies may not):
+    vector loads that straddle two lines cost up to a third of the speed when streaming from memory."""
+    t = t.contiguous()
+    if t.device.type == "cpu" and t.data_ptr() % 64:
+        t = torch.empty_like(t).copy_(t)
+    return t
+
+
 class BlockQuantLinear(QuantizedLinear):
     """y = x · Wᵀ with W kept in GGUF blocks of 32 (kind ``q8_0``, ``q4_0`` or ``q4_1``)."""
 
@@ -51,9 +60,9 @@ class BlockQuantLinear(QuantizedLinear):
         self.kind = kind
         kernels.load()
         self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default
-        self.register_buffer("qs", qs.contiguous())
-        self.register_buffer("d", d.to(torch.float16).contiguous())
-        self.register_buffer("m", None if m is None else m.to(torch.float16).contiguous())
+        self.register_buffer("qs", _aligned(qs))
+        self.register_buffer("d", _aligned(d.to(torch.float16)))
+        self.register_buffer("m", None if m is None else _aligned(m.to(torch.float16)))
         self._refresh()
 
     # ---------------------------------------------------------------- constructors
@@ -112,10 +121,10 @@ class BlockQuantLinear(QuantizedLinear):
 
     def permute_rows(self, index: torch.Tensor) -> BlockQuantLinear:
         """Reorder the output rows in place (e.g. GGUF's q/k RoPE layout -> ours); blocks stay intact."""
-        self.qs = self.qs[index].contiguous()
-        self.d = self.d[index].contiguous()
+        self.qs = _aligned(self.qs[index])
+        self.d = _aligned(self.d[index])
         if self.m is not None:
-            self.m = self.m[index].contiguous()
+            self.m = _aligned(self.m[index])
         self._refresh()
         return self
 
