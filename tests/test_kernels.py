@@ -79,6 +79,7 @@ def test_reference_equals_gguf_dequantize_then_matmul(kind):
     want_w = torch.from_numpy(np.asarray(quants.dequantize(raw, qtype), dtype=np.float32))
     layer = BlockQuantLinear.from_gguf(raw.reshape(-1), GGML_TYPES[kind], w.shape)
     assert torch.equal(layer.dequantize(), want_w)  # the blocks are used exactly as stored
+    assert all(t.data_ptr() % 64 == 0 for t in (layer.qs, layer.d, layer.m) if t is not None)  # cache-line aligned
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(2))
     exact = x @ want_w.t()
     ref = block_linear_reference(kind, x, layer.qs, layer.d, layer.m)
