@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -50,9 +51,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def remove_path(path: Path) -> None:
+    """Remove what ``path`` names, never what a symlink there points to (a link is unlinked, not followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
+    remove_path(tmp)  # a symlink planted at the temporary name must not redirect the write outside the run dir
+    with tmp.open("x") as fh:
         json.dump(obj, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
@@ -89,7 +99,7 @@ def _manifest_files(ckpt: Path) -> dict[str, dict] | str:
     """The manifest's {relative path: {"size", "sha256"}}, or why it is unusable."""
     try:
         obj = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: malformed JSON, bad UTF-8, a 5000-digit number
         return f"unreadable manifest.json ({e})"
     files = obj.get("files") if isinstance(obj, dict) else None
     if not isinstance(files, dict):
@@ -118,7 +128,7 @@ def _format_problem(ckpt: Path, present: list[str]) -> str | None:
         if rel.endswith(".json"):
             try:
                 json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):
                 return f"{rel} is not valid JSON"
         elif rel.endswith(".safetensors"):
             problem = _safetensors_problem(path)
@@ -176,14 +186,15 @@ def latest_valid_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (JSON's Infinity and NaN parse, and would break int() or arithmetic later)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_trainer_state(ckpt: Path) -> dict:
     """trainer.json, checked: a non-negative integer step, numeric counters, a data position of integers."""
     try:
         state = json.loads((Path(ckpt) / "trainer.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise WeightsError(f"{ckpt}/trainer.json is not valid JSON ({e})") from None
     bad = None
     if not isinstance(state, dict):
@@ -252,6 +263,37 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str
         fqn, _, name = key.rpartition("/")
         state.setdefault(fqn, {})[name] = value.item() if key in scalars else value
     return {"state": state, "param_groups": groups}
+
+
+# what a param group may carry over from a checkpoint; its other entries (amsgrad, maximize, capturable,
+# foreach, fused, ...) choose the algorithm, so they come from this run's optimizer, never from a file
+GROUP_HYPERPARAMETERS = {"params", "param_names", "lr", "initial_lr", "betas", "eps", "weight_decay", "lr_scale"}
+
+
+def keep_own_algorithm(saved_groups: list[dict], own_groups: list[dict]) -> None:
+    """Replace the algorithm flags of checkpointed param groups by this optimizer's own (in place)."""
+    for i, g in enumerate(saved_groups):
+        own = own_groups[i] if i < len(own_groups) else {}
+        for key in [k for k in g if k not in GROUP_HYPERPARAMETERS]:
+            del g[key]
+        g.update({k: v for k, v in own.items() if k not in GROUP_HYPERPARAMETERS})
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError unless every loaded state tensor has its parameter's shape and dtype (a one-element
+    ``step``): a checkpoint's optimizer state must not fail later, inside ``optimizer.step()``."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"optimizer state {name!r} is not a tensor")
+                if name == "step":
+                    ok = value.numel() == 1
+                else:
+                    ok = tuple(value.shape) == tuple(param.shape) and value.dtype == param.dtype
+                if not ok:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} and dtype "
+                                     f"{value.dtype} for a parameter of shape {tuple(param.shape)}")
 
 
 def rng_to_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -369,7 +411,7 @@ class Checkpointer:
         final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
         if is_main:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)
             (tmp / "state").mkdir(parents=True)
         if ctx is not None:
             ctx.barrier()
@@ -401,8 +443,7 @@ class Checkpointer:
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             write_json_atomic(tmp / "manifest.json", {"step": step, "files": files})
-            if final.exists():
-                shutil.rmtree(final)
+            remove_path(final)
             os.replace(tmp, final)
             fsync_dir(root)
             for _, old in checkpoint_steps(self.run_dir)[:-self.keep] if self.keep > 0 else []:
@@ -419,8 +460,10 @@ class Checkpointer:
         try:
             model_sd, _ = _read_safetensors(ckpt / "state" / "model.safetensors")
             optim_sd = optimizer_from_tensors(*_read_safetensors(ckpt / "state" / "optim.safetensors"))
+            keep_own_algorithm(optim_sd["param_groups"], optimizer.param_groups)
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                            options=StateDictOptions(full_state_dict=True))
+            check_optimizer_state(optimizer)
         except (RuntimeError, ValueError, KeyError, TypeError, AssertionError, IndexError, AttributeError) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise WeightsError(f"checkpoint {ckpt} does not fit this model and optimizer: {first}") from None

@@ -488,7 +488,10 @@ class Batches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seq_len", self.seq_len) != self.seq_len or state.get("seed", self.seed) != self.seed:
             raise DataError("cannot resume: the data order (seed or seq_len) differs from the checkpoint's")
-        self.served = int(state["served"])
+        served = state.get("served")
+        if isinstance(served, bool) or not isinstance(served, int) or served < 0:
+            raise DataError(f"cannot resume: the checkpoint's data position {served!r} is not a count of windows")
+        self.served = served
 
 
 def eval_windows(split: Split, seq_len: int, max_tokens: int | None = None) -> np.ndarray:

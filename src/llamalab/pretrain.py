@@ -32,6 +32,7 @@ from llamalab.checkpoint import (
     checkpoint_steps,
     latest_valid_checkpoint,
     read_trainer_state,
+    remove_path,
     verify_checkpoint,
     write_json_atomic,
 )
@@ -48,8 +49,11 @@ IDENTITY_KEYS = ("seed", "data.corpus", "data.tokenizer", "data.vocab_size", "da
 def run_dir_for(cfg: dict) -> Path:
     """``out_dir / name``, after checking that the name is plain and stays inside ``out_dir``."""
     name, out = cfg["name"], Path(cfg["out_dir"])
-    if name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
-        raise ConfigError(f"run name {name!r} must be a plain directory name (no '/' or '\\', not '.' or '..')")
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ConfigError(f"run name {name!r} must be a plain directory name (no '/' or '\\', no control "
+                          "characters, not '.' or '..')")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError(f"run name {name[:40]!r}... is longer than a directory name can be (255 bytes)")
     run = out / name
     if run.resolve().parent != out.resolve():
         raise ConfigError(f"run name {name!r} resolves outside {out} (to {run.resolve()})")
@@ -64,7 +68,8 @@ def check_writable(directory: Path) -> None:
     """Raise a one-line error when files cannot be created in ``directory`` (read-only or full)."""
     probe = directory / f".llamalab_write_probe_{os.getpid()}"
     try:
-        with probe.open("wb") as fh:
+        remove_path(probe)  # a symlink planted here must not send the probe's bytes outside the run dir
+        with probe.open("xb") as fh:
             fh.write(b"\0" * 4096)
             fh.flush()
             os.fsync(fh.fileno())
@@ -209,6 +214,7 @@ def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path, heldout_pro
         texts.append(f"--- sample {i + 1} (prompt {prompt!r})\n{prompt}{out}\n")
     text = "\n".join(texts)
     tmp = path.with_name(path.name + ".tmp")
+    remove_path(tmp)
     tmp.write_text(text)
     os.replace(tmp, path)
     return text
@@ -217,10 +223,9 @@ def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path, heldout_pro
 def export_final(run_dir: Path, ckpt: Path) -> Path:
     """Copy a checkpoint's HF part to ``run_dir/final`` (via ``.tmp_final``, renamed when complete)."""
     final, tmp = run_dir / "final", run_dir / ".tmp_final"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)
     shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("state", "rng_rank*", "manifest.json"))
-    if final.exists():
-        shutil.rmtree(final)
+    remove_path(final)  # a symlink there is unlinked, never followed
     os.replace(tmp, final)
     return final
 
@@ -353,6 +358,7 @@ def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, pr
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / (RUN_MARKER + ".tmp")
+        remove_path(tmp)
         tmp.write_text(to_toml(_normalized(cfg)))
         os.replace(tmp, run_dir / RUN_MARKER)
         write_heldout_record(run_dir, _normalized(cfg), corpus)

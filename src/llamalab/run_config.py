@@ -211,6 +211,8 @@ def validate(cfg: dict, world: int = 1) -> None:
     """Every check that needs no data: raises a one-line ConfigError before any work."""
     from llamalab.data import check_corpus
 
+    if not 0 <= cfg["seed"] < 2**63:  # numpy's data order takes no negative seed, torch none past 64 bits
+        raise ConfigError(f"seed must be in 0 .. 2**63-1, got {cfg['seed']}")
     t = cfg["train"]
     for key in ("steps", "batch_size", "seq_len", "grad_accum"):
         if t[key] <= 0:

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalab.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint
+from llamalab.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint, remove_path
 from llamalab.checkpoint import verify_checkpoint as verify_checkpoint  # re-exported: the run-dir API
 from llamalab.errors import ConfigError, LlamalabError
 
@@ -272,6 +272,7 @@ def plot_losses(log_path: Path, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = out.with_name(out.stem + ".tmp.png")
+    remove_path(tmp)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out)
@@ -318,7 +319,11 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
             step, tokens_seen = int(state["step"]), int(state.get("tokens", 0) or 0)
             elapsed = float(state.get("elapsed_s", 0.0) or 0.0)
             if hasattr(batches, "load_state_dict") and isinstance(state.get("data"), dict):
-                batches.load_state_dict(state["data"])
+                try:
+                    batches.load_state_dict(state["data"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise LlamalabError(f"checkpoint {found_s} holds a data position this run cannot use "
+                                        f"({type(e).__name__}: {e})") from None
             say(f"resumed from {found_s} (step {step})")
         elif is_main and checkpoint_steps(run_dir):
             raise LlamalabError(f"no usable checkpoint in {run_dir / 'checkpoints'} to resume from")
@@ -326,6 +331,7 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
     if is_main:
         kept = _read_log(log_path, step) if resume else []
         tmp_log = log_path.with_name(log_path.name + ".tmp")
+        remove_path(tmp_log)  # never write through a symlink planted at the temporary name
         tmp_log.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp_log, log_path)
     train_model = torch.compile(model) if cfg.compile else model

@@ -142,7 +142,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        sent = given.strip().encode("latin-1")  # the header's own bytes (ASGI decodes them as latin-1)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, api_key.encode("utf-8")):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 

@@ -120,8 +120,10 @@ def get_number(body: dict, name: str, default: float | None, lo: float | None = 
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise APIError(400, f"'{name}' must be a number, got {_type_name(v)}", param=name, code="invalid_type")
+    if not math.isfinite(v):  # 1e999 is valid JSON and parses to infinity
+        raise _bad(name, f"'{name}' must be a finite number, got {v}")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise _bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo:g}, got {v}")
     if hi is not None and v > hi:

