@@ -263,3 +263,16 @@ def test_an_api_key_beyond_ascii_can_be_sent():
 
         assert models("clé-🔑") == 200  # the UTF-8 bytes a client sends; every such key used to get 401
         assert models("cle-🔑") == 401 and models("clé") == 401
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"step": ' + "9" * 5000 + "}", "\xff"])
+def test_exporting_a_checkpoint_without_manifest_and_hostile_trainer_json_is_one_line(tmp_path, text):
+    from llamalab.distributed import export_distributed_checkpoint
+
+    run = tmp_path / "run"
+    run_loop(run, 1)
+    ckpt = run / "checkpoints" / "step_1"
+    (ckpt / "manifest.json").unlink()
+    (ckpt / "trainer.json").write_text(text, encoding="latin-1")
+    with pytest.raises(LlamalabError, match="trainer.json is not valid JSON"):
+        export_distributed_checkpoint(ckpt, tmp_path / "hf")

@@ -203,7 +203,10 @@ def export_distributed_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dty
     if problem:
         raise LlamalabError(f"checkpoint {ckpt} is unusable: {problem}")
     model_state = full_model_state(ckpt)
-    trainer = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").exists() else {}
+    try:
+        trainer = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").exists() else {}
+    except (ValueError, RecursionError) as e:  # malformed JSON, bad UTF-8, nesting or numbers past Python's limits
+        raise LlamalabError(f"{ckpt}/trainer.json is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(trainer, dict) or "model_config" not in trainer:
         raise LlamalabError(f"{ckpt} has no trainer.json with the model config")
     config = LlamaConfig.from_hf_dict(trainer["model_config"])
