@@ -225,3 +225,19 @@ def test_adapter_of_bundled_smollm2_runs_from_the_cli(smollm2_path, tmp_path):
     greedy = ("-p", "The capital of France is", "--max-new-tokens", "4", "--temperature", "0")
     assert run("generate", "-m", "ad", *greedy) == run("generate", "-m", "smollm2", *greedy)
     assert json.loads(run("info", "ad", "--json"))["n_layers"] == meta.config.n_layers
+
+
+def test_merge_keeps_the_quantization_record_of_remaining_gguf_blocks(tiny_model):
+    """Merging an adapter into some layers leaves the others' GGUF blocks, so the model stays recorded as
+    quantized (save_pretrained must write the blocks, llamalab.load read them back)."""
+    from llamalab.quant_blocks import BlockQuantLinear
+    from llamalab.quantize import replace_linear
+
+    mlp = tiny_model.layers[0].mlp
+    replace_linear(tiny_model, "layers.0.mlp.gate_proj", BlockQuantLinear.from_float(mlp.gate_proj, "q8_0"))
+    tiny_model.config.quantization = {"method": "gguf", "kinds": ["q8_0"], "group_size": 32, "lm_head": False,
+                                      "format": 1}
+    apply_lora(tiny_model, LoraConfig(r=2, target_modules=("q_proj",)))
+    merge_lora(tiny_model)
+    assert isinstance(tiny_model.layers[0].mlp.gate_proj, BlockQuantLinear)
+    assert tiny_model.config.quantization["method"] == "gguf"

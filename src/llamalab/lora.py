@@ -347,6 +347,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         del model.lora_config
     config = getattr(model, "config", None)
     if config is not None and config.quantization and not any(
-            type(m).__name__ in ("Int8Linear", "Int4Linear") for m in model.modules()):
+            any(c.__name__ == "QuantizedLinear" for c in type(m).__mro__) for m in model.modules()):
         config.quantization = None
     return model
