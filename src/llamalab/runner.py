@@ -90,8 +90,8 @@ class Runner:
             max_seq_len = max(max_seq_len, min(context, _next_pow2(max(max_seq_len, SEQ_BUCKET))))
             self.cache = model.new_cache(_next_pow2(batch_size), max_seq_len, scratch_slot=True)
             if model.device.type == "cuda":  # CUDA graphs replay over fixed addresses
-                torch._dynamo.mark_static_address(self.cache.k)
-                torch._dynamo.mark_static_address(self.cache.v)
+                for t in self.cache.k_layers + self.cache.v_layers:
+                    torch._dynamo.mark_static_address(t)
             self._step = compiled_step(model)
         else:
             self.cache = model.new_cache(batch_size, max_seq_len)

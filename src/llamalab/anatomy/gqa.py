@@ -146,8 +146,8 @@ def decode_speed(lab: Lab, sec: Section) -> None:
         for name, m in variants.items():
             cache = m.new_cache(1, ctx + 1, dtype=m.dtype)
             # a context of `ctx` tokens already in the cache (random keys/values: the cost is the same)
-            cache.k[:, :, :, :ctx].copy_(torch.randn(cache.k[:, :, :, :ctx].shape, generator=gen))
-            cache.v[:, :, :, :ctx].copy_(torch.randn(cache.v[:, :, :, :ctx].shape, generator=gen))
+            for t in cache.k_layers + cache.v_layers:
+                t[:, :, :ctx].copy_(torch.randn(t[:, :, :ctx].shape, generator=gen))
             cache.valid[:, :ctx] = True
             caches[name] = cache
             mem[name].append(cache.nbytes() * ctx / (ctx + 1) / 2**20)

@@ -1,10 +1,11 @@
 """The KV cache: one object that owns every write into it.
 
-Keys and values of every layer live in two preallocated tensors of shape
-(n_layers, batch, n_kv_heads, slots, head_dim) — static shapes, so a decode step over it can be
-compiled once. Each row keeps its own fill length (``lengths``), so rows hold sequences of
-different lengths side by side (ragged batches, continuous batching), and a validity mask per slot
-(``valid``) for left-padded inputs.
+Keys and values live in preallocated tensors, one pair per layer, of shape
+(batch, n_kv_heads, slots, head_dim) — static shapes, so a decode step over them can be compiled
+once; separate per-layer tensors let a compiled step update each in place (a single 5-D tensor
+written layer by layer made Inductor copy the whole cache every step). Each row keeps its own
+fill length (``lengths``), so rows hold sequences of different lengths side by side (ragged batches,
+continuous batching), and a validity mask per slot (``valid``) for left-padded inputs.
 
 A forward call over the cache goes in three moves, all made here:
 
@@ -51,7 +52,8 @@ class CacheStep:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: k, v of shape (n_layers, B, n_kv_heads, slots, head_dim).
+    """Preallocated keys/values, per layer: ``k_layers[i]``, ``v_layers[i]`` of shape (B, n_kv_heads, slots,
+    head_dim); :attr:`k` / :attr:`v` stack them (a copy, for reading).
 
     ``lengths[b]`` is how many slots row b has filled; new tokens of row b are written at slots
     lengths[b], lengths[b]+1, …  ``valid[b, s]`` is False for slots that hold padding.
@@ -71,8 +73,9 @@ class KVCache:
         if limit is not None and nbytes > limit and torch.device(device or "cpu").type == "cpu":
             raise LlamalabError(f"a KV cache of {batch_size} x {max_seq_len} tokens needs {nbytes / 2**30:.1f} GiB, "
                              f"more than this machine's {limit / 2**30:.1f} GiB: use a shorter context")
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v_layers = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(n_layers)]
+        self.dtype = dtype
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)
         self.max_seq_len = max_seq_len
@@ -91,10 +94,20 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.k_layers[0].device
+
+    @property
+    def k(self) -> torch.Tensor:
+        """All layers' keys, (n_layers, B, n_kv_heads, slots, head_dim): a stacked copy (write via k_layers)."""
+        return torch.stack(self.k_layers)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return torch.stack(self.v_layers)
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        t = self.k_layers[0]
+        return t.numel() * t.element_size() * 2 * self.n_layers
 
     # ----------------------------------------------------------------- edits
     def reset(self, rows: slice | list[int] | torch.Tensor | None = None) -> None:
@@ -113,8 +126,9 @@ class KVCache:
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` hold exactly what row ``src`` holds (a prompt shared by n choices)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for ck, cv in zip(self.k_layers, self.v_layers):
+            ck[dst] = ck[src]
+            cv[dst] = cv[src]
         self.lengths[dst] = self.lengths[src]
         self.valid[dst] = self.valid[src]
 
@@ -182,7 +196,7 @@ class KVCache:
         """Store layer ``layer_idx``'s new keys/values (B, Hkv, T, D); returns those to attend over."""
         if layer_idx is None:
             raise ValueError("this attention layer has no layer index: it cannot use a KV cache")
-        ck, cv = self.k[layer_idx], self.v[layer_idx]  # (Bc, Hkv, S, D) views
+        ck, cv = self.k_layers[layer_idx], self.v_layers[layer_idx]  # (Bc, Hkv, S, D)
         T = k.shape[2]
         if step.every_row:
             r = step.rows[:, None]
