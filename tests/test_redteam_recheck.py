@@ -276,3 +276,14 @@ def test_exporting_a_checkpoint_without_manifest_and_hostile_trainer_json_is_one
     (ckpt / "trainer.json").write_text(text, encoding="latin-1")
     with pytest.raises(LlamalabError, match="trainer.json is not valid JSON"):
         export_distributed_checkpoint(ckpt, tmp_path / "hf")
+
+
+def test_resume_survives_a_log_with_lines_that_are_not_log_rows(tmp_path):
+    run = tmp_path / "run"
+    run_loop(run, 2)
+    with (run / "log.jsonl").open("ab") as fh:  # the log is not in the manifest: anything may be appended to it
+        fh.write(b'[1]\n5\n{"step": "x"}\n{"step": true}\n' + b"[" * 100_000 + b"\n\xff\xfe\n")
+    _, res = run_loop(run, 3, resume=True)
+    assert res.step == 3
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

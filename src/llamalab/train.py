@@ -242,12 +242,13 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn last line, or anything else that is not a log row
             continue
-        if row.get("step", 0) <= upto_step:
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= upto_step:
             rows.append(row)
     return rows
 
