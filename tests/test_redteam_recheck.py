@@ -287,3 +287,36 @@ def test_resume_survives_a_log_with_lines_that_are_not_log_rows(tmp_path):
     assert res.step == 3
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("toml", ["seed = " + "9" * 5000, "x = " + "[" * 5000 + "]" * 5000])
+def test_toml_past_pythons_limits_is_one_line(tmp_path, finished, capsys, toml):
+    from llamalab.cli import main
+
+    config, src = finished
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml + "\n")
+    assert main(["train", str(bad), "--no-progress"]) == 2  # a config file
+    assert main(["train", str(config), "--no-progress", "--set", toml.replace(" ", "")]) == 2  # an override
+    runs = tmp_path / "runs"
+    shutil.copytree(src, runs / "t")
+    (runs / "t" / "train_config.toml").write_text(toml + "\n")  # a run's own saved config
+    assert main(["train", "--resume", "--name", "t", "--set", f"out_dir={json.dumps(str(runs))}",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("llamalab train: error: ") for line in err), err
+    assert "invalid TOML" in err[0] and f"{runs / 't' / 'train_config.toml'}: unreadable" in err[2]
+
+
+def test_a_finished_run_with_a_hostile_summary_still_reexports_final(tmp_path, finished):
+    config, src = finished
+    runs = tmp_path / "runs"
+    run = runs / "t"
+    shutil.copytree(src, run)
+    shutil.rmtree(run / "final")
+    (run / "summary.json").write_text('{"step": ' + "9" * 5000 + "}")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    res = cli("train", str(cfg), "--resume", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "already complete" in res.stdout + res.stderr and (run / "final" / "model.safetensors").is_file()

@@ -127,8 +127,8 @@ def resume_config(run_dir: Path, requested: dict, config_given: bool, overrides:
     saved_path = run_dir / RUN_MARKER
     try:
         saved = load_config(tomllib.loads(saved_path.read_text(encoding="utf-8")))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved_path}: unreadable ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad TOML or UTF-8, a 5000-digit integer, nesting
+        raise ConfigError(f"{saved_path}: unreadable ({str(e)[:200] or type(e).__name__})") from None
     cfg = requested if config_given else load_config(saved, overrides, **kwargs)
     cfg["name"], cfg["out_dir"] = requested["name"], requested["out_dir"]
     problem = identity_difference(saved, cfg)
@@ -257,7 +257,7 @@ def _already_complete(run_dir: Path, cfg: dict, ckpt: Path, state: dict, say: Ca
         f"{run_dir / 'final'} from {ckpt}")
     try:  # the summary of the session that finished the run, when it got that far
         summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         summary = None
     if not isinstance(summary, dict) or summary.get("step") != step:
         summary = {"step": step, "minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 2)}

@@ -44,7 +44,7 @@ _MODEL_FIELDS = {"preset", "hidden_size", "intermediate_size", "n_layers", "n_he
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError, or a value past Python's limits
         return text  # a bare string
 
 
@@ -128,9 +128,9 @@ def load_config(config: str | Path | dict | None = None, overrides: list[str] | 
     elif config is not None:
         path = resolve_config_path(config)
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # bad TOML or UTF-8, a 5000-digit integer, deep nesting
+            raise ConfigError(f"{path}: invalid TOML: {str(e)[:200] or type(e).__name__}") from None
         name = path.stem
     cfg = _merge(DEFAULTS, raw)
     flat: dict[str, Any] = {}
