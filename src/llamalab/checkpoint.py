@@ -359,6 +359,16 @@ def _default_save(model: nn.Module, directory: Path) -> None:
     model.save_pretrained(directory)
 
 
+def _misfit(e: BaseException) -> str:
+    """One line out of a load_state_dict error: torch's first line is only a heading ("Error(s) in loading
+    state_dict for Llama:"), so the line that names the missing or unexpected keys is added to it."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class Checkpointer:
     """Writes and reads the run's checkpoints (all ranks take part; rank 0 writes, renames and prunes)."""
 
@@ -465,8 +475,8 @@ class Checkpointer:
                            options=StateDictOptions(full_state_dict=True))
             check_optimizer_state(optimizer)
         except (RuntimeError, ValueError, KeyError, TypeError, AssertionError, IndexError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise WeightsError(f"checkpoint {ckpt} does not fit this model and optimizer: {first}") from None
+            raise WeightsError(f"checkpoint {ckpt} does not fit this model and optimizer: {_misfit(e)}; resume "
+                               "with the model and options the run was started with") from None
         rank = 0 if self.ctx is None else self.ctx.rank
         rng = ckpt / f"rng_rank{rank}.safetensors"
         if rng.exists():

@@ -1,0 +1,76 @@
+"""Commands the guides in docs/ show, run as printed, that once failed.
+
+* ``llamalab finetune ... --resume`` with other LoRA options than the run was started with (the guide's
+  ``...`` stands for the same options) is one line that names the mismatched tensors and says what to do,
+  not torch's bare heading "Error(s) in loading state_dict for Llama:".
+
+Everything goes through the CLI in a subprocess, on a tiny random model with a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = "user assistant what is the capital of france paris once upon a time"
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "llamalab", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer and a ChatML template, saved as an HF dir."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llamalab import Llama, LlamaConfig
+    from llamalab.tokenizer import Tokenizer
+
+    backend = HFTok(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([WORDS] * 5, trainer)
+    tok = Tokenizer.from_hf(backend, eos_token="<|im_end|>", chat_template=CHATML)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=1, n_heads=2,
+                      n_kv_heads=1, max_position_embeddings=64, rope_theta=1000.0, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("chat_model")
+    Llama(cfg).eval().save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def test_finetune_resume_with_other_lora_options_names_the_misfit(chat_model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is the capital of france {i}", "completion": "paris"}) + "\n"
+                            for i in range(4)))
+    common = ["--model", str(chat_model), "--data", str(data), "--out", "runs/ft", "--batch-size", "2",
+              "--max-len", "32", "--no-progress"]
+    first = _run("finetune", *common, "--steps", "2", "--target-modules", "all-linear", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the guide's `llamalab finetune ... --resume`, without repeating --target-modules
+    r = _run("finetune", *common, "--steps", "3", "--resume", cwd=tmp_path)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("llamalab finetune: error:"), err
+    assert "key(s)" in err[0] and "mlp" in err[0] and "options the run was started with" in err[0], err[0]
+    assert "Traceback" not in r.stderr
+    # the same options again resume the run
+    again = _run("finetune", *common, "--steps", "3", "--target-modules", "all-linear", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout + again.stderr
