@@ -8,7 +8,10 @@
   carry state of the wrong shape into ``optimizer.step()``; a data position that is negative or missing
   is one line;
 * a negative seed, a run name with control characters or longer than a directory name: one line;
-* a request's ``1e999`` (valid JSON, infinity) is named as not finite.
+* TOML past Python's limits (config file, ``--set``, a run's saved config), a malformed ``summary.json``
+  or ``log.jsonl``, a manifest-less checkpoint's malformed ``trainer.json``: one line, or ignored;
+* a request's ``1e999`` (valid JSON, infinity) is named as not finite; an API key beyond ASCII can be sent;
+  a stream the client leaves unread is disconnected at the write deadline.
 """
 
 from __future__ import annotations
@@ -320,3 +323,38 @@ def test_a_finished_run_with_a_hostile_summary_still_reexports_final(tmp_path, f
     res = cli("train", str(cfg), "--resume", "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "already complete" in res.stdout + res.stderr and (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_stream_left_unread_is_disconnected_at_the_write_deadline():
+    import socket
+    import time
+
+    import httpx
+
+    from llamalab.serve import BackgroundServer
+    from llamalab.server.connections import ConnectionLimits
+    from test_serve import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    with BackgroundServer(make_model(tok), tok, "m", max_batch=8, max_len=64,
+                          limits=ConnectionLimits(write_timeout=1.0)) as srv:
+        srv._server.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted
+        body = json.dumps({"model": "m", "prompt": ["hi"] * 8, "max_tokens": 40, "stream": True, "logprobs": 5,
+                           "temperature": 0}).encode()  # ~300 KB of events: more than both socket buffers hold
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(4)  # the generation ends well within this; then the unread answer passes the deadline
+            s.settimeout(10)
+            received = b""
+            try:
+                while chunk := s.recv(1 << 16):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received  # cut off mid-stream
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and srv.engine.stats()["running"] == 0

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send its request headers (default 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body (default 30)")
+    p.add_argument("--write-timeout", type=float, default=60.0,
+                   help="seconds a client may leave the answer unread before it is disconnected (default 60)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise LlamalabError("--api-key must not be empty")
     limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
-                              body_timeout=args.body_timeout)
+                              body_timeout=args.body_timeout, write_timeout=args.write_timeout)
     limits.check()
     serve(args.model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
           dtype=args.dtype, log_level=args.log_level, max_batch=args.max_batch, max_len=args.max_len,

@@ -11,6 +11,9 @@ builds the one used here, uvicorn's h11 protocol plus three rules:
   limit allows, so ``accept()`` does not run out of descriptors). When a new connection would pass
   the cap, the connection idle the longest (no request in progress: half-open, headers still
   arriving, keep-alive) is closed to make room; if none is idle, the new one gets a 503.
+* **a write deadline** — a client that leaves the answer unread (the send buffer stays above its
+  high-water mark) for ``write_timeout`` seconds is disconnected: a stream nobody reads cannot pin a
+  connection, and the events queued for it, after its generation has ended.
 * **JSON errors** — a malformed request line or headers gets an OpenAI-style error object, not
   uvicorn's plain-text 400.
 
@@ -50,6 +53,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0  # seconds to deliver the request line and headers
     body_timeout: float = 30.0  # seconds to deliver the whole body, once the headers are in
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    write_timeout: float = 60.0  # seconds a client may leave a full send buffer unread
     backlog: int = 2048  # connections the kernel queues before accept(), and asyncio accepts in one go
 
     def check(self) -> None:
@@ -57,7 +61,8 @@ class ConnectionLimits:
 
         if self.max_connections < 1:
             raise LlamalabError(f"--max-connections must be >= 1, got {self.max_connections}")
-        for name, v in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout)):
+        for name, v in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout),
+                        ("--write-timeout", self.write_timeout)):
             if not v > 0:
                 raise LlamalabError(f"{name} must be > 0 seconds, got {v}")
 
@@ -113,6 +118,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.header_timer: asyncio.TimerHandle | None = None
+            self.write_timer: asyncio.TimerHandle | None = None
             self.partial = False  # bytes of a request whose headers are not complete yet
             self.last_active = 0.0
 
@@ -159,7 +165,27 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.cancel_header_timer()
+            self.cancel_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:  # the transport's buffer passed its high-water mark
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(limits.write_timeout, self.on_write_timeout)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.cancel_write_timer()
+
+        def cancel_write_timer(self) -> None:
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+
+        def on_write_timeout(self) -> None:
+            self.write_timer = None
+            if not self.transport.is_closing():
+                self.transport.abort()  # connection_lost follows: the response ends, the jobs are cancelled
 
         def data_received(self, data: bytes) -> None:
             self.last_active = time.monotonic()
