@@ -226,7 +226,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     for name in args.models:
         default, tok = load_model(name, None)
-        engines: list = [Llamalab(default, f"default ({str(default.dtype).removeprefix('torch.')})",
+        engines: list = [Llamalab(default, "default: load + generate",
                                   "q4_1" if name == "smollm2-135m" else WIDTH.get(default.dtype, "?"), None)]
         for label, kind, model in precisions(name, args.precisions):
             engines.append(Llamalab(model, label, kind, False))
