@@ -32,6 +32,10 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer and a ChatML template, saved as an HF dir."""
+    return _save_chat_model(tmp_path_factory.mktemp("chat_model"), hidden=32, n_layers=1)
+
+
+def _save_chat_model(d: Path, hidden: int, n_layers: int) -> Path:
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -45,11 +49,11 @@ def chat_model(tmp_path_factory) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator([WORDS] * 5, trainer)
     tok = Tokenizer.from_hf(backend, eos_token="<|im_end|>", chat_template=CHATML)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=1, n_heads=2,
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      n_layers=n_layers, n_heads=2,
                       n_kv_heads=1, max_position_embeddings=64, rope_theta=1000.0, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("chat_model")
     Llama(cfg).eval().save_pretrained(d)
     tok.save(d)
     return d
@@ -74,3 +78,19 @@ def test_finetune_resume_with_other_lora_options_names_the_misfit(chat_model, tm
     again = _run("finetune", *common, "--steps", "3", "--target-modules", "all-linear", "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout + again.stderr
+
+
+def test_convert_of_a_quantized_dir_reports_its_dtype_and_all_parameters(tmp_path):
+    """quantization.md: `convert` loads an int8 dir; its summary counts the int8 weights as parameters
+    and names them, as `info` does (it said "float32" and left the int8 weights out)."""
+    model = _save_chat_model(tmp_path / "model", hidden=256, n_layers=2)  # 1.3M parameters, 1.2M in linears
+    plain = _run("convert", str(model), "plain", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "HF dir (float32)" in plain.stdout, plain.stdout
+    params = plain.stdout.split(" MiB, ")[1].split(" parameters")[0]
+    q = _run("quantize", "--model", str(model), "--to", "int8", "--out", "q8", cwd=tmp_path)
+    assert q.returncode == 0, q.stderr[-2000:]
+    r = _run("convert", "q8", "q8hf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "int8 linears, float32 elsewhere" in r.stdout, r.stdout
+    assert params == "1.3M" and f" MiB, {params} parameters" in r.stdout, (plain.stdout, r.stdout)
