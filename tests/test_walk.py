@@ -94,3 +94,24 @@ def test_convert_of_a_quantized_dir_reports_its_dtype_and_all_parameters(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "int8 linears, float32 elsewhere" in r.stdout, r.stdout
     assert params == "1.3M" and f" MiB, {params} parameters" in r.stdout, (plain.stdout, r.stdout)
+
+
+def test_demo_next_lines_run_from_any_folder(tmp_path):
+    """`llamalab demo` printed `.venv/bin/llamalab ...` and `train configs/shakespeare.toml`, which only run
+    from the repo root: each printed line's program must exist from where the demo ran, and run as printed."""
+    import shlex
+    import shutil
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH="/usr/bin:/bin")  # llamalab not on PATH
+    r = subprocess.run([sys.executable, "-m", "llamalab", "demo", "--skip-train"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    commands = [shlex.split(ln, comments=True) for ln in lines[lines.index("Next, try:") + 1:] if ln.strip()]
+    assert commands and all("configs/" not in " ".join(c) for c in commands), commands
+    for argv in commands:
+        program = argv[0]
+        assert shutil.which(program, path=env["PATH"]) or (tmp_path / program).exists(), argv
+    info = next(c for c in commands if c[1] == "info")
+    done = subprocess.run(info, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "8030.3M parameters" in done.stdout, done.stderr[-2000:]

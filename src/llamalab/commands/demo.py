@@ -85,13 +85,32 @@ def part_summary(run_dir: Path | None) -> None:
             if (run_dir / name).exists():
                 print(f"  {name:<12} {run_dir / name}")
     print("\nNext, try:")
-    if run_dir is not None:
-        print(f"  .venv/bin/llamalab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8")
-        print(f"  .venv/bin/llamalab eval {run_dir} --data shakespeare          # bits per byte on held-out plays")
-    print("  .venv/bin/llamalab chat --model smollm2                        # the pretrained model, interactive")
-    print("  .venv/bin/llamalab explain all --model smollm2 --out report/   # RoPE, RMSNorm, GQA, measured")
-    print("  .venv/bin/llamalab train configs/shakespeare.toml              # the 10-minute recipe")
-    print("  .venv/bin/llamalab info llama3.1-8b                            # shapes and KV-cache memory")
+    cli = _command()
+    lines = [(f"generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8", ""),
+             (f"eval {run_dir} --data shakespeare", "bits per byte on held-out plays")] if run_dir is not None else []
+    lines += [("chat --model smollm2", "the pretrained model, interactive"),
+              ("explain all --model smollm2 --out report/", "RoPE, RMSNorm, GQA, measured"),
+              ("train shakespeare", "the 10-minute recipe (configs/shakespeare.toml)"),
+              ("info llama3.1-8b", "shapes and KV-cache memory")]
+    width = max(len(c) for c, note in lines if note)
+    for command, note in lines:
+        print(f"  {cli} {command:<{width}}   # {note}" if note else f"  {cli} {command}")
+
+
+def _command() -> str:
+    """How to call llamalab from the current directory: ``llamalab`` when the shell finds it, else the
+    entry point next to this Python (``.venv/bin/llamalab`` from the repo root, an absolute path elsewhere)."""
+    import shutil
+
+    if shutil.which("llamalab"):
+        return "llamalab"
+    exe = Path(sys.executable).parent / "llamalab"
+    if not exe.exists():
+        return f"{sys.executable} -m llamalab"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 def run(args: argparse.Namespace) -> int:
