@@ -170,3 +170,28 @@ def test_finetune_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["finetune", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl:2" in err and "Traceback" not in err
+
+
+def test_finetune_outputs_never_write_through_planted_symlinks(chat_tok, tmp_path, one_thread):
+    """A run dir handed to `finetune` may hold links at `final`, `merged` and the summary: the outputs replace
+    the links and nothing is written where they point."""
+    from llamalab import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=1,
+                         n_heads=2, n_kv_heads=1, max_position_embeddings=64)
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    run.mkdir()
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    for name in ("final", "merged"):
+        (run / name).symlink_to(victim)
+    (run / "finetune_summary.json").symlink_to(victim / "keep.txt")
+    cfg = FinetuneConfig(method="lora", steps=2, batch_size=2, r=2, val_fraction=0.0, max_len=32, precision="fp32",
+                         merge=True)
+    res = finetune(Llama(config), chat_tok, [{"prompt": "hi", "completion": "there"}] * 4, run, cfg, progress=False)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"] and (victim / "keep.txt").read_text() == "mine"
+    for name in ("final", "merged", "finetune_summary.json"):
+        assert not (run / name).is_symlink()
+    assert (res.final_dir / "adapter_model.safetensors").exists()
+    assert json.loads((run / "finetune_summary.json").read_text())["steps"] == 2

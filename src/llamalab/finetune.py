@@ -29,7 +29,6 @@ fine-tuning saves an HF directory. Run dir::
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab.checkpoint import write_json_atomic
 from llamalab.errors import ConfigError, LlamalabError, TokenizerError
 from llamalab.jsonio import iter_jsonl
 
@@ -450,6 +450,7 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
                         extra_state={"finetune": _jsonable(asdict(cfg))})
     model.eval()
     final = out_dir / "final"
+    _unlink_if_symlink(final)  # a link planted in a run dir must not redirect the export outside it
     save_fn(model, final)
     tok.save(final)
     adapter_bytes = (final / "adapter_model.safetensors").stat().st_size if cfg.method == "lora" else 0
@@ -457,6 +458,7 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
     if cfg.method == "lora" and cfg.merge:
         merge_lora(model)
         merged_dir = out_dir / "merged"
+        _unlink_if_symlink(merged_dir)
         model.save_pretrained(merged_dir)
         tok.save(merged_dir)
     summary = FinetuneResult(
@@ -465,8 +467,13 @@ def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_d
         losses=result.losses, val_loss_before=val_before, val_loss_after=result.val.get("val_loss"),
         steps=result.step, minutes=result.minutes, method=cfg.method, base_model=base_name,
         tokens_per_s=result.tokens_per_s)
-    (out_dir / "finetune_summary.json").write_text(json.dumps(_jsonable(asdict(summary)), indent=2) + "\n")
+    write_json_atomic(out_dir / "finetune_summary.json", _jsonable(asdict(summary)))
     return summary
+
+
+def _unlink_if_symlink(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
 
 
 def _jsonable(obj: Any) -> Any:
