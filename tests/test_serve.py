@@ -499,8 +499,14 @@ def _free_port() -> int:
 
 
 def test_cli_serve(tiny, tmp_path):
+    import copy
+
+    from llamalab.quantize import quantize_model, save_quantized
+
     model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
+    n_params = model.num_parameters()
+    quantized = quantize_model(copy.deepcopy(model), "int8")  # served int8: its banner counts every weight
+    save_quantized(quantized, tmp_path / "m")
     tok.save(tmp_path / "m")
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLAMALAB_API_KEY": "k"}  # the key from the environment
@@ -521,6 +527,7 @@ def test_cli_serve(tiny, tmp_path):
         assert wait_until(up, timeout=60) and proc.poll() is None
         startup = log.read_text()
         assert "loaded " + str(tmp_path / "m") in startup and " s\n" in startup  # the model and its load time
+        assert f"({n_params / 1e6:.1f}M parameters" in startup
         assert f"serving model 'm' at {url}/v1" in startup
         assert httpx.get(url + "/v1/models").status_code == 401
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
