@@ -89,6 +89,20 @@ def test_loop_temporaries_never_write_through_a_planted_symlink(tmp_path):
     assert (victim / "config.json").read_text() == "precious" == (victim / "notes.txt").read_text()
 
 
+def test_a_linked_checkpoints_folder_is_never_written_or_rotated_through(tmp_path):
+    """A run dir whose checkpoints/ links to another run's: saving (and its keep= rotation) would write and
+    delete there, outside the run dir. One line instead, and the other run's checkpoints stay."""
+    other, run = tmp_path / "other", tmp_path / "run"
+    run_loop(other, 3)
+    kept = [p.name for _, p in checkpoint_steps(other)]
+    run.mkdir()
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    with pytest.raises(LlamalabError, match="only inside the run dir"):
+        run_loop(run, 5, resume=True)
+    assert [p.name for _, p in checkpoint_steps(other)] == kept
+    assert verify_checkpoint(other / "checkpoints" / kept[-1]) is None
+
+
 def test_a_checkpoint_cannot_choose_the_optimizer_algorithm(tmp_path):
     run = tmp_path / "run"
     run_loop(run, 2)

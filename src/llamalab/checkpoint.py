@@ -420,6 +420,9 @@ class Checkpointer:
         root = self.run_dir / "checkpoints"
         final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
         if is_main:
+            if root.is_symlink() or not root.resolve().is_relative_to(self.run_dir.resolve()):
+                raise LlamalabError(f"{root} is a link to {root.resolve()}: checkpoints are written, rotated and "
+                                    "deleted only inside the run dir; make it a plain folder")
             root.mkdir(parents=True, exist_ok=True)
             remove_path(tmp)
             (tmp / "state").mkdir(parents=True)
