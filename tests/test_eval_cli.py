@@ -108,3 +108,10 @@ def test_bad_input_is_one_line(dirs, capsys, argv, message):
 def test_missing_model_is_one_line(capsys, tmp_path):
     code, _, err = _run(capsys, tmp_path / "nope", "--data", "shakespeare")
     assert code == 2 and "no such model" in err
+
+
+def test_limit_applies_to_prompts(dirs, capsys):
+    code, out, _ = _run(capsys, dirs["model"], "--prompts", dirs["root"] / "prompts.txt", "--limit", 1,
+                        "--max-new-tokens", 4, "--json")
+    assert code == 0
+    assert json.loads(out)["generation"]["prompts"] == 1  # the file has two

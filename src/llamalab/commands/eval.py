@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bos.add_argument("--bos", dest="add_bos", action="store_true", default=None,
                      help="start each document with BOS (default: the tokenizer's own policy, else EOS)")
     bos.add_argument("--no-bos", dest="add_bos", action="store_false", help="start each document with EOS, never BOS")
-    p.add_argument("--limit", type=int, default=None, help="items per task (multiple choice, harness)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (multiple choice, harness) and prompts for --prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts is not None:
             from llamalab.eval.genquality import generation_quality, load_prompts
 
-            prompts = load_prompts(args.prompts or None)
+            prompts = load_prompts(args.prompts or None)[:args.limit]  # --limit: the first N prompts
             g = generation_quality(model, tok, prompts, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                    reference=reference, ref_tok=ref_tok, reference_name=args.reference or "self")
