@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bos.add_argument("--bos", dest="add_bos", action="store_true", default=None,
                      help="start each document with BOS (default: the tokenizer's own policy, else EOS)")
     bos.add_argument("--no-bos", dest="add_bos", action="store_false", help="start each document with EOS, never BOS")
-    p.add_argument("--limit", type=int, default=None, help="items per task (multiple choice, harness) and prompts for --prompts")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task (multiple choice, harness), prompts for --prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
