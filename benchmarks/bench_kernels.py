@@ -2,6 +2,12 @@
 
     python benchmarks/bench_kernels.py                # per layer shape + the whole SmolLM2 set + decode tok/s
     python benchmarks/bench_kernels.py --rows 1 8 32  # also batched products (prefill / serving batches)
+    python benchmarks/bench_kernels.py --stream --rows 1 4 16 --skip-layers --skip-decode  # kernels vs memory
+
+``--stream``: the ops alone (``torch.ops.llamalab.*_linear``, no Python layer) per layer shape and kind,
+hot (one weight, in cache) and streamed (copies of the weight cycled, ~3x the last-level cache, as a
+decode step reads them), in weight GB/s next to this machine's single-thread read bandwidth (a 256 MB
+float32 ``.sum()``, and the same on an 8 MB tensor: what the caches give).
 
 Per layer: each SmolLM2-135M linear shape, as Q8_0 / Q4_0 / Q4_1 blocks through ``llamalab::*_linear``,
 against fp32 ``F.linear``, ``torch._weight_int8pack_mm`` (per-channel int8, bf16 activations) and
@@ -23,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from llamalab import kernels
-from llamalab.quant_blocks import BlockQuantLinear
+from llamalab.quantization.blocks import BlockQuantLinear
 
+KINDS_ALL = ("q8_0", "q4_0", "q4_1")
 SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
           "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
 
@@ -79,10 +86,58 @@ def bench_layers(rows: int, rounds: int) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+def read_bandwidth(mbytes: int, rounds: int) -> float:
+    """Single-thread read GB/s: the fastest `.sum()` of an `mbytes` MB float32 tensor."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    return max(x.numel() * 4 / timed(x.sum, 5) / 1e9 for _ in range(rounds))
+
+
+def stream_weights(kind: str, n: int, k: int, copies: int) -> tuple[list[tuple], int]:
+    """`copies` clones of one random (n, k) weight's blocks (qs, d[, m]), and its size in bytes."""
+    layer = BlockQuantLinear.from_float(torch.randn(n, k) * 0.02, kind)
+    args = (layer.qs, layer.d) if layer.m is None else (layer.qs, layer.d, layer.m)
+    return [tuple(a.clone() for a in args) for _ in range(copies)], layer.weight_nbytes
+
+
+def hot_and_streamed(kind: str, n: int, k: int, rows: int, rounds: int) -> tuple[float, float, int]:
+    """Seconds per op call with one weight (hot) and cycling ~96 MB of copies (streamed), weight bytes."""
+    op = getattr(torch.ops.llamalab, f"{kind}_linear")
+    x = torch.randn(rows, k)
+    one, nbytes = stream_weights(kind, n, k, 1)
+    many = stream_weights(kind, n, k, max(2, int(96e6 // nbytes) + 1))[0]
+    reps = max(3, int(2e6 / (n * k)) * 5)
+    hot = min(timed(lambda: op(x, *one[0]), reps) for _ in range(rounds))
+
+    def cycle():
+        for a in many:
+            op(x, *a)
+
+    return hot, min(timed(cycle, 1) for _ in range(rounds)) / len(many), nbytes
+
+
+def bench_stream(rows_list: list[int], rounds: int) -> None:
+    dram, cache = read_bandwidth(256, rounds), read_bandwidth(8, rounds)
+    print("\n### the ops alone: hot (one weight, in cache) / streamed (~96 MB of copies cycled)\n")
+    print(f"single-thread read bandwidth here: {dram:.1f} GB/s from memory (256 MB float32 .sum()), "
+          f"{cache:.1f} GB/s from cache (8 MB)\n")
+    for rows in rows_list:
+        print(f"{rows} activation row(s): µs per call hot / streamed (weight GB/s hot / streamed; "
+              "streamed as % of the memory figure)\n")
+        print("| layer | " + " | ".join(KINDS_ALL) + " |\n|---|" + "---:|" * len(KINDS_ALL))
+        for label, (n, k) in SHAPES.items():
+            cells = []
+            for kind in KINDS_ALL:
+                hot, cold, nbytes = hot_and_streamed(kind, n, k, rows, rounds)
+                cells.append(f"{hot * 1e6:.0f} / {cold * 1e6:.0f} ({nbytes / hot / 1e9:.1f} / "
+                             f"{nbytes / cold / 1e9:.1f}; {100 * nbytes / cold / 1e9 / dram:.0f}%)")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print()
+
+
 def bench_model(rounds: int) -> None:
+    from llamalab.formats.gguf import config_from_metadata, read_gguf
     from llamalab.loading import smollm2_path
-    from llamalab.quant_blocks import gguf_block_layers
-    from llamalab.weights.gguf import config_from_metadata, read_gguf
+    from llamalab.quantization.blocks import gguf_block_layers
 
     g = read_gguf(smollm2_path())
     cfg = config_from_metadata(g.metadata, g.tensors)
@@ -114,7 +169,7 @@ def bench_model(rounds: int) -> None:
 
 def bench_decode(rounds: int, tokens: int) -> None:
     import llamalab
-    from llamalab.generate import complete
+    from llamalab.generation.generate import complete
 
     prompt = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
     blocks, tok = llamalab.load("smollm2")  # the default: the file's blocks kept
@@ -159,13 +214,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-model and decode tables")
+    ap.add_argument("--stream", action="store_true",
+                    help="the ops alone, hot and streamed from memory, vs the machine's read bandwidth")
+    ap.add_argument("--skip-model", action="store_true", help="no whole-model table")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"C++ kernels: {kernels.load()}, ISA {kernels.active_isa()} (available: {kernels.available_isas()}), "
           f"torch {torch.__version__}, 1 thread")
     for rows in [] if args.skip_layers else args.rows:
         bench_layers(rows, args.rounds)
-    bench_model(args.rounds)
+    if args.stream:
+        bench_stream(args.rows, args.rounds)
+    if not args.skip_model:
+        bench_model(args.rounds)
     if not args.skip_decode:
         bench_decode(args.rounds, args.tokens)
 
