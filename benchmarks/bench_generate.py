@@ -12,29 +12,44 @@ Rows:
 
 * ``default``: ``llamalab.load(name)`` + ``llamalab.generate``, nothing opt-in — what a user gets;
 * one per precision: ``float32``, ``bfloat16`` (``load(..., dtype=)``), ``int8`` / ``int4``
-  (``llamalab.quantize.quantize_model`` of the float32 model), ``gguf blocks`` (SmolLM2 only:
+  (``llamalab.quantization.quantize.quantize_model`` of the float32 model), ``gguf blocks`` (SmolLM2 only:
   ``keep_quantized=True``), each eager (``compile=False``) and, with ``--compile``, with the decode
   step compiled whole (the first step's time — compiling cold or loading the cached graph warm — is
   printed, excluded from tok/s);
 * ``transformers`` (fp32 ``generate`` on the same weights);
-* ``llama.cpp`` (llama-cpp-python, when installed): the shipped Q4_1 file for SmolLM2, and f32 / f16 /
-  q8_0 / q4_0 GGUFs of the same weights (q8_0 / q4_0 by llama.cpp's own quantizer).
+* ``llama.cpp`` (llama-cpp-python, when installed): the shipped Q4_1 file for SmolLM2, and f32 / bf16 /
+  f16 / q8_0 / q4_0 GGUFs of the same weights (written by ``llamalab.weights.gguf.save_gguf``; q8_0 /
+  q4_0 by llama.cpp's own quantizer from the f32 one).
 
-The last column compares each row with llama.cpp on weights of the same kind.
+The last columns compare each row with the llama.cpp row named there (weights of the same kind:
+float32 / f32, bfloat16 / bf16, int8 / q8_0, int4 / q4_0, gguf blocks and the default path / the
+shipped Q4_1 file).
+
+Start-up (SmolLM2, unless ``--no-startup``): seconds from process start to the first generated token
+— ``python -c "import llamalab; load('smollm2'); generate(..., max_new_tokens=1)"`` against
+``python -c "import llama_cpp; Llama(Q4_1 file); eval(prompt)"``, one thread each. *Cold*: the model
+file dropped from the page cache first (``posix_fadvise(DONTNEED)``); *warm*: median of the
+``--repeats`` runs right after.
 
     .venv/bin/python benchmarks/bench_generate.py --markdown                      # SmolLM2 + gqa-125m
     .venv/bin/python benchmarks/bench_generate.py --models smollm2-135m --repeats 3 --compile
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generate.py --repeats 3 --write docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+import _report
 
 
 def measure_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -69,7 +84,7 @@ def load_model(name: str, dtype: str | None, **kwargs):
 
 def precisions(name: str, only: list[str] | None):
     """(label, kind, model) for each precision row, built one at a time."""
-    from llamalab.quantize import quantize_model
+    from llamalab.quantization.quantize import quantize_model
 
     for label in only or ["float32", "bfloat16", "int8", "int4", "gguf blocks"]:
         if label in ("float32", "bfloat16"):
@@ -86,7 +101,7 @@ def filler_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenization.tokenizer import Tokenizer
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["\u0120t"] = len(vocab)  # llama.cpp wants at least one merge
@@ -104,7 +119,7 @@ class Llamalab:
     """``complete`` on a loaded model: ``compile`` None (the default path), False (eager) or True."""
 
     def __init__(self, model, name: str, kind: str, compile: bool | None) -> None:
-        from llamalab.generate import complete
+        from llamalab.generation.generate import complete
 
         self.model, self.compile, self.complete, self.name, self.kind = model, compile, complete, name, kind
         self.ban = {int(i): -100.0 for i in model.config.stop_token_ids}
@@ -150,7 +165,7 @@ class LlamaCpp:
     def __init__(self, model, tok, kind: str, threads: int, workdir: Path, path: Path | None = None) -> None:
         import llama_cpp
 
-        from llamalab.weights.gguf import save_gguf
+        from llamalab.formats.gguf import save_gguf
 
         if path is None:
             tok = tok if tok is not None else filler_tokenizer(model.config.vocab_size)
@@ -167,11 +182,12 @@ class LlamaCpp:
             if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), params) != 0:
                 raise RuntimeError(f"llama.cpp could not quantize to {kind}")
         self.bytes = gguf_decode_bytes(path)
-        # n_batch=1: llama-cpp-python 0.3.36 built natively dies (SIGILL, its AMX path) on a multi-token batch
-        # of a quantized model on AMX CPUs; decode is one token per step either way
-        quantized = kind.startswith("q")
+        # n_batch=1 on AMX CPUs only: llama-cpp-python 0.3.36 built natively died there (SIGILL, its AMX
+        # path) on a multi-token batch of a quantized model; decode is one token per step either way
+        one = kind.startswith("q") and cpu_has_amx()
         self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                                   n_batch=1 if quantized else 512, n_ubatch=1 if quantized else 512, verbose=False)
+                                   n_batch=1 if one else 512, n_ubatch=1 if one else 512, verbose=False)
+        self.prefill_note = " (prefill 1 token/batch)" if one else ""
         self.name, self.kind = f"llama.cpp {kind}", kind
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float]:
@@ -185,6 +201,65 @@ class LlamaCpp:
         for _ in range(n - 1):
             self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
         return len(prompt) / prefill, (n - 1) / (time.perf_counter() - t)
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+STARTUP = {
+    "llamalab": ("import llamalab\nm, t = llamalab.load('smollm2')\n"
+                 "llamalab.generate(m, t, 'Hello, who are you?', max_new_tokens=1, temperature=0.0)\n"
+                 "print('FIRST', flush=True)"),
+    "llama.cpp": ("import sys\nimport numpy\nimport llama_cpp\n"
+                  "llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)\n"
+                  "llm.eval(llm.tokenize(b'Hello, who are you?'))\nint(numpy.argmax(llm.scores[llm.n_tokens - 1]))\n"
+                  "print('FIRST', flush=True)"),
+}
+
+
+def drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def time_to_first_token(engine: str, path: Path, threads: int) -> float:
+    """Seconds from starting a fresh python process to its first generated token."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", STARTUP[engine], str(path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    for line in p.stdout:
+        if line.strip() == "FIRST":
+            dt = time.perf_counter() - t
+            break
+    else:
+        raise RuntimeError(f"{engine} start-up run failed: {p.stderr.read()[-2000:]}")
+    p.wait()
+    return dt
+
+
+def startup_rows(have_cpp: bool, threads: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(engine, cold s, warm s): cold = the model file dropped from the page cache, then one run;
+    warm = the median of ``repeats`` runs after it (engines interleaved)."""
+    from llamalab.loading import smollm2_path
+
+    path = smollm2_path()
+    engines = ["llamalab"] + (["llama.cpp"] if have_cpp else [])
+    cold, warm = {}, {e: [] for e in engines}
+    for e in engines:
+        drop_from_page_cache(path)
+        cold[e] = time_to_first_token(e, path, threads)
+    for _ in range(repeats):
+        for e in engines:
+            warm[e].append(time_to_first_token(e, path, threads))
+    return [(e, cold[e], statistics.median(warm[e])) for e in engines]
 
 
 def gguf_decode_bytes(path: Path) -> int:
@@ -207,9 +282,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads (1)")
     ap.add_argument("--compile", action="store_true", help="add a compiled-step row per precision")
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--llama-cpp-types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"],
-                    help="GGUF types for llama.cpp of the model's own weights (f32 f16 q8_0 q4_0)")
-    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument("--llama-cpp-types", nargs="*", default=["f32", "bf16", "f16", "q8_0", "q4_0"],
+                    help="GGUF types for llama.cpp of the model's own weights (f32 bf16 f16 q8_0 q4_0)")
+    ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up timing")
+    _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bw = measure_bandwidth()
@@ -217,7 +293,8 @@ def main() -> None:
         import llama_cpp  # noqa: F401
 
         have_cpp = True
-    except ImportError:
+    except (ImportError, OSError, RuntimeError) as e:  # not installed, or its shared library not found
+        print(f"no llama.cpp rows: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         have_cpp = False
     print(f"machine read bandwidth (sum over 512 MiB, median): {bw:.1f} GB/s; threads {args.threads}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, medians of {args.repeats} interleaved runs"
@@ -251,30 +328,50 @@ def main() -> None:
             pre = statistics.median(p for p, _ in results[e.name])
             dec = statistics.median(d for _, d in results[e.name])
             extra = f" (first step {e.first_s:.1f}s)" if getattr(e, "first_s", None) else ""
+            extra += getattr(e, "prefill_note", "")
             rows.append(dict(model=name, engine=e.name + extra, kind=e.kind, pre=pre, dec=dec,
                              gbs=dec * e.bytes / 1e9, cpp=e.name.startswith("llama.cpp"),
                              hf=e.name == "transformers"))
             print(f"  {name} {e.name + extra}: prefill {pre:.0f} tok/s, decode {dec:.1f} tok/s", flush=True)
         del engines
-    cpp = {(r["model"], r["kind"]): r["dec"] for r in rows if r["cpp"]}
+    cpp = {(r["model"], r["kind"]): r for r in rows if r["cpp"]}
     hf = {r["model"]: r["dec"] for r in rows if r["hf"]}
-    hdr = f"{'model':<14}{'engine':<40}{'prefill tok/s':>14}{'decode tok/s':>13}{'GB/s':>7}" \
-          f"{'% of bw':>9}{'vs transformers':>17}{'vs llama.cpp':>14}"
+    hdr = f"{'model':<14}{'engine':<44}{'prefill tok/s':>14}{'decode tok/s':>13}{'GB/s':>7}" \
+          f"{'% of bw':>9}{'vs transformers':>17}{'prefill vs cpp':>16}{'decode vs llama.cpp':>28}"
     print("\n" + hdr)
     print("-" * len(hdr))
-    md = ["| model | engine | prefill tok/s | decode tok/s | GB/s | vs transformers fp32 | vs llama.cpp |",
-          "|---|---|---:|---:|---:|---:|---:|"]
+    md = ["| model | engine | prefill tok/s | decode tok/s | GB/s | % of read bw | decode vs transformers fp32 "
+          "| prefill vs llama.cpp | decode vs llama.cpp |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = hf.get(r["model"])
         vs_hf = f"{r['dec'] / base:.2f}x" if base and not r["cpp"] else "-"
         ref = cpp.get((r["model"], r["kind"]))
-        vs_cpp = f"{r['dec'] / ref:.2f}x ({r['kind']})" if ref and not r["cpp"] else "-"
-        print(f"{r['model']:<14}{r['engine']:<40}{r['pre']:>14.0f}{r['dec']:>13.1f}{r['gbs']:>7.1f}"
-              f"{r['gbs'] / bw:>9.0%}{vs_hf:>17}{vs_cpp:>14}")
+        pre_cpp = f"{r['pre'] / ref['pre']:.2f}x" if ref and not r["cpp"] else "-"
+        vs_cpp = f"{r['dec'] / ref['dec']:.2f}x ({ref['engine']})" if ref and not r["cpp"] else "-"
+        print(f"{r['model']:<14}{r['engine']:<44}{r['pre']:>14.0f}{r['dec']:>13.1f}{r['gbs']:>7.1f}"
+              f"{r['gbs'] / bw:>9.0%}{vs_hf:>17}{pre_cpp:>16}{vs_cpp:>28}")
         md.append(f"| {r['model']} | {r['engine']} | {r['pre']:.0f} | {r['dec']:.1f} | {r['gbs']:.1f} "
-                  f"| {vs_hf} | {vs_cpp} |")
-    if args.markdown:
-        print("\n" + "\n".join(md))
+                  f"| {r['gbs'] / bw:.0%} | {vs_hf} | {pre_cpp} | {vs_cpp} |")
+    head = [f"Batch 1, {args.threads} thread(s) each, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
+            f"(greedy, stop tokens banned), medians of {args.repeats} interleaved runs; machine read bandwidth "
+            f"{bw:.1f} GB/s (sum over 512 MiB). Ratios: this row's tokens/s over the named row's."
+            + ("" if have_cpp else " llama_cpp could not be imported here: no llama.cpp rows."), ""]
+    startup = []
+    if not args.no_startup and "smollm2-135m" in args.models:
+        print("\nstart-up: process start to first token (SmolLM2-135M-Instruct Q4_1 file)", flush=True)
+        srows = startup_rows(have_cpp, args.threads, args.repeats)
+        startup = ["", f"Start-up, SmolLM2-135M-Instruct (the shipped Q4_1 file): seconds from process start to the "
+                   f"first generated token, {args.threads} thread(s); cold = the model file dropped from the page "
+                   f"cache first, warm = median of {args.repeats} runs after it.", "",
+                   "| engine | cold start (s) | warm start (s) |", "|---|---:|---:|"]
+        for e, c, w in srows:
+            label = ("llamalab: load('smollm2') + generate" if e == "llamalab"
+                     else "llama.cpp (llama-cpp-python): Llama(file) + eval")
+            print(f"  {label}: cold {c:.2f} s, warm {w:.2f} s", flush=True)
+            startup.append(f"| {label} | {c:.2f} | {w:.2f} |")
+    _report.emit(args, "bench_generate", "Generation speed: llamalab vs llama.cpp vs transformers (CPU, batch 1)",
+                 head + md + startup)
 
 
 if __name__ == "__main__":
