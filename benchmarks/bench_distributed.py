@@ -8,6 +8,7 @@ holds — which FSDP divides by the number of ranks while DDP replicates it.
 
     .venv/bin/python benchmarks/bench_distributed.py                       # llamalab-20m, fp32
     .venv/bin/python benchmarks/bench_distributed.py --preset llamalab-110m --precision bf16 --nproc 2
+    .venv/bin/python benchmarks/bench_distributed.py --write docs/benchmarks.md   # its section of that page
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import sys
 import tempfile
 import time
 
+import _report
+
 
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from llamalab import distributed
     from llamalab.config import LlamaConfig
-    from llamalab.model import Llama
+    from llamalab.model.llama import Llama
+    from llamalab.training import distributed
 
     ctx = distributed.init(args.strategy if args.strategy != "single" else "none", timeout_s=120)
     torch.manual_seed(0)
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    _report.add_args(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -122,13 +126,16 @@ def main() -> None:
                 continue
             with open(out) as fh:
                 rows.append(json.load(fh))
-    print(f"{args.preset}, global batch {args.batch}x{args.seq}, {args.precision}, median of {args.steps} steps")
-    print("| strategy | processes | tokens/s (global) | peak memory per rank | params+optimizer state per rank |")
-    print("|---|---|---|---|---|")
+    lines = [f"{args.preset}, global batch {args.batch}x{args.seq}, {args.precision}, median of {args.steps} steps "
+             f"after {args.warmup} warm-up; {threads} thread(s) per rank with {args.nproc} ranks", "",
+             "| strategy | processes | tokens/s (global) | peak memory per rank | params+optimizer state per rank |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['strategy']} | {r['world']} | {r['tok_s']:,.0f} | "
-              f"{' / '.join(f'{m:,.0f}' for m in r['peak_mb'])} MB | "
-              f"{' / '.join(f'{m:,.1f}' for m in r['state_mb'])} MB |")
+        lines.append(f"| {r['strategy']} | {r['world']} | {r['tok_s']:,.0f} | "
+                     f"{' / '.join(f'{m:,.0f}' for m in r['peak_mb'])} MB | "
+                     f"{' / '.join(f'{m:,.1f}' for m in r['state_mb'])} MB |")
+    print("\n".join(lines))
+    _report.emit(args, "bench_distributed", "Distributed training: 1 process vs DDP vs FSDP2", lines)
 
 
 if __name__ == "__main__":

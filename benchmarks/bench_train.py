@@ -9,6 +9,7 @@ torch.cuda.max_memory_allocated).
 
     .venv/bin/python benchmarks/bench_train.py                      # ~20M and ~110M GQA, bf16
     .venv/bin/python benchmarks/bench_train.py --sizes 20m --precision fp32 --reps 5 --compile
+    .venv/bin/python benchmarks/bench_train.py --reps 3 --write docs/benchmarks.md     # its section of that page
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import _report
 from llamalab.config import LlamaConfig
-from llamalab.model import Llama
-from llamalab.train import measured_peak_flops, model_flops_per_token, resolve_precision
+from llamalab.model.llama import Llama
+from llamalab.training.loop import measured_peak_flops, model_flops_per_token
+from llamalab.training.precision import resolve_precision
 
 SIZES = {"20m": "llamalab-20m", "110m": "llamalab-110m"}
 
@@ -33,7 +36,7 @@ def hf_copy(model: Llama):
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    from llamalab.weights.hf import hf_state_dict
+    from llamalab.formats.hf import hf_state_dict
 
     hf = LlamaForCausalLM(HFConfig(**model.config.to_hf_dict()))
     hf.load_state_dict(hf_state_dict(model), strict=False)
@@ -148,25 +151,31 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile llamalab (the llamalab train option)")
     ap.add_argument("--compile-hf", action="store_true", help="torch.compile transformers too")
     ap.add_argument("--threads", type=int, default=0)
+    _report.add_args(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
-    print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}, batch {args.batch}x{args.seq}, "
-          f"{args.reps} interleaved reps (medians), llamalab compile={args.compile}, transformers "
-          f"compile={args.compile_hf}")
-    print("| model | params | llamalab tok/s | transformers tok/s | ratio | MFU llamalab | MFU transformers | "
-          "peak mem llamalab / transformers |")
-    print("|---|---|---|---|---|---|---|---|")
+    head = (f"device {device}, {torch.get_num_threads()} threads, precision {precision}, "
+            f"batch {args.batch}x{args.seq}, {args.reps} interleaved reps (medians), "
+            f"llamalab compile={args.compile}, transformers compile={args.compile_hf}")
+    lines = [head + "; one step = forward + backward + AdamW (grad clipping included), same weights.", "",
+             "| model | params | llamalab tok/s | transformers tok/s | ratio | MFU llamalab | MFU transformers | "
+             "peak mem llamalab / transformers |", "|---|---|---|---|---|---|---|---|"]
+    print(head)
+    print("\n".join(lines[2:]))
     for size in args.sizes:
         r = bench(size, args.batch, args.seq, precision, args.reps, args.warmup, args.compile, args.compile_hf,
                   device)
         a, b = r["llamalab"], r["transformers"]
-        print(f"| {SIZES[size]} | {r['params_m']:.1f}M | {a['tok_s']:,.0f} | {b['tok_s']:,.0f} | "
-              f"**{r['ratio']:.2f}x** | {100 * a['mfu']:.1f}% | {100 * b['mfu']:.1f}% | "
-              f"{a['mem_mb']:,.0f} / {b['mem_mb']:,.0f} MB |", flush=True)
-    print(f"(MFU against a measured {precision} matmul peak of {r['peak_gflops']:.0f} GFLOP/s)")
+        lines.append(f"| {SIZES[size]} | {r['params_m']:.1f}M | {a['tok_s']:,.0f} | {b['tok_s']:,.0f} | "
+                     f"**{r['ratio']:.2f}x** | {100 * a['mfu']:.1f}% | {100 * b['mfu']:.1f}% | "
+                     f"{a['mem_mb']:,.0f} / {b['mem_mb']:,.0f} MB |")
+        print(lines[-1], flush=True)
+    lines += ["", f"(MFU against a measured {precision} matmul peak of {r['peak_gflops']:.0f} GFLOP/s)"]
+    print(lines[-1])
+    _report.emit(args, "bench_train", "Training throughput: llamalab vs transformers", lines)
 
 
 if __name__ == "__main__":
