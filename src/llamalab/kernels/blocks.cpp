@@ -280,103 +280,216 @@ LL_DEFINE_ROWS256(rows_avx2, LL_AVX2_ATTR, false)
 LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 
 // ------------------------------------------------------------------------------------------ AVX-512 VNNI
-// 512-bit: Q8_0 two blocks per step, Q4 four blocks per step (group = 4); the last, partial step uses
-// masked loads (zeros past the row), and the activation is zero-padded, so no scalar tail is needed.
+// One step = 64 weight bytes of a row: two Q8_0 blocks or four Q4 blocks (group = 4). The last, partial
+// step uses masked loads (zeros past the row), and the activation is zero-padded, so no scalar tail.
+//
+// Q8_0 feeds the weight to vpdpbusd's unsigned operand: u = q XOR 0x80 = q + 128 (0..255), so
+//   Σ q·qx = Σ u·qx − 128 · Σ qx,   y += dw·dx · Σ u·qx − 128 · dw · (dx · Σ qx)
+// which is Q4_0's formula with the offset 128 instead of 8: one XOR per weight vector, and the correction
+// comes from the activation's block sums already at hand (no per-block sign trick).
+//
+// Memory order: a weight matrix is read strictly in address order (a tile's rows one after the other, not
+// interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
+// interleaving the 4 rows of a tile left a streamed weight at a third of it, and software prefetches
+// (tried at 0.5 to 16 KB ahead) only got in the prefetchers' way.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-template <int R>
-LL_AVX512_ATTR void rows_avx512(Kind kind, const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw,
-                                int64_t nb, QRow x, float* out) {
+template <Kind KIND>
+struct K512 {
+  static constexpr int G = KIND == Q8_0 ? 2 : 4;            // blocks per 64-byte step
+  static constexpr int64_t BB = KIND == Q8_0 ? QK : QK / 2;  // weight bytes per block
+  static constexpr float OFF = KIND == Q8_0 ? -128.f : (KIND == Q4_0 ? -8.f : 1.f);  // y += OFF · Σ c·xs
+
+  // the lane -> block map of a step's 16 int32 dot-product lanes
+  static LL_AVX512_ATTR inline __m512i lane_block() {
+    return G == 2 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                  : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  }
+  // the weight vector in the form the integer dot wants: Q8_0 u = q + 128; Q4 low / high nibbles
+  struct W {
+    __m512i a, b;
+  };
+  static LL_AVX512_ATTR inline W unpack(__m512i wv) {
+    if (KIND == Q8_0) return {_mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80)), wv};
+    const __m512i low = _mm512_set1_epi8(15);
+    return {_mm512_and_si512(wv, low), _mm512_and_si512(_mm512_srli_epi16(wv, 4), low)};
+  }
+  // Σ u·qx per lane (8 lanes per Q8_0 block, 4 per Q4 block); xq points at the step's activation bytes
+  static LL_AVX512_ATTR inline __m512i dot(W w, const int8_t* xq) {
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.a, _mm512_loadu_si512(xq));
+    return KIND == Q8_0 ? p : _mm512_dpbusd_epi32(p, w.b, _mm512_loadu_si512(xq + 64));
+  }
+};
+
+LL_AVX512_ATTR inline __m128 hsum128x4(__m128 a, __m128 b, __m128 c, __m128 d) {  // [Σa, Σb, Σc, Σd]
+  return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
+}
+
+LL_AVX512_ATTR inline __m128 hsum512x4(__m512 a, __m512 b, __m512 c, __m512 d) {  // [Σa, Σb, Σc, Σd]
+  auto half = [](__m512 v) LL_AVX512_ATTR {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// R consecutive weight rows (stride rb bytes) times one activation row -> out[0..R). Per step and row:
+//   acc += float(Σ u·qx per lane) · (dw·dx of the lane's block),   corr += (dw or mw) · xs   (4 blocks)
+// and at the end y = Σ acc + OFF · Σ corr, the R rows reduced together.
+template <Kind KIND, int R>
+LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t nb,
+                                QRow x, float* out) {
+  using S = K512<KIND>;
   __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  if (kind == Q8_0) {
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    for (int64_t b = 0; b < nb; b += 2) {
-      const int nblk = (int)std::min<int64_t>(2, nb - b);
-      const __mmask64 mask = nblk == 2 ? ~0ULL : 0xffffffffULL;
+  __m128 corr[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    corr[r] = _mm_setzero_ps();
+  }
+  const __m512i idx = S::lane_block();
+  // row by row (the weight read strictly in address order), the activation re-read from L1 for each
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = w + r * rb;
+    const uint16_t* dr = dw + r * nb;
+    const uint16_t* mr = KIND == Q4_1 ? mw + r * nb : nullptr;
+    for (int64_t b = 0; b < nb; b += S::G) {
+      const int nblk = (int)std::min<int64_t>(S::G, nb - b);
+      const __mmask64 mask = nblk == S::G ? ~0ULL : ((1ULL << (S::BB * nblk)) - 1);
       const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
-      const __m512i xv = _mm512_loadu_si512(x.q + b * QK);
-      const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));
-      for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * rb + b * QK);
-        const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);  // x · sign(w)
-        const __m512i p = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
-        const __m128 s2 = _mm_mul_ps(_mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + r * nb + b)), xd2);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s2)),
-                                 acc[r]);
-      }
+      const __m128 xd = _mm_maskz_loadu_ps(hmask, x.d + b), xs = _mm_maskz_loadu_ps(hmask, x.s + b);
+      const uint8_t* wb = wr + b * S::BB;
+      const __m512i p = S::dot(S::unpack(_mm512_maskz_loadu_epi8(mask, wb)), x.q + b * QK);
+      const __m128 d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dr + b));
+      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d, xd)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc[r]);
+      const __m128 c = KIND == Q4_1 ? _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mr + b)) : d;
+      corr[r] = _mm_fmadd_ps(c, xs, corr[r]);
     }
-    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  }
+  if (R == 4) {
+    const __m128 y = _mm_fmadd_ps(hsum128x4(corr[0], corr[1], corr[2], corr[3]), _mm_set1_ps(S::OFF),
+                                  hsum512x4(acc[0], acc[1], acc[2], acc[3]));
+    _mm_storeu_ps(out, y);
     return;
   }
-  const __m512i low = _mm512_set1_epi8(15);
-  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m128 corr[R];
-  for (int r = 0; r < R; ++r) corr[r] = _mm_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 4) {
-    const int nblk = (int)std::min<int64_t>(4, nb - b);
-    const __mmask64 mask = nblk == 4 ? ~0ULL : ((1ULL << (16 * nblk)) - 1);
-    const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
-    const __m512i xlo = _mm512_loadu_si512(x.q + b * QK);
-    const __m512i xhi = _mm512_loadu_si512(x.q + b * QK + 64);
-    const __m128 xd4 = _mm_loadu_ps(x.d + b);
-    const __m128 xs4 = _mm_loadu_ps(x.s + b);
-    for (int r = 0; r < R; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * rb + b * 16);
-      __m512i p = _mm512_dpbusd_epi32(zero, _mm512_and_si512(wv, low), xlo);
-      p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low), xhi);
-      const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + r * nb + b));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                               _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d4, xd4))), acc[r]);
-      corr[r] = _mm_fmadd_ps(kind == Q4_0 ? d4 : _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + r * nb + b)), xs4,
-                             corr[r]);
-    }
-  }
   for (int r = 0; r < R; ++r) {
-    __m128 c = _mm_add_ps(corr[r], _mm_movehl_ps(corr[r], corr[r]));
-    c = _mm_add_ss(c, _mm_movehdup_ps(c));
-    const float cs = _mm_cvtss_f32(c);
-    out[r] = _mm512_reduce_add_ps(acc[r]) + (kind == Q4_0 ? -8.f * cs : cs);
+    const __m128 c = hsum128x4(corr[r], corr[r], corr[r], corr[r]);
+    out[r] = _mm512_reduce_add_ps(acc[r]) + S::OFF * _mm_cvtss_f32(c);
   }
 }
 
-// Several activation rows (batch > 1) times one Q4 weight row: the weight is loaded and unpacked once
-// per step and used for all MR rows.
-template <int MR>
-LL_AVX512_ATTR void cols_avx512_q4(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t nb,
-                                   const QRow* x, float* out) {
+// Several activation rows (batch > 1) times one weight row: each weight step is loaded and unpacked once
+// and used for all MR rows (same math as rows_avx512).
+template <Kind KIND, int MR>
+LL_AVX512_ATTR void cols_avx512(const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* x,
+                                float* out) {
+  using S = K512<KIND>;
   __m512 acc[MR];
   __m128 corr[MR];
+#pragma GCC unroll 8
   for (int j = 0; j < MR; ++j) {
     acc[j] = _mm512_setzero_ps();
     corr[j] = _mm_setzero_ps();
   }
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i low = _mm512_set1_epi8(15);
-  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int64_t b = 0; b < nb; b += 4) {
-    const int nblk = (int)std::min<int64_t>(4, nb - b);
-    const __mmask64 mask = nblk == 4 ? ~0ULL : ((1ULL << (16 * nblk)) - 1);
+  const __m512i idx = S::lane_block();
+  for (int64_t b = 0; b < nb; b += S::G) {
+    const int nblk = (int)std::min<int64_t>(S::G, nb - b);
+    const __mmask64 mask = nblk == S::G ? ~0ULL : ((1ULL << (S::BB * nblk)) - 1);
     const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
-    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + b * 16);
-    const __m512i lo = _mm512_and_si512(wv, low);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-    const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + b));
-    const __m128 c4 = kind == Q4_0 ? d4 : _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + b));
+    const uint8_t* wr = w + b * S::BB;
+    const typename S::W wv = S::unpack(_mm512_maskz_loadu_epi8(mask, wr));
+    const __m128 d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + b));
+    const __m128 c = KIND == Q4_1 ? _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + b)) : d;
+#pragma GCC unroll 8
     for (int j = 0; j < MR; ++j) {
-      __m512i p = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x[j].q + b * QK));
-      p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(x[j].q + b * QK + 64));
-      const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(x[j].d + b));
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4)), acc[j]);
-      corr[j] = _mm_fmadd_ps(c4, _mm_loadu_ps(x[j].s + b), corr[j]);
+      const __m512i p = S::dot(wv, x[j].q + b * QK);
+      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d, _mm_maskz_loadu_ps(hmask, x[j].d + b))));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc[j]);
+      corr[j] = _mm_fmadd_ps(c, _mm_maskz_loadu_ps(hmask, x[j].s + b), corr[j]);
     }
   }
   for (int j = 0; j < MR; ++j) {
-    __m128 c = _mm_add_ps(corr[j], _mm_movehl_ps(corr[j], corr[j]));
-    c = _mm_add_ss(c, _mm_movehdup_ps(c));
-    const float cs = _mm_cvtss_f32(c);
-    out[j] = _mm512_reduce_add_ps(acc[j]) + (kind == Q4_0 ? -8.f * cs : cs);
+    const __m128 c = hsum128x4(corr[j], corr[j], corr[j], corr[j]);
+    out[j] = _mm512_reduce_add_ps(acc[j]) + S::OFF * _mm_cvtss_f32(c);
+  }
+}
+
+// Output rows [t0·4, t1·4) of y (M, N) on AVX-512: batch 1 four weight rows at a time, batches one weight
+// row at a time for up to 8 activation rows.
+template <Kind KIND>
+LL_AVX512_ATTR void tiles_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t N,
+                                 int64_t nb, int64_t M, const QRow* xr, float* y, int64_t t0, int64_t t1) {
+  constexpr int R = 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
+    const uint8_t* wt = w + n0 * rb;
+    const uint16_t* dt = dw + n0 * nb;
+    const uint16_t* mt = KIND == Q4_1 ? mw + n0 * nb : nullptr;
+    if (M == 1) {
+      if (nr == R) {
+        rows_avx512<KIND, R>(wt, rb, dt, mt, nb, xr[0], y + n0);
+      } else {
+        for (int64_t i = 0; i < nr; ++i)
+          rows_avx512<KIND, 1>(wt + i * rb, rb, dt + i * nb, mt ? mt + i * nb : nullptr, nb, xr[0], y + n0 + i);
+      }
+      continue;
+    }
+    float out[8];
+    for (int64_t i = 0; i < nr; ++i) {
+      const uint8_t* wi = wt + i * rb;
+      const uint16_t* di = dt + i * nb;
+      const uint16_t* mi = mt ? mt + i * nb : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const QRow* xm = xr + m0;
+        switch (std::min<int64_t>(8, M - m0)) {
+          case 8: cols_avx512<KIND, 8>(wi, di, mi, nb, xm, out); break;
+          case 7: cols_avx512<KIND, 7>(wi, di, mi, nb, xm, out); break;
+          case 6: cols_avx512<KIND, 6>(wi, di, mi, nb, xm, out); break;
+          case 5: cols_avx512<KIND, 5>(wi, di, mi, nb, xm, out); break;
+          case 4: cols_avx512<KIND, 4>(wi, di, mi, nb, xm, out); break;
+          case 3: cols_avx512<KIND, 3>(wi, di, mi, nb, xm, out); break;
+          case 2: cols_avx512<KIND, 2>(wi, di, mi, nb, xm, out); break;
+          default: cols_avx512<KIND, 1>(wi, di, mi, nb, xm, out);
+        }
+        for (int64_t j = 0; j < std::min<int64_t>(8, M - m0); ++j) y[(m0 + j) * N + n0 + i] = out[j];
+      }
+    }
+  }
+}
+
+// The activation quantized 16 values per instruction (same rounding as quantize_rows: round half to even).
+LL_AVX512_ATTR void quantize_rows_avx512(const float* x, int64_t M, int64_t K, Kind kind, int group, int8_t* q,
+                                         float* d, float* s) {
+  const int64_t nb = K / QK, nbp = (nb + MAXG - 1) / MAXG * MAXG;
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = q + m * nbp * QK;
+    float* dr = d + m * nbp;
+    float* sr = s + m * nbp;
+    std::memset(qr + nb / MAXG * MAXG * QK, 0, (nbp - nb / MAXG * MAXG) * QK);  // the last group's padding
+    for (int64_t b = nb; b < nbp; ++b) dr[b] = sr[b] = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 x0 = _mm512_loadu_ps(xr + b * QK), x1 = _mm512_loadu_ps(xr + b * QK + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float db = amax / 127.f, id = db != 0.f ? 1.f / db : 0.f;
+      const __m512 iv = _mm512_set1_ps(id);
+      const __m512i q0 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x0, iv))));
+      const __m512i q1 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x1, iv))));
+      dr[b] = db;
+      sr[b] = db * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      int8_t* lo16 = qr + b * QK;  // Q8_0: the block's 32 values in order
+      int8_t* hi16 = lo16 + 16;
+      if (kind != Q8_0) {  // Q4: low halves of a group first, then the high halves
+        const int64_t g0 = b / group * group, j = b - g0;
+        lo16 = qr + g0 * QK + j * 16;
+        hi16 = qr + g0 * QK + group * 16 + j * 16;
+      }
+      _mm_storeu_si128((__m128i*)lo16, _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)hi16, _mm512_cvtepi32_epi8(q1));
+    }
   }
 }
 #endif
@@ -387,7 +500,6 @@ void rows(int64_t isa, Kind kind, const uint8_t* w, int64_t rb, const uint16_t* 
           QRow x, int group, float* out) {
   switch (isa) {
 #if LL_X86
-    case AVX512VNNI: return rows_avx512<R>(kind, w, rb, dw, mw, nb, x, out);
     case AVXVNNI: return rows_avxvnni<R>(kind, w, rb, dw, mw, nb, x, out);
     case AVX2: return rows_avx2<R>(kind, w, rb, dw, mw, nb, x, out);
 #endif
@@ -397,7 +509,6 @@ void rows(int64_t isa, Kind kind, const uint8_t* w, int64_t rb, const uint16_t* 
   }
 }
 
-inline const uint16_t* mr_ptr(const uint16_t* mw, int64_t n, int64_t nb) { return mw ? mw + n * nb : nullptr; }
 
 int group_for(int64_t isa, Kind kind) {
   if (kind == Q8_0) return 1;
@@ -578,7 +689,11 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   int8_t* const xqp = xq.data();
   float* const xdp = xd.data();
   float* const xsp = xs.data();
-  quantize_rows(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+#if LL_X86
+  if (isa == AVX512VNNI) quantize_rows_avx512(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+  else
+#endif
+    quantize_rows(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
 
   const uint8_t* w = (const uint8_t*)qs.data_ptr();
   const uint16_t* dw = (const uint16_t*)d.data_ptr();
@@ -587,6 +702,20 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   constexpr int R = 4;  // weight rows per step
   const int64_t tiles = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
+#if LL_X86
+  if (isa == AVX512VNNI) {
+    c10::SmallVector<QRow, 16> xr(M);
+    for (int64_t r = 0; r < M; ++r) xr[r] = QRow{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      switch (kind) {
+        case Q8_0: return tiles_avx512<Q8_0>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+        case Q4_0: return tiles_avx512<Q4_0>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+        case Q4_1: return tiles_avx512<Q4_1>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+      }
+    });
+    return plain ? y : y.to(x_in.scalar_type());
+  }
+#endif
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     float out[R];
     for (int64_t t = t0; t < t1; ++t) {
@@ -594,29 +723,6 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
       const uint8_t* wr = w + n0 * row_bytes;
       const uint16_t* dr = dw + n0 * nb;
       const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
-#if LL_X86
-      if (isa == AVX512VNNI && kind != Q8_0 && M > 1) {  // batch: each weight row unpacked once for 4 rows
-        for (int64_t i = 0; i < nr; ++i) {
-          for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int mr = (int)std::min<int64_t>(4, M - m0);
-            QRow xs4[4];
-            for (int j = 0; j < mr; ++j)
-              xs4[j] = QRow{xqp + (m0 + j) * nbp * QK, xdp + (m0 + j) * nbp, xsp + (m0 + j) * nbp};
-            const uint8_t* wi = wr + i * row_bytes;
-            const uint16_t* di = dr + i * nb;
-            const uint16_t* mi = mr_ptr(mw, n0 + i, nb);
-            switch (mr) {
-              case 4: cols_avx512_q4<4>(kind, wi, di, mi, nb, xs4, out); break;
-              case 3: cols_avx512_q4<3>(kind, wi, di, mi, nb, xs4, out); break;
-              case 2: cols_avx512_q4<2>(kind, wi, di, mi, nb, xs4, out); break;
-              default: cols_avx512_q4<1>(kind, wi, di, mi, nb, xs4, out);
-            }
-            for (int j = 0; j < mr; ++j) yp[(m0 + j) * N + n0 + i] = out[j];
-          }
-        }
-        continue;
-      }
-#endif
       for (int64_t r = 0; r < M; ++r) {
         const QRow xr{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
         if (nr == R) {
