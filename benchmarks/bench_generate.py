@@ -248,7 +248,7 @@ def time_to_first_token(engine: str, path: Path, threads: int) -> float:
 def startup_rows(have_cpp: bool, threads: int, repeats: int) -> list[tuple[str, float, float]]:
     """(engine, cold s, warm s): cold = the model file dropped from the page cache, then one run;
     warm = the median of ``repeats`` runs after it (engines interleaved)."""
-    from llamalab.loading import smollm2_path
+    from llamalab.bundled import smollm2_path
 
     path = smollm2_path()
     engines = ["llamalab"] + (["llama.cpp"] if have_cpp else [])
@@ -314,7 +314,7 @@ def main() -> None:
             engines.append(Transformers(f32, torch.float32))
         if have_cpp:
             if name == "smollm2-135m":
-                from llamalab.loading import smollm2_path
+                from llamalab.bundled import smollm2_path
 
                 engines.append(LlamaCpp(None, None, "q4_1", args.threads, workdir, path=smollm2_path()))
             engines += [LlamaCpp(f32, tok, k, args.threads, workdir) for k in args.llama_cpp_types]

@@ -135,9 +135,8 @@ def bench_stream(rows_list: list[int], rounds: int) -> None:
 
 
 def bench_model(rounds: int) -> None:
-    from llamalab.formats.gguf import config_from_metadata, read_gguf
-    from llamalab.loading import smollm2_path
-    from llamalab.quantization.blocks import gguf_block_layers
+    from llamalab.bundled import smollm2_path
+    from llamalab.formats.gguf import config_from_metadata, gguf_block_layers, read_gguf
 
     g = read_gguf(smollm2_path())
     cfg = config_from_metadata(g.metadata, g.tensors)
@@ -185,7 +184,7 @@ def bench_decode(rounds: int, tokens: int) -> None:
     try:
         from llama_cpp import Llama as LlamaCpp
 
-        from llamalab.loading import smollm2_path
+        from llamalab.bundled import smollm2_path
 
         cpp = LlamaCpp(str(smollm2_path()), n_threads=1, n_batch=1, n_ubatch=1, n_ctx=512, verbose=False)
         text = tok.apply_chat_template(prompt, tokenize=False)

@@ -25,7 +25,7 @@ import time
 import torch
 
 from llamalab import Llama, LlamaConfig
-from llamalab.generate import complete
+from llamalab.generation.generate import complete
 
 dev = torch.device(os.environ["DEVICE"])
 preset, n_new = os.environ["PRESET"], int(os.environ["NEW_TOKENS"])
@@ -132,7 +132,7 @@ except Exception as e:  # noqa: BLE001
 
 for method in ("int8", "int4"):
     try:
-        from llamalab.quantize import quantize_model
+        from llamalab.quantization.quantize import quantize_model
 
         with torch.device(dev):
             q = Llama(cfg.replace()).to(dtype).eval()  # a config of its own: quantizing records itself there

@@ -21,9 +21,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     args = ap.parse_args()
-    from llamalab.loading import smollm2_path
-    from llamalab.quantize import model_bytes
-    from llamalab.weights.gguf import dequantize_np, load_gguf, read_gguf, save_gguf
+    from llamalab.bundled import smollm2_path
+    from llamalab.formats.gguf import dequantize_np, load_gguf, read_gguf, save_gguf
+    from llamalab.quantization.quantize import model_bytes
 
     path = smollm2_path()
     torch.set_num_threads(2)

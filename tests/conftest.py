@@ -16,8 +16,8 @@ os.environ.setdefault("LLAMALAB_COMPILE", "0")
 
 
 def smollm2_gguf_path() -> Path:
+    from llamalab.bundled import smollm2_path
     from llamalab.errors import WeightsError
-    from llamalab.loading import smollm2_path
 
     try:
         return smollm2_path()

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from llamalab import data, train
-from llamalab.checkpoint import checkpoint_steps, verify_checkpoint
+from llamalab import training as train
+from llamalab.data import corpora as data
+from llamalab.training.checkpoint import checkpoint_steps, verify_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +123,8 @@ def test_pickle_payload_checkpoints_are_never_unpickled(tmp_path, finished):
     assert not marker.exists()
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
     # exporting a poisoned checkpoint: refused, nothing run
-    from llamalab.distributed import export_distributed_checkpoint
     from llamalab.errors import LlamalabError
+    from llamalab.training.distributed import export_distributed_checkpoint
 
     with pytest.raises(LlamalabError, match="unusable"):
         export_distributed_checkpoint(run / "checkpoints" / "step_6", tmp_path / "hf")
@@ -132,7 +133,7 @@ def test_pickle_payload_checkpoints_are_never_unpickled(tmp_path, finished):
 
 @pytest.mark.parametrize("name", ["ABS", ".", "..", "a/b", "a\\b"])
 def test_overwrite_with_a_non_plain_name_is_refused_and_deletes_nothing(tmp_path, corpus_dir, name, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     runs = tmp_path / "runs"
     (runs / "other").mkdir(parents=True)

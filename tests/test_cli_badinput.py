@@ -159,8 +159,8 @@ def test_convert_bundled_smollm2(tmp_path):
 
 
 def test_chat_help_shows_the_defaults_it_uses():
-    from llamalab.cli import build_parser
-    from llamalab.commands import chat
+    from llamalab.cli import chat
+    from llamalab.cli.main import build_parser
 
     r = _run("chat", "--help")
     assert r.returncode == 0
@@ -186,7 +186,7 @@ def test_info_names_the_stored_and_loaded_dtype(dirs):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_info_counts_quantized_weights_as_parameters(dirs, tmp_path, method):
     import llamalab
-    from llamalab.quantize import quantize_model, save_quantized
+    from llamalab.quantization.quantize import quantize_model, save_quantized
 
     model, tok = llamalab.load(dirs["model"])
     n = model.num_parameters()
@@ -202,7 +202,7 @@ def test_info_counts_quantized_weights_as_parameters(dirs, tmp_path, method):
 @pytest.mark.parametrize("tied", [False, True])
 def test_info_of_a_q8_0_gguf_names_its_stored_type(dirs, tmp_path, tied):
     import llamalab
-    from llamalab.weights.gguf import save_gguf
+    from llamalab.formats.gguf import save_gguf
 
     model, tok = llamalab.load(dirs["model"])
     if tied:
@@ -219,7 +219,7 @@ def test_info_of_a_q8_0_gguf_names_its_stored_type(dirs, tmp_path, tied):
 
 
 def test_eval_run_dir_scores_its_own_validation_split(dirs):
-    from llamalab.data import load_documents, split_documents
+    from llamalab.data.corpora import load_documents, split_documents
 
     r = _run("eval", dirs["run"], "--json", "--max-length", "32")
     assert r.returncode == 0, r.stderr.decode()
@@ -231,7 +231,7 @@ def test_eval_run_dir_scores_its_own_validation_split(dirs):
 
 
 def test_eval_split_of_a_path_is_honoured(dirs):
-    from llamalab.data import load_documents, split_documents
+    from llamalab.data.corpora import load_documents, split_documents
 
     docs = load_documents(dirs["corpus"])
     _, val = split_documents(docs, 0.05)
@@ -263,6 +263,6 @@ def test_max_tokens_zero_means_all_in_api_and_cli(dirs):
 
 
 def test_parser_builds_without_torch():
-    code = "import sys, llamalab.cli; llamalab.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, llamalab.cli.main; llamalab.cli.main.build_parser(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

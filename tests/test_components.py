@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from llamalab import Llama, LlamaConfig
-from llamalab.components.attention import GroupedQueryAttention
-from llamalab.components.rmsnorm import RMSNorm
-from llamalab.components.rope import RotaryEmbedding, apply_rope, compute_inv_freq
+from llamalab.model.attention import GroupedQueryAttention
+from llamalab.model.rmsnorm import RMSNorm
+from llamalab.model.rope import RotaryEmbedding, apply_rope, compute_inv_freq
 
 ROPE_SCALINGS = {
     "default": None,

@@ -160,7 +160,7 @@ def test_cli_bad_path_is_one_line():
 
 
 def test_bundled_smollm2_name_resolves_to_the_package_file():
-    from llamalab.loading import BUNDLED, smollm2_path
+    from llamalab.bundled import BUNDLED, smollm2_path
 
     path = BUNDLED["smollm2"]()
     assert path == smollm2_path() and path.suffix == ".gguf" and path.stat().st_size > 50_000_000

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llamalab import bpe, data
+from llamalab.data import corpora as data
+from llamalab.tokenization import bpe
 
 
 @pytest.fixture(scope="module")

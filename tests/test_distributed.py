@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamalab import data, train
+from llamalab import training as train
+from llamalab.data import corpora as data
 
 
 def _cfg(corpus: Path, out: Path, cache: Path) -> dict:

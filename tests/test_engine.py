@@ -14,10 +14,10 @@ import torch
 
 import llamalab
 from llamalab import Llama, LlamaConfig
-from llamalab.components.attention import GroupedQueryAttention
-from llamalab.components.rope import apply_rope
-from llamalab.generate import IncrementalDetokenizer, complete, stream
-from llamalab.runner import Runner
+from llamalab.generation.generate import IncrementalDetokenizer, complete, stream
+from llamalab.generation.runner import Runner
+from llamalab.model.attention import GroupedQueryAttention
+from llamalab.model.rope import apply_rope
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22, 23]]
 
@@ -128,7 +128,7 @@ def test_hooks_see_the_forward_that_generate_and_the_engine_run(model):
         assert calls == [len(PROMPTS[0])] + [1] * 5  # prefill, then one call per decode step
         assert out.token_ids == _greedy(model, PROMPTS[0], 6)  # (the greedy reference adds more calls)
         calls.clear()
-        from llamalab.sampling import SamplingParams
+        from llamalab.generation.sampling import SamplingParams
         from llamalab.server.engine import Engine, GenOptions, Job
 
         engine = Engine(model, _Letters(), max_batch=2, max_len=32).start()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llamalab import Llama, LlamaConfig
-from llamalab.cli import main
+from llamalab.cli.main import main
 
 TEXT = ("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
         "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n") * 3
@@ -25,7 +25,7 @@ def _save(tok, path, seed: int):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from llamalab.bpe import train_tokenizer
+    from llamalab.tokenization.bpe import train_tokenizer
 
     root = tmp_path_factory.mktemp("evalcli")
     tok = train_tokenizer([TEXT], vocab_size=280)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalab import Llama, LlamaConfig, LlamalabError
-from llamalab.data import Document
+from llamalab.data.corpora import Document
 from llamalab.eval import (
     distinct_n,
     generation_quality,
@@ -49,7 +49,7 @@ def _no_grad():
 
 @pytest.fixture(scope="module")
 def tok():
-    from llamalab.bpe import train_tokenizer
+    from llamalab.tokenization.bpe import train_tokenizer
 
     return train_tokenizer([TEXT * 3], vocab_size=300)
 
@@ -189,7 +189,7 @@ def test_kl_self_is_zero_and_perturbed_is_positive(tok, model):
 
 
 def test_kl_refuses_a_different_tokenizer(tok, model):
-    from llamalab.bpe import train_tokenizer
+    from llamalab.tokenization.bpe import train_tokenizer
 
     other_tok = train_tokenizer(["completely different text " * 50 + TEXT[::-1]], vocab_size=300)
     with pytest.raises(LlamalabError, match="do not share a tokenizer"):
@@ -303,7 +303,7 @@ def test_harness_adapter_methods(tok, model):
     logp = F.log_softmax(model(torch.tensor([short])), -1)[0]
     assert rolling[1] == pytest.approx(sum(float(logp[i, t]) for i, t in enumerate(short[1:])), rel=1e-5)
     # generation stops at the `until` strings and honours max_gen_toks
-    from llamalab.generate import generate
+    from llamalab.generation.generate import generate
 
     full = generate(model, tok, "To be", max_new_tokens=12, temperature=0.0)
     stop = full[4:6]

@@ -1,4 +1,4 @@
-"""`llamalab explain` and llamalab.anatomy: conversion to GQA, attention maps, RoPE checks, the report
+"""`llamalab explain` and llamalab.explain: conversion to GQA, attention maps, RoPE checks, the report
 (every figure written and referenced), and the HTML opened in headless Chromium (skipped without it)."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from llamalab import Llama, LlamaConfig
-from llamalab.anatomy import convert_to_gqa
-from llamalab.anatomy.attention import attention_maps, group_similarity
-from llamalab.anatomy.report import Lab
-from llamalab.anatomy.rope import _rotate, capture_qk, wavelengths
-from llamalab.cli import main
+from llamalab.cli.main import main
 from llamalab.errors import ConfigError
+from llamalab.explain import convert_to_gqa
+from llamalab.explain.attention import attention_maps, group_similarity
+from llamalab.explain.report import Lab
+from llamalab.explain.rope import _rotate, capture_qk, wavelengths
 
 
 def _mha(seed: int = 0) -> Llama:

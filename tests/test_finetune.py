@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llamalab.finetune import (
+from llamalab.training.finetune import (
     IGNORE,
     Batches,
     DataError,
@@ -39,7 +39,7 @@ def chat_tok():
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenization.tokenizer import Tokenizer
 
     backend = HFTok(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,7 +97,7 @@ def test_loss_mask_covers_only_assistant_tokens(chat_tok):
 
 
 def test_padding_and_packing_give_each_example_its_own_loss(tiny_model, one_thread):
-    from llamalab.finetune import Example
+    from llamalab.training.finetune import Example
 
     gen = torch.Generator().manual_seed(0)
     exs = []
@@ -117,7 +117,7 @@ def test_padding_and_packing_give_each_example_its_own_loss(tiny_model, one_thre
 
 
 def test_batches_resume_exactly():
-    from llamalab.finetune import Example
+    from llamalab.training.finetune import Example
 
     exs = [Example([i, i + 1, i + 2], [IGNORE, i + 1, i + 2]) for i in range(7)]
     a = Batches(exs, 3, 0, seed=5)
@@ -163,7 +163,7 @@ def test_tiny_finetune_drives_loss_down(chat_tok, tmp_path, method, packing, one
 
 
 def test_finetune_cli_errors_are_one_line(tmp_path, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')

@@ -12,9 +12,9 @@ import torch
 import llamalab
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import LlamalabError
-from llamalab.generate import IncrementalDetokenizer, StopStrings, complete, stream
-from llamalab.sampling import SamplingParams
-from llamalab.speculative import early_exit_draft
+from llamalab.generation.generate import IncrementalDetokenizer, StopStrings, complete, stream
+from llamalab.generation.sampling import SamplingParams
+from llamalab.generation.speculative import early_exit_draft
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -29,7 +29,7 @@ def make_tokenizer():
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenization.tokenizer import Tokenizer
 
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

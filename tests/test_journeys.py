@@ -87,10 +87,8 @@ def run_llamalab(line: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A fresh folder as a user's working directory, with the repo's configs/ where the README expects it."""
-    d = tmp_path_factory.mktemp("journey")
-    (d / "configs").symlink_to(REPO / "configs")
-    return d
+    """A fresh, empty folder as a user's working directory (the recipes ship inside the package)."""
+    return tmp_path_factory.mktemp("journey")
 
 
 def test_readme_has_commands():

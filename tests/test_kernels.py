@@ -13,7 +13,7 @@ import torch
 
 from llamalab import kernels
 from llamalab.kernels.reference import KINDS, block_linear_reference, dequantize
-from llamalab.quant_blocks import GGML_TYPES, BlockQuantLinear
+from llamalab.quantization.blocks import GGML_TYPES, BlockQuantLinear
 
 # (M, N, K): batch 1 and 7, N not a multiple of 4/8/16, K a multiple of 32 only (odd block counts too)
 SHAPES = [(1, 13, 32), (7, 37, 96), (1, 23, 576), (7, 5, 160), (3, 1, 1536)]
@@ -159,7 +159,7 @@ import torch, logging, sys
 logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s %(message)s")
 from llamalab import kernels
 from llamalab.kernels.reference import dequantize
-from llamalab.quant_blocks import BlockQuantLinear
+from llamalab.quantization.blocks import BlockQuantLinear
 print("native", kernels.load(), kernels.active_isa())
 g = torch.Generator().manual_seed(0)
 layer = BlockQuantLinear("q4_0", torch.randint(0, 256, (5, 48), dtype=torch.uint8, generator=g),

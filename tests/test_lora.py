@@ -137,7 +137,7 @@ def test_adapter_errors(tiny_model, tmp_path):
 
 
 def test_lora_on_int8_base_trains_and_merges(tiny_model):
-    from llamalab.quantize import Int8Linear, quantize_model
+    from llamalab.quantization.quantize import Int8Linear, quantize_model
 
     quantize_model(tiny_model, "int8")
     apply_lora(tiny_model, LoraConfig(r=2, target_modules=("q_proj", "gate_proj")))
@@ -202,8 +202,8 @@ def test_adapter_of_bundled_smollm2_runs_from_the_cli(smollm2_path, tmp_path):
     from safetensors.torch import save_file
 
     from llamalab import Llama
+    from llamalab.formats.gguf import config_from_metadata, read_gguf
     from llamalab.lora import _peft_key, lora_modules
-    from llamalab.weights.gguf import config_from_metadata, read_gguf
 
     g = read_gguf(smollm2_path)
     meta = apply_lora(Llama.on_meta(config_from_metadata(g.metadata, g.tensors)), LoraConfig(r=2))
@@ -230,8 +230,8 @@ def test_adapter_of_bundled_smollm2_runs_from_the_cli(smollm2_path, tmp_path):
 def test_merge_keeps_the_quantization_record_of_remaining_gguf_blocks(tiny_model):
     """Merging an adapter into some layers leaves the others' GGUF blocks, so the model stays recorded as
     quantized (save_pretrained must write the blocks, llamalab.load read them back)."""
-    from llamalab.quant_blocks import BlockQuantLinear
-    from llamalab.quantize import replace_linear
+    from llamalab.quantization.blocks import BlockQuantLinear
+    from llamalab.quantization.quantize import replace_linear
 
     mlp = tiny_model.layers[0].mlp
     replace_linear(tiny_model, "layers.0.mlp.gate_proj", BlockQuantLinear.from_float(mlp.gate_proj, "q8_0"))

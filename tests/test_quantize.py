@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from llamalab.quantize import (
+from llamalab.quantization.quantize import (
     Int4Linear,
     Int8Linear,
     dequantize_model,
-    load_quantized,
     model_bytes,
     quantize_model,
     save_quantized,
@@ -98,11 +97,11 @@ def test_quantized_model_logits_close_and_save_load_round_trip(tiny_model, tmp_p
     save_quantized(q, tmp_path / "q")
     import llamalab
 
-    loaded, _ = llamalab.load(tmp_path / "q")  # through load_hf -> load_quantized
+    loaded, _ = llamalab.load(tmp_path / "q")  # through Llama.from_pretrained
     assert loaded.config.quantization["method"] == method
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), out)
-    again = load_quantized(tmp_path / "q", loaded.config)
+    again = llamalab.Llama.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(again(ids), out)
     deq = dequantize_model(loaded)
@@ -143,7 +142,7 @@ def test_quantize_errors(tiny_model, tmp_path):
 
 
 def test_quantize_cli(tiny_model, tmp_path, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     tiny_model.save_pretrained(tmp_path / "m")
     rc = main(["quantize", "--model", str(tmp_path / "m"), "--to", "int4", "--group-size", "64",
@@ -160,7 +159,7 @@ def test_quantize_cli(tiny_model, tmp_path, capsys):
 
 MISALIGNED_INT8 = """
 import torch
-from llamalab.quantize import Int8Linear
+from llamalab.quantization.quantize import Int8Linear
 torch.manual_seed(0)
 n, k = 64, 64
 store = torch.randint(-127, 128, (n * k + 64,), dtype=torch.int8)
@@ -203,7 +202,7 @@ def test_loaded_int8_buffers_are_aligned(tiny_model, tmp_path):
 @pytest.mark.parametrize("out_f,in_f", [(96, 128), (48, 64), (576, 192), (32, 1536)])
 def test_int4_kernel_layout_reads_back_exact_codes(out_f, in_f):
     """The codes are read back from the kernel's packed weight by a learned permutation, exactly."""
-    from llamalab.quantize import _int4pack_order, _unpack_nibbles
+    from llamalab.quantization.quantize import _int4pack_order, _unpack_nibbles
 
     codes = torch.randint(0, 16, (out_f, in_f), generator=torch.Generator().manual_seed(out_f), dtype=torch.uint8)
     scales = torch.rand(out_f, in_f // 32) + 0.5

@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory) -> Path:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from llamalab import Llama, LlamaConfig
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenization.tokenizer import Tokenizer
 
     backend = HFTok(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -127,7 +127,7 @@ def test_finetune_prints_a_summary_whose_next_commands_all_run(model_dir, tmp_pa
 
 @pytest.mark.parametrize("data", [b"\x00\xff\xfe binary \x89PNG\r\n", b"just some plain text\nnot jsonl\n", None])
 def test_finetune_bad_data_is_one_line(model_dir, tmp_path, capsys, data):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     path = tmp_path / "data.jsonl"
     if data is None:

@@ -29,11 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llamalab import data, train
-from llamalab.checkpoint import checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
+from llamalab import training as train
 from llamalab.config import LlamaConfig
+from llamalab.data import corpora as data
 from llamalab.errors import LlamalabError
-from llamalab.model import Llama
+from llamalab.model.llama import Llama
+from llamalab.training.checkpoint import checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
 
 
 def rewrite_manifest(ckpt: Path) -> None:
@@ -246,7 +247,7 @@ def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_
     (["--name", "x" * 300], "is longer than a directory name can be (255 bytes)"),
 ])
 def test_bad_seed_and_run_names_are_one_line(tmp_path, finished, capsys, args, message):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     config, _ = finished
     runs = tmp_path / "runs"
@@ -270,7 +271,7 @@ def test_an_infinite_number_in_a_request_is_named_as_such():
 def test_an_api_key_beyond_ascii_can_be_sent():
     import httpx
 
-    from llamalab.serve import BackgroundServer
+    from llamalab.server.run import BackgroundServer
     from test_serve import make_model, make_tokenizer
 
     tok = make_tokenizer()
@@ -284,7 +285,7 @@ def test_an_api_key_beyond_ascii_can_be_sent():
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"step": ' + "9" * 5000 + "}", "\xff"])
 def test_exporting_a_checkpoint_without_manifest_and_hostile_trainer_json_is_one_line(tmp_path, text):
-    from llamalab.distributed import export_distributed_checkpoint
+    from llamalab.training.distributed import export_distributed_checkpoint
 
     run = tmp_path / "run"
     run_loop(run, 1)
@@ -308,7 +309,7 @@ def test_resume_survives_a_log_with_lines_that_are_not_log_rows(tmp_path):
 
 @pytest.mark.parametrize("toml", ["seed = " + "9" * 5000, "x = " + "[" * 5000 + "]" * 5000])
 def test_toml_past_pythons_limits_is_one_line(tmp_path, finished, capsys, toml):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     config, src = finished
     bad = tmp_path / "bad.toml"
@@ -345,8 +346,8 @@ def test_a_stream_left_unread_is_disconnected_at_the_write_deadline():
 
     import httpx
 
-    from llamalab.serve import BackgroundServer
     from llamalab.server.connections import ConnectionLimits
+    from llamalab.server.run import BackgroundServer
     from test_serve import make_model, make_tokenizer
 
     tok = make_tokenizer()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamalab.errors import LlamalabError
-from llamalab.sampling import (
+from llamalab.generation.sampling import (
     SamplingParams,
     TokenCounts,
     filter_logits,

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from llamalab import Llama, LlamaConfig
-from llamalab.serve import BackgroundServer
-from llamalab.tokenizer import Tokenizer
+from llamalab.server.run import BackgroundServer
+from llamalab.tokenization.tokenizer import Tokenizer
 
 LINES = [
     "the quick brown fox jumps over the lazy dog",
@@ -501,7 +501,7 @@ def _free_port() -> int:
 def test_cli_serve(tiny, tmp_path):
     import copy
 
-    from llamalab.quantize import quantize_model, save_quantized
+    from llamalab.quantization.quantize import quantize_model, save_quantized
 
     model, tok = tiny
     n_params = model.num_parameters()
@@ -545,7 +545,7 @@ def test_cli_serve(tiny, tmp_path):
 
 
 def test_cli_serve_errors_are_one_line(tmp_path, capsys):
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

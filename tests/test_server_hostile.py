@@ -432,8 +432,8 @@ def test_accept_errors_are_logged_one_line_per_interval():
 def test_when_every_connection_is_busy_a_new_one_gets_503():
     """With every connection carrying a request in progress there is no idle one to close: the newcomer
     gets a 503 error object, and the requests in progress finish normally."""
-    from llamalab.serve import BackgroundServer
     from llamalab.server.connections import ConnectionLimits
+    from llamalab.server.run import BackgroundServer
 
     tok = make_tokenizer()
     model = make_model(tok)

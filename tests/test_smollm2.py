@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamalab.weights.gguf import load_gguf
+from llamalab.formats.gguf import load_gguf
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SAMPLES = ["Hello world! The quick brown fox jumps over the lazy dog.",
@@ -82,8 +82,8 @@ def test_tokenizer_matches_transformers_gguf(smollm2, smollm2_path):
 
 
 def test_keep_quantized_quarter_memory(smollm2, smollm2_path):
-    from llamalab.quant_blocks import BlockQuantLinear
-    from llamalab.quantize import model_bytes
+    from llamalab.quantization.blocks import BlockQuantLinear
+    from llamalab.quantization.quantize import model_bytes
 
     model, tok = smollm2
     q, _ = load_gguf(smollm2_path, keep_quantized=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamalab import data, train
+from llamalab import training as train
+from llamalab.data import corpora as data
 from llamalab.errors import ConfigError
 
 
@@ -62,7 +63,7 @@ def test_bad_config_is_one_line_error_before_work(tmp_path, corpus_dir, override
     with pytest.raises(ConfigError, match=message):
         train.train(cfg, override)
     assert not (tmp_path / "t").exists() and not (tmp_path / "cache").exists()
-    from llamalab.cli import main
+    from llamalab.cli.main import main
 
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(train.to_toml(cfg))
@@ -122,7 +123,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
 
 def _train_proc(config: Path, resume: bool, env: dict | None = None) -> subprocess.CompletedProcess:
     """`train()` in a fresh process (lighter than the full CLI, which imports every command)."""
-    code = f"from llamalab.train import train; train({str(config)!r}, resume={resume}, progress=False)"
+    code = f"from llamalab.training import train; train({str(config)!r}, resume={resume}, progress=False)"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
@@ -171,7 +172,7 @@ def test_run_dir_loads_with_llamalab_and_transformers_and_exports(tmp_path, corp
     from safetensors.torch import load_file
 
     import llamalab
-    from llamalab.distributed import export_distributed_checkpoint
+    from llamalab.training.distributed import export_distributed_checkpoint
 
     run = train.train(tiny_cfg(corpus_dir, tmp_path, cache_dir, steps=2), progress=False)
     model, tok = llamalab.load(run)

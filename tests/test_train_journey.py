@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomllib
 
-from llamalab import data
+from llamalab.data import corpora as data
 
 TINY = ["--set", "data.vocab_size=300", "--set", "data.val_fraction=0.1", "--set", "model.hidden_size=32",
         "--set", "model.intermediate_size=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
@@ -90,8 +90,8 @@ def test_own_text_train_resume_keeps_its_corpus(tmp_path):
 
 
 def test_data_flag_names_the_run_and_a_tiny_validation_split_warns(tmp_path, capsys):
-    from llamalab import train
-    from llamalab.cli import main
+    from llamalab import training as train
+    from llamalab.cli.main import main
 
     book = tmp_path / "My Notes.txt"
     book.write_text("".join(d.text[:1500] for d in data.load_documents("shakespeare")[:2]))

@@ -40,7 +40,7 @@ def _save_chat_model(d: Path, hidden: int, n_layers: int) -> Path:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from llamalab import Llama, LlamaConfig
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenization.tokenizer import Tokenizer
 
     backend = HFTok(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

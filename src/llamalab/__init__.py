@@ -22,13 +22,14 @@ __all__ = ["Llama", "LlamaConfig", "PRESETS", "load", "generate", "stream", "Con
 
 if TYPE_CHECKING:  # pragma: no cover
     from llamalab.config import PRESETS, LlamaConfig
-    from llamalab.generate import generate, stream
+    from llamalab.generation.generate import generate, stream
     from llamalab.loading import load
-    from llamalab.model import Llama
+    from llamalab.model.llama import Llama
 
 # torch and the model code load on first use, so `import llamalab` (and `llamalab --help`) stays fast
-_LAZY = {"Llama": "llamalab.model", "LlamaConfig": "llamalab.config", "PRESETS": "llamalab.config",
-         "load": "llamalab.loading"}
+_LAZY = {"Llama": "llamalab.model.llama", "LlamaConfig": "llamalab.config", "PRESETS": "llamalab.config",
+         "load": "llamalab.loading", "generate": "llamalab.generation.generate",
+         "stream": "llamalab.generation.generate"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,10 +39,4 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    # generation pulls in more machinery; import it on first use
-    if name in ("generate", "stream"):
-        import importlib
-
-        gen = importlib.import_module("llamalab.generate")  # binds llamalab.generate: a callable module
-        return getattr(gen, name) if name == "stream" else gen
     raise AttributeError(f"module 'llamalab' has no attribute {name!r}")

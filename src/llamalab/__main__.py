@@ -1,5 +1,5 @@
 import sys
 
-from llamalab.cli import main
+from llamalab.cli.main import main
 
 sys.exit(main())

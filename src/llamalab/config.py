@@ -140,7 +140,7 @@ class LlamaConfig:
     torch_dtype: str = "float32"
     initializer_range: float = 0.02
     norm_type: str = "rmsnorm"  # "layernorm" only for the explain ablation; real Llamas use RMSNorm
-    quantization: dict[str, Any] | None = None  # set by llamalab.quantize for saved quantized models
+    quantization: dict[str, Any] | None = None  # set by llamalab.quantization.quantize for saved quantized models
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other HF keys, written back as-is
 
     def __post_init__(self) -> None:

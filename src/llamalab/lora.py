@@ -9,7 +9,7 @@ base model; training moves only A and B: r·(in + out) parameters per adapted la
 in·out. After training the update folds into the weight, W' = W + (α/r)·B A (:func:`merge_lora`),
 and inference costs nothing extra. With ``use_rslora`` the scale is α/√r (Kalajdzievski, 2023).
 
-The base layer may be an ``nn.Linear`` or a quantized :class:`~llamalab.quantize.Int8Linear` /
+The base layer may be an ``nn.Linear`` or a quantized :class:`~llamalab.quantization.quantize.Int8Linear` /
 ``Int4Linear`` (QLoRA-style: the frozen base stays int8, gradients flow to the input through its
 dequantized weight); merging a quantized base yields a float layer.
 
@@ -206,7 +206,7 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def _peft_key(module_name: str, part: str) -> str:
-    from llamalab.weights.hf import to_hf_key
+    from llamalab.formats.hf import to_hf_key
 
     return PEFT_PREFIX + to_hf_key(f"{module_name}.{part}.weight")
 
@@ -224,7 +224,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     """Write adapter_config.json + adapter_model.safetensors (PEFT layout)."""
     from safetensors.torch import save_file
 
-    from llamalab.weights.hf import _atomic_write_bytes, atomic_write_text
+    from llamalab.formats.hf import _atomic_write_bytes, atomic_write_text
 
     config: LoraConfig | None = getattr(model, "lora_config", None)
     if config is None or not lora_modules(model):
@@ -248,7 +248,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 def base_model_reference(base: str | Path) -> str:
     """What an adapter records as its base: a bundled model's name (``smollm2``) as is, a real path
     absolute (so the adapter works from any directory), anything else as given."""
-    from llamalab.loading import BUNDLED
+    from llamalab.bundled import BUNDLED
 
     if str(base) in BUNDLED:
         return str(base)
@@ -261,7 +261,7 @@ def adapter_base(directory: str | Path) -> Path:
 
     A bundled name (``smollm2``) comes back as is, for :func:`llamalab.load` to resolve; so does a
     missing path whose last part is a bundled name (what adapters once recorded: ``<cwd>/smollm2``)."""
-    from llamalab.loading import BUNDLED
+    from llamalab.bundled import BUNDLED
 
     base = read_adapter_config(directory).get("base_model_name_or_path")
     if not base or not isinstance(base, str):
@@ -285,11 +285,11 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
     config = LoraConfig.from_peft(read_adapter_config(directory), str(directory / ADAPTER_CONFIG))
     weights = directory / ADAPTER_WEIGHTS
     if weights.exists():
-        from llamalab.weights.hf import _read_safetensors
+        from llamalab.formats.hf import _read_safetensors
 
         tensors = _read_safetensors(weights)
     elif (directory / "adapter_model.bin").exists():
-        from llamalab.weights.hf import read_tensor_bin
+        from llamalab.formats.hf import read_tensor_bin
 
         tensors = read_tensor_bin(directory / "adapter_model.bin")
     else:
@@ -324,7 +324,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, W' = W + (α/r)·B A; LoRALinear -> nn.Linear (in place).
 
     A quantized base is dequantized (the merged model is float)."""
-    from llamalab.quantize import QuantizedLinear
+    from llamalab.quantization.quantize import QuantizedLinear
 
     merged = list(lora_modules(model))
     for name, m in lora_modules(model).items():

@@ -23,11 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamalab.assets import asset_dir
 from llamalab.errors import LlamalabError
 from llamalab.eval.multichoice import loglikelihoods
 from llamalab.jsonio import iter_jsonl
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "tasks" / "prompts.txt"
+DEFAULT_PROMPTS = asset_dir("tasks") / "prompts.txt"
 
 
 def ngrams(seq: Sequence, n: int) -> list[tuple]:
@@ -99,7 +100,7 @@ def generation_quality(model, tok, prompts: Sequence[str], *, max_new_tokens: in
                        reference_name: str = "reference", batch_size: int = 8,
                        keep_samples: bool = True) -> GenQualityResult:
     """Generate for every prompt (plain-text completion) and score the generations."""
-    from llamalab.generate import complete
+    from llamalab.generation.generate import complete
 
     if tok is None:
         raise LlamalabError("this model has no tokenizer: generation needs one")

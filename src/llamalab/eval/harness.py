@@ -106,7 +106,7 @@ class LlamalabLM(_Base):
         return totals
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = True) -> list[str]:
-        from llamalab.generate import complete
+        from llamalab.generation.generate import complete
 
         out: list[str] = [""] * len(requests)
         groups: dict[tuple, list[int]] = {}

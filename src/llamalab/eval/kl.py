@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llamalab.data import Document
+from llamalab.data.corpora import Document
 from llamalab.errors import LlamalabError
 from llamalab.eval.perplexity import default_window, encode_documents
 from llamalab.eval.sources import DEFAULT_VAL_FRACTION, documents

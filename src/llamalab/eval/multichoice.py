@@ -17,7 +17,7 @@ restarting after the context — which gives the same numbers as scoring them ap
 quarter of the tokens.
 
 Task files are JSONL, one ``{"context": str, "choices": [str, ...], "answer": int}`` per line.
-The bundled tasks live in ``llamalab/data/tasks/*.jsonl`` (see :mod:`llamalab.eval.tasks`).
+The bundled tasks live in ``llamalab/assets/tasks/*.jsonl`` (see :mod:`llamalab.eval.tasks`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamalab.assets import asset_dir
 from llamalab.errors import LlamalabError
 from llamalab.eval.stats import bootstrap_ratio
 from llamalab.eval.windows import continuation_window, score_windows
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+TASKS_DIR = asset_dir("tasks")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamalab.data import Document
+from llamalab.data.corpora import Document
 from llamalab.errors import LlamalabError
 from llamalab.eval.sources import DEFAULT_VAL_FRACTION, documents
 from llamalab.eval.stats import bootstrap_ratio

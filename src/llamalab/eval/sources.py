@@ -1,8 +1,8 @@
 """Where evaluation text comes from: a file, a folder, a JSONL file, a bundled corpus's held-out split,
-or strings given directly — always as a list of :class:`llamalab.data.Document`.
+or strings given directly — always as a list of :class:`llamalab.data.corpora.Document`.
 
 The bundled corpora (``shakespeare``, ``tang``, ``python``) are read and cleaned by
-:mod:`llamalab.data`, and evaluation uses exactly the validation documents its split holds out
+:mod:`llamalab.data.corpora`, and evaluation uses exactly the validation documents its split holds out
 from training (``split_documents``, ``val_fraction`` of the characters), so a model trained with
 ``llamalab train`` on a corpus is scored on text it never saw. A path is scored whole unless a
 split is asked for (then it is the split training takes of that path), and a training run dir
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tomllib
 
-from llamalab.data import BUILTIN_CORPORA, Document, load_documents, split_documents
+from llamalab.data.corpora import BUILTIN_CORPORA, Document, load_documents, split_documents
 from llamalab.errors import LlamalabError
 
 DEFAULT_VAL_FRACTION = 0.05
@@ -43,7 +43,7 @@ def documents(source: str | Path | Sequence[str] | Sequence[Document], split: st
 
     ``split`` is ``validation``, ``train`` or ``all``; None (the default) means ``validation`` for a
     bundled corpus and ``all`` for a path. A split of a path is the one ``llamalab train`` holds out
-    when trained on that path (:func:`llamalab.data.split_documents`). The label says what was
+    when trained on that path (:func:`llamalab.data.corpora.split_documents`). The label says what was
     taken: ``shakespeare:validation``, ``notes.txt:train``, ``notes.txt`` (all of it).
     """
     if isinstance(source, (list, tuple)):

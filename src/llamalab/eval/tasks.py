@@ -1,12 +1,12 @@
 """Build the bundled multiple-choice tasks: "which line really comes next?"
 
-Each item shows some lines of a held-out document (the validation split of :mod:`llamalab.data`,
+Each item shows some lines of a held-out document (the validation split of :mod:`llamalab.data.corpora`,
 so a model trained here never saw them) and four candidate next lines: the real one and three
 distractors drawn from elsewhere in the same held-out text, matched on what would otherwise give
 the answer away — similar length for Shakespeare, the same number of characters and the same
 closing punctuation for Tang poems, the same indentation and similar length for Python. The
 answer's position is random. Everything is seeded, so ``python -m llamalab.eval.tasks`` rebuilds
-the shipped files (``llamalab/data/tasks/*_nextline.jsonl``) byte for byte from the same package
+the shipped files (``llamalab/assets/tasks/*_nextline.jsonl``) byte for byte from the same package
 versions (the Python task depends on the Python version's standard library; the shipped file was
 built from the one recorded in each item's ``source``).
 """
@@ -19,12 +19,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llamalab.data import load_documents, split_documents
+from llamalab.assets import asset_dir
+from llamalab.data.corpora import load_documents, split_documents
 
 N_ITEMS = 100
 N_CHOICES = 4
 SEED = 1234
-OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+OUT_DIR = asset_dir("tasks")
 
 
 def _shakespeare_ok(line: str) -> bool:

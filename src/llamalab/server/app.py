@@ -33,12 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llamalab.errors import LlamalabError
-from llamalab.generate import stop_token_ids
+from llamalab.generation.generate import stop_token_ids
 from llamalab.server.engine import Delta, Engine, Failed, GenOptions, Job, QueueFull
 from llamalab.server.guard import ClientGone, RequestGuard, allowed_host_names
 from llamalab.server.protocol import APIError, GenerationRequest, parse_json, parse_request
 
-log = logging.getLogger("llamalab.serve")
+log = logging.getLogger("llamalab.server.run")
 
 DISCONNECT_POLL_S = 0.25
 PREP_WORKERS = 2  # threads that parse, template and tokenize small requests

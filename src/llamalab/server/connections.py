@@ -40,7 +40,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-log = logging.getLogger("llamalab.serve")
+log = logging.getLogger("llamalab.server.run")
 
 FD_RESERVE = 64  # descriptors kept free for model files, logs and the listening socket
 

@@ -10,7 +10,7 @@ keeps its own fill length, so rows hold sequences of different lengths side by s
    into chunks so the running sequences keep decoding between chunks;
 3. **decode** — one token for every running sequence in a single batched forward call
    (``cache_rows`` = their rows, each appended after its own length), then each row samples with its
-   own :class:`~llamalab.sampling.SamplingParams`, generator and penalty counts.
+   own :class:`~llamalab.generation.sampling.SamplingParams`, generator and penalty counts.
 
 A finished or cancelled sequence frees its row at once (``cache.reset([row])``) and the next queued
 job takes it between two decode steps, instead of waiting for the whole batch to finish (Yu et al.,
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamalab.generate import IncrementalDetokenizer, Runner, StopStrings
-from llamalab.sampling import SamplingParams, TokenCounts, sample
+from llamalab.generation.generate import IncrementalDetokenizer, Runner, StopStrings
+from llamalab.generation.sampling import SamplingParams, TokenCounts, sample
 
-log = logging.getLogger("llamalab.serve")
+log = logging.getLogger("llamalab.server.run")
 
 
 class QueueFull(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-log = logging.getLogger("llamalab.serve")
+log = logging.getLogger("llamalab.server.run")
 
 LOCAL_NAMES = ("localhost", "localhost.localdomain")
 WILDCARD_BINDS = ("", "0.0.0.0", "::", "[::]")

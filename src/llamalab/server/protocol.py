@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from llamalab.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP = 16  # stop strings per request
 MAX_N = 16  # choices per request (also bounded by the engine's batch size)

@@ -1,0 +1,86 @@
+"""Grouped-query attention (Ainslie et al., 2023, "GQA", arXiv:2305.13245) with a KV cache.
+
+For each of the n_heads query heads h, with kv head g(h) = h // (n_heads / n_kv_heads):
+
+    Attention(Q_h, K_g, V_g) = softmax(Q_h K_gᵀ / sqrt(head_dim) + M) V_g
+
+where Q and K have been rotated by RoPE (see rope.py) and M is the causal mask (0 where a query may
+look, -inf elsewhere). Groups of n_heads/n_kv_heads query heads share one key/value head, so the
+K/V projections and — what matters at inference — the KV cache shrink by that factor.
+Multi-head attention (n_kv_heads = n_heads) and multi-query attention (Shazeer, 2019; n_kv_heads = 1)
+are the two edge cases. The cache stores only the n_kv_heads heads; K/V are never copied per query
+head: SDPA's ``enable_gqa`` handles the causal path, and masked paths use a grouped view of the
+queries, (B, n_kv_heads, n_rep·T, head_dim), against the un-repeated keys.
+
+Each attention layer knows its index in the model (``layer_idx``) and hands its new keys/values to
+the :class:`~llamalab.model.kv_cache.KVCache`, which owns every write (kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamalab.model.kv_cache import CacheStep, KVCache
+from llamalab.model.rope import apply_rope
+
+__all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which layer of a KVCache this attention writes (None: no cache use)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.n_rep = n_heads // n_kv_heads
+        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        step: CacheStep | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if step is not None:
+            k, v = cache.write(step, self.layer_idx, k, v)
+            mask = step.mask
+            causal = False
+        else:
+            causal = mask is None
+
+        if causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+        else:
+            out = self._grouped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with an explicit mask, queries viewed as (B, n_kv_heads, n_rep·T, D): no K/V copies."""
+        B, H, T, D = q.shape
+        if self.n_rep == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        qg = q.reshape(B, self.n_kv_heads, self.n_rep * T, D)
+        if mask is not None:
+            S = mask.shape[-1]
+            mask = mask.view(mask.shape[0], 1, 1, T, S).expand(mask.shape[0], 1, self.n_rep, T, S)
+            mask = mask.reshape(mask.shape[0], 1, self.n_rep * T, S)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        return out.view(B, H, T, D)

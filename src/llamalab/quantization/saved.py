@@ -1,0 +1,60 @@
+"""Quantized linears from a checkpoint's saved tensors (what ``save_quantized`` and ``save_pretrained`` write).
+
+For a quantized layer ``P`` a checkpoint holds, in our key names:
+
+* int8: ``P.qweight`` int8 (out, in) and ``P.scales`` (out,) or (out, in/group)  -> :class:`Int8Linear`
+* int4: ``P.qweight`` uint8 (out, in/2), ``P.scales`` and ``P.zeros``             -> :class:`Int4Linear`
+* GGUF blocks: ``P.qs``, ``P.d`` [, ``P.m``]                                      -> :class:`BlockQuantLinear`
+
+:meth:`llamalab.model.Llama.from_state_dict` calls :func:`pop_quantized_layer` for each such ``P`` and checks
+everything else as for a float checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamalab.errors import WeightsError
+from llamalab.formats.hf import to_hf_key
+from llamalab.quantization.blocks import pop_block_layer
+from llamalab.quantization.quantize import FORMAT_VERSION, METHODS, Int4Linear, Int8Linear, QuantizedLinear
+
+
+def check_quantization(config: Any, source: object) -> None:
+    """The config's ``llamalab_quantization`` names a method and a format this version reads."""
+    q = config.quantization or {}
+    method = q.get("method")
+    if method not in METHODS + ("gguf",):  # gguf: blocks kept from a GGUF file (llamalab.quantization.blocks)
+        raise WeightsError(f"{source}: unknown llamalab_quantization method {method!r}")
+    if int(q.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
+        raise WeightsError(f"{source}: quantized format {q.get('format')} is newer than this llamalab reads")
+
+
+def pop_quantized_layer(state: dict[str, torch.Tensor], name: str, like: nn.Linear, config: Any,
+                        source: object) -> QuantizedLinear:
+    """The quantized linear saved under ``name`` (its tensors popped from `state`), checked against the float
+    layer `like` it replaces."""
+    if f"{name}.qs" in state:
+        return pop_block_layer(state, name, like, source)
+    method = (config.quantization or {}).get("method")
+    tensors = {}
+    for part in ("qweight", "scales", "zeros") if method == "int4" else ("qweight", "scales"):
+        key = f"{name}.{part}"
+        if key not in state:
+            raise WeightsError(f"{source}: missing tensor {to_hf_key(key)}")
+        tensors[part] = state.pop(key)
+    qw = tensors["qweight"]
+    if method == "int8":
+        if tuple(qw.shape) != (like.out_features, like.in_features):
+            raise WeightsError(f"{source}: {to_hf_key(name)}.qweight has shape {tuple(qw.shape)}, config "
+                               f"expects {(like.out_features, like.in_features)}")
+        sc = tensors["scales"]
+        group = None if sc.dim() == 1 else like.in_features // sc.shape[1]
+        return Int8Linear(qw, sc, group)
+    if tuple(qw.shape) != (like.out_features, like.in_features // 2):
+        raise WeightsError(f"{source}: {to_hf_key(name)}.qweight has shape {tuple(qw.shape)}, config "
+                           f"expects {(like.out_features, like.in_features // 2)}")
+    return Int4Linear.from_packed(qw, tensors["scales"], tensors["zeros"])

@@ -1,1 +1,0 @@
-"""Checkpoint formats: Hugging Face safetensors directories (hf.py) and GGUF files (gguf.py)."""
