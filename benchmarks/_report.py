@@ -13,7 +13,9 @@ when the file has none yet), so the tables in docs/benchmarks.md are written by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import os
 import platform
 import shlex
@@ -88,6 +90,28 @@ def write_section(path: str | Path, name: str, text: str) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new if new.endswith("\n") else new + "\n", encoding="utf-8")
+
+
+class _Tee(io.StringIO):
+    def __init__(self, out) -> None:
+        super().__init__()
+        self.out = out
+
+    def write(self, s: str) -> int:
+        self.out.write(s)
+        return super().write(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def capture():
+    """``with capture() as buf:`` — stdout still printed, and kept in ``buf`` (``buf.getvalue()``), for a
+    script whose tables are its printed output."""
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield tee
 
 
 def emit(args: argparse.Namespace, name: str, title: str, lines: list[str]) -> None:
