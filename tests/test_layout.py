@@ -11,8 +11,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "llamalab"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+def module_name(path: Path, root: Path = PKG) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -20,7 +20,7 @@ def import_graph(root: Path = PKG) -> dict[str, set[str]]:
     """module -> the package's modules it imports (anywhere in its body), resolved to the longest module
     name that exists (``from llamalab.model import Llama`` -> ``llamalab.model``; ``from llamalab import
     kernels`` -> ``llamalab.kernels``)."""
-    files = {module_name(p): p for p in root.rglob("*.py")}
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
 
     def resolve(name: str) -> str | None:
         while name and name not in files:
