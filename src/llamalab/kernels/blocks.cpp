@@ -58,7 +58,8 @@ bool supported(int64_t isa) {
   switch (isa) {
     case AVX512VNNI:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("bmi2");
     case AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
     case AVX2: return avx2;
   }
@@ -292,7 +293,7 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
 // interleaving the 4 rows of a tile left a streamed weight at a third of it, and software prefetches
 // (tried at 0.5 to 16 KB ahead) only got in the prefetchers' way.
-#define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
 template <Kind KIND>
 struct K512 {
@@ -333,51 +334,49 @@ LL_AVX512_ATTR inline __m128 hsum512x4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// R consecutive weight rows (stride rb bytes) times one activation row -> out[0..R). Per step and row:
-//   acc += float(Σ u·qx per lane) · (dw·dx of the lane's block),   corr += (dw or mw) · xs   (4 blocks)
-// and at the end y = Σ acc + OFF · Σ corr, the R rows reduced together.
+// R consecutive weight rows (stride rb bytes) times one activation row -> out[0..R). Blocks go by groups of
+// 16: the group's 16 scales are converted and multiplied by the activation's at once,
+//   s = dw·dx (16 blocks),   corr += (dw or mw) · xs (16 blocks),
+// then each 64-byte step of the group does   acc += float(Σ u·qx per lane) · s[block of the lane]
+// (one permute picks the step's scales); at the end y = Σ acc + OFF · Σ corr, R rows reduced together.
 template <Kind KIND, int R>
 LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t nb,
                                 QRow x, float* out) {
   using S = K512<KIND>;
   __m512 acc[R];
-  __m128 corr[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm512_setzero_ps();
-    corr[r] = _mm_setzero_ps();
-  }
-  const __m512i idx = S::lane_block();
+  const __m512i idx0 = S::lane_block(), next = _mm512_set1_epi32(S::G);
   // row by row (the weight read strictly in address order), the activation re-read from L1 for each
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const uint8_t* wr = w + r * rb;
     const uint16_t* dr = dw + r * nb;
     const uint16_t* mr = KIND == Q4_1 ? mw + r * nb : nullptr;
-    for (int64_t b = 0; b < nb; b += S::G) {
-      const int nblk = (int)std::min<int64_t>(S::G, nb - b);
-      const __mmask64 mask = nblk == S::G ? ~0ULL : ((1ULL << (S::BB * nblk)) - 1);
-      const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
-      const __m128 xd = _mm_maskz_loadu_ps(hmask, x.d + b), xs = _mm_maskz_loadu_ps(hmask, x.s + b);
-      const uint8_t* wb = wr + b * S::BB;
-      const __m512i p = S::dot(S::unpack(_mm512_maskz_loadu_epi8(mask, wb)), x.q + b * QK);
-      const __m128 d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dr + b));
-      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d, xd)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc[r]);
-      const __m128 c = KIND == Q4_1 ? _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mr + b)) : d;
-      corr[r] = _mm_fmadd_ps(c, xs, corr[r]);
+    __m512 a = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+      const __mmask16 gm = (__mmask16)_bzhi_u32(0xffffu, (unsigned)std::min<int64_t>(16, nb - b0));
+      const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, dr + b0));
+      const __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(gm, x.d + b0));
+      const __m512 c = KIND == Q4_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, mr + b0)) : d;
+      corr = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(gm, x.s + b0), corr);
+      __m512i idx = idx0;
+#pragma GCC unroll 8
+      for (int k = 0; k < 16 / S::G; ++k) {
+        const int64_t b = b0 + k * S::G;
+        if (b >= nb) break;
+        // bytes of this step inside the row: all 64, or the rest of a row whose block count is not a multiple
+        const __mmask64 mask = _bzhi_u64(~0ULL, (unsigned)std::min<int64_t>(64, (nb - b) * S::BB));
+        const __m512i p = S::dot(S::unpack(_mm512_maskz_loadu_epi8(mask, wr + b * S::BB)), x.q + b * QK);
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, sc), a);
+        idx = _mm512_add_epi32(idx, next);
+      }
     }
+    acc[r] = _mm512_fmadd_ps(corr, _mm512_set1_ps(S::OFF), a);
   }
   if (R == 4) {
-    const __m128 y = _mm_fmadd_ps(hsum128x4(corr[0], corr[1], corr[2], corr[3]), _mm_set1_ps(S::OFF),
-                                  hsum512x4(acc[0], acc[1], acc[2], acc[3]));
-    _mm_storeu_ps(out, y);
+    _mm_storeu_ps(out, hsum512x4(acc[0], acc[1], acc[2], acc[3]));
     return;
   }
-  for (int r = 0; r < R; ++r) {
-    const __m128 c = hsum128x4(corr[r], corr[r], corr[r], corr[r]);
-    out[r] = _mm512_reduce_add_ps(acc[r]) + S::OFF * _mm_cvtss_f32(c);
-  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 // Several activation rows (batch > 1) times one weight row: each weight step is loaded and unpacked once
