@@ -55,6 +55,29 @@ def test_op_equals_reference_on_every_isa(native, kind):
     kernels.set_isa(None)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_rows_1_to_17_and_odd_block_counts(native, kind):
+    """Every activation-row count 1..17 through the integer kernel (the GEMM threshold lifted), on shapes
+    whose block counts end every loop early: K = 32 (one block), 160 (5), 544 (16 + 1), 1056 (32 + 1);
+    N not a multiple of the 4-row tile."""
+    gen = torch.Generator().manual_seed(5)
+    torch.ops.llamalab.configure(64, kernels.gemm_bf16())
+    try:
+        for n, k in [(13, 32), (9, 160), (6, 544), (5, 1056)]:
+            qs, d, mins = random_blocks(kind, n, k, gen)
+            for m in range(1, 18):
+                x = torch.randn(m, k, generator=gen)
+                want = block_linear_reference(kind, x, qs, d, mins)
+                for isa in kernels.available_isas():
+                    kernels.set_isa(isa)
+                    got = kernels.block_linear(kind, x, qs, d, mins)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                               msg=f"{kind} {isa} {(m, n, k)}")
+    finally:
+        torch.ops.llamalab.configure(kernels.GEMM_ROWS, kernels.gemm_bf16())
+        kernels.set_isa(None)
+
+
 def test_best_isa_follows_cpu_flags(native):
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     best = kernels.best_isa()
