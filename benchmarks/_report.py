@@ -65,7 +65,12 @@ def machine_line() -> str:
             extra += f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{now}; CPU {cpu_model()} ({os.cpu_count()} logical cores){extra}; Python {platform.python_version()}"
+    try:
+        load = f"; load average {os.getloadavg()[0]:.1f} when written"
+    except OSError:
+        load = ""
+    return (f"{now}; CPU {cpu_model()} ({os.cpu_count()} logical cores){extra}; Python {platform.python_version()}"
+            f"{load}")
 
 
 def section(name: str, title: str, lines: list[str]) -> str:

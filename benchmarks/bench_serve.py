@@ -69,9 +69,10 @@ def free_port() -> int:
 class Server:
     """A server process on a free loopback port; ``extra`` goes into every request body."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, threads: int, extra: dict | None = None) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, threads: int, extra: dict | None = None,
+                 env: dict | None = None) -> None:
         self.name, self.url, self.extra = name, f"http://127.0.0.1:{port}", extra or {}
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{port}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -159,6 +160,9 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server binary")
     ap.add_argument("--no-llama-server", action="store_true", help="leave llama-server out")
     ap.add_argument("--no-baseline", action="store_true", help="leave the one-at-a-time server out")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for every server (OpenMP threads sleep instead of spinning at "
+                         "barriers: on a machine shared with other work); written as its own section")
     _report.add_args(ap)
     args = ap.parse_args()
 
@@ -169,9 +173,8 @@ def main() -> None:
     model, tok = llamalab.load(path, dtype=args.dtype)
     ban = {str(i): -100 for i in stop_token_ids(model, tok)}
     try:  # quantized linears count as the weights they stand for
-        from llamalab.cli.info import logical_parameters
 
-        n_params = logical_parameters(model)
+        n_params = model.logical_parameters()
     except ImportError:
         n_params = model.num_parameters()
     del model, tok
@@ -189,20 +192,22 @@ def main() -> None:
                "--max-batch", str(batch), "--max-len", str(max_len), "--max-queue", "4096", "--log-level", "warning"]
         return cmd + (["--dtype", args.dtype] if args.dtype else [])
 
+    senv = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_passive else {}
     servers: dict[str, Server] = {}
     try:
         port = free_port()
-        servers["llamalab serve"] = Server("llamalab serve", llamalab_cmd(args.max_batch, port), port, args.threads)
+        servers["llamalab serve"] = Server("llamalab serve", llamalab_cmd(args.max_batch, port), port, args.threads,
+                                           env=senv)
         if not args.no_baseline:
             port = free_port()
-            servers["one-at-a-time"] = Server("one-at-a-time", llamalab_cmd(1, port), port, args.threads)
+            servers["one-at-a-time"] = Server("one-at-a-time", llamalab_cmd(1, port), port, args.threads, env=senv)
         if binary:
             port = free_port()
             cmd = [binary, "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", str(args.max_batch),
                    "-c", str(args.max_batch * max_len), "-t", str(args.threads), "-tb", str(args.threads),
                    "--no-cache-prompt", "--cache-ram", "0", "--no-webui"]
             servers["llama-server"] = Server("llama-server", cmd, port, args.threads,
-                                             extra={"cache_prompt": False})
+                                             extra={"cache_prompt": False}, env=senv)
         for srv in servers.values():
             srv.wait_ready()
             run_load(srv, 2, 2, 4, ban)  # warm-up
@@ -227,7 +232,9 @@ def main() -> None:
         return statistics.median(x[key] for x in runs[(name, c)])
 
     lines = [f"Model `{path.name}` ({n_params / 1e6:.1f}M parameters), the same file for every server; llamalab "
-             f"dtype {dtype}; {args.threads} threads per server; {args.requests} streamed chat requests per run, "
+             f"dtype {dtype}; {args.threads} threads per server"
+             f"{' with OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}; {args.requests} streamed chat requests "
+             "per run, "
              f"greedy, {args.max_tokens} tokens each (stop tokens banned); {args.rounds} interleaved rounds, medians. "
              "Speed-up: tokens/s over the one-at-a-time server's; vs llama-server: over llama-server's at the same "
              "number of clients.", "",
@@ -255,7 +262,10 @@ def main() -> None:
         same = sum(answers[a].get(i) == answers[b].get(i) for i in answers[a])
         lines.append(f"Greedy answers with the same text, {labels[a]} vs {labels[b]}: {same} of {len(answers[a])}.")
     print("\n" + "\n".join(lines[2:]))
-    _report.emit(args, "bench_serve", "Serving: llamalab serve vs llama.cpp llama-server (CPU, loopback HTTP)", lines)
+    title = "Serving: llamalab serve vs llama.cpp llama-server (CPU, loopback HTTP)"
+    if args.omp_passive:
+        title += ", OpenMP threads passive"
+    _report.emit(args, "bench_serve" + ("_passive" if args.omp_passive else ""), title, lines)
 
 
 if __name__ == "__main__":
