@@ -88,17 +88,20 @@ def stored(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def logical_parameters(model: Any) -> int:
-    """Parameters, counting each quantized linear's packed weight (int8, int4, GGUF blocks) as its in × out
-    values; a quantized copy of a tied output head is the embedding again, not more parameters."""
-    from llamalab.quantization.quantize import QuantizedLinear
+def quantized_layers(model: Any) -> dict[str, int]:
+    """How many linears of each quantized kind the loaded model holds: GGUF blocks by kind (``q8_0``, ``q4_1``,
+    ``q4_0``), PyTorch's packed ones as ``int8`` / ``int8-g32`` / ``int4-g64``..."""
+    from llamalab.quantization.linear import QuantizedLinear
 
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    total = model.num_parameters()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear) and not (tied and name.split(".")[-1] == "lm_head"):
-            total += m.in_features * m.out_features
-    return total
+    counts: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            kind = getattr(m, "kind", None)
+            if kind is None:
+                group = getattr(m, "group_size", None)
+                kind = ("int4" if "Int4" in type(m).__name__ else "int8") + (f"-g{group}" if group else "")
+            counts[kind] += 1
+    return dict(sorted(counts.items()))
 
 
 def _describe_dtypes(dtypes: dict[str, int]) -> str:
@@ -131,15 +134,17 @@ def run(args: argparse.Namespace) -> int:
         model, _ = load(path, dtype=args.dtype)
         config = model.config
     report = model.memory_report(args.context)
-    params = logical_parameters(model)
+    params = model.logical_parameters()
     loaded_dtype = str(model.dtype).removeprefix("torch.")
     quant = getattr(config, "quantization", None)
+    layers = quantized_layers(model)
     info = {"n_layers": config.n_layers, "hidden_size": config.hidden_size, "n_heads": config.n_heads,
             "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "vocab_size": config.vocab_size,
             "intermediate_size": config.intermediate_size, "rope_theta": config.rope_theta,
             "rope_scaling": config.rope_scaling, "tie_word_embeddings": config.tie_word_embeddings,
             "max_position_embeddings": config.max_position_embeddings, **report, "parameters": params,
-            "loaded_dtype": loaded_dtype, "quantization": quant, "stored": disk, "random_init_preset": preset}
+            "loaded_dtype": loaded_dtype, "quantization": quant, "quantized_layers": layers, "stored": disk,
+            "random_init_preset": preset}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -155,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
               f"({_describe_dtypes(disk['dtypes'])})")
     if quant:
         method = quant.get("method", quant) if isinstance(quant, dict) else quant
-        loaded_dtype = f"{method} linears, {loaded_dtype} elsewhere"
+        kinds = ", ".join(f"{k.upper() if k.startswith('q') else k} x{n}" for k, n in layers.items())
+        loaded_dtype = f"{method} linears ({kinds}), {loaded_dtype} elsewhere"
     kv_kib = report["kv_cache_bytes_per_token"] / 1024
     kv_mib = report["kv_cache_bytes"] / 2**20
     print(f"  in memory ({loaded_dtype}): weights {report['weight_bytes'] / 2**20:,.1f} MiB; "

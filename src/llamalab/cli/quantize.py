@@ -1,7 +1,11 @@
-"""`llamalab quantize --model PATH --to int8|int4 [--group-size 32|64|128] --out DIR`.
+"""`llamalab quantize --model PATH --to int8|int4 [--group-size 32|64|128] [--symmetric] [--layout blocks|packed]
+--out DIR`.
 
 Writes a quantized checkpoint (safetensors + ``llamalab_quantization`` in config.json, see
 :mod:`llamalab.quantization.quantize`) with the tokenizer, loadable by every command (``llamalab.load``).
+By default int8 becomes GGUF Q8_0 blocks and int4 (group 32) Q4_1 blocks (Q4_0 with ``--symmetric``),
+multiplied by llamalab's C++ kernels; int4 with group 64 / 128, or ``--layout packed``, uses PyTorch's
+packed int8 / int4 kernels.
 """
 
 from __future__ import annotations
@@ -11,14 +15,21 @@ import json
 
 from llamalab.cli._args import add_model_argument
 
-HELP = "quantize a model's linear layers to int8 (per channel) or int4 (group-wise) and save it"
+HELP = "quantize a model's linear layers to int8 or int4 (GGUF Q8_0 / Q4_1 / Q4_0 blocks by default) and save it"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p, help="HF dir, .gguf file, run dir or smollm2")
-    p.add_argument("--to", required=True, choices=("int8", "int4"), help="target format")
-    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128), help="int4 group size")
-    p.add_argument("--symmetric", action="store_true", help="int4 without zero points (w = (q-8)*s)")
+    p.add_argument("--to", required=True, choices=("int8", "int4"),
+                   help="int8: Q8_0 blocks (32 inputs, one fp16 scale); int4: Q4_1 blocks (Q4_0 with --symmetric)")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
+                   help="int4 group size (default 32: GGUF blocks on llamalab's kernels; 64 / 128: PyTorch's "
+                        "packed int4 layout and kernel)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4 without zero points: Q4_0, w = (q-8)*d (default: Q4_1, w = q*d + m)")
+    p.add_argument("--layout", choices=("blocks", "packed"), default="blocks",
+                   help="blocks (default): GGUF Q8_0 / Q4_1 / Q4_0 on llamalab's kernels; packed: PyTorch's "
+                        "per-channel int8 / group-wise int4 kernels (the format before blocks)")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head (int8 recommended)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -31,6 +42,18 @@ def _dir_bytes(path) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
+def describe(quantization: dict) -> str:
+    """'int8 as Q8_0 blocks', 'int4 (packed, group size 64)', ... for a config's ``quantization`` record."""
+    method = quantization.get("method", "?")
+    kinds = quantization.get("kinds") or []
+    blocks = "/".join(k.upper() for k in kinds)
+    if quantization.get("layout") == "blocks" and blocks:
+        return f"{method} as {blocks} blocks"
+    group = quantization.get("group_size")
+    packed = "packed, per channel" if method == "int8" else f"packed, group size {group}"
+    return f"{method} ({packed}" + (f"; {blocks} blocks where the width allows)" if blocks else ")")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args.model, dtype=torch.float32)
     before = model_bytes(model)
     quantize_model(model, args.to, group_size=args.group_size, symmetric=args.symmetric,
-                   include_lm_head=args.lm_head)
+                   include_lm_head=args.lm_head, layout=args.layout)
     save_quantized(model, out)
     if tok is not None:
         tok.save(out)
@@ -58,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"wrote {out}: {args.to}" + (f" (group size {args.group_size})" if args.to == "int4" else "")
-              + f", weights file {summary['file_bytes'] / 2**20:.1f} MiB, in memory "
+        print(f"wrote {out}: {describe(model.config.quantization)}"
+              f", weights file {summary['file_bytes'] / 2**20:.1f} MiB, in memory "
               f"{summary['memory_bytes'] / 2**20:.1f} MiB (float32 {before / 2**20:.1f} MiB)")
     return 0

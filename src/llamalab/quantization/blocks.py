@@ -23,7 +23,7 @@ from torch import nn
 from llamalab import kernels
 from llamalab.errors import WeightsError
 from llamalab.kernels.reference import KINDS, QK, dequantize, pack_q4
-from llamalab.quantization.quantize import QuantizedLinear
+from llamalab.quantization.linear import QuantizedLinear
 
 GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3}  # GGML tensor type ids
 _BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}

@@ -1,7 +1,38 @@
 """Weight-only int8 / int4 quantization of a Llama's linear layers.
 
 Only the weights are quantized; activations, the residual stream, norms, RoPE and the KV cache stay
-in floating point. Each ``nn.Linear`` of the blocks (q/k/v/o, gate/up/down) is swapped in place for
+in floating point. Each ``nn.Linear`` of the blocks (q/k/v/o, gate/up/down; the output head too with
+``include_lm_head=True``; the embedding lookup always stays float) is swapped in place for a
+quantized linear. Two layouts:
+
+**Blocks (the default, ``layout="blocks"``)** — GGUF's own blocks of 32 consecutive inputs of one
+output row, held by :class:`llamalab.quantization.blocks.BlockQuantLinear` and multiplied by our C++
+kernels (``torch.ops.llamalab.q8_0_linear`` / ``q4_0_linear`` / ``q4_1_linear``, :mod:`llamalab.kernels`),
+the layers a GGUF file's Q8_0 / Q4_0 / Q4_1 weights load into. Round-to-nearest, as llama.cpp's
+reference quantizer, with ``d`` (and ``m``) the block's stored float16 values:
+
+* int8 -> **Q8_0**: ``d = fp16(max|W_b| / 127)``, ``q = clamp(round(W / d), -127, 127)``, ``Ŵ = d · q``.
+* int4 (group size 32, asymmetric: the default) -> **Q4_1**: ``d = fp16((max − min) / 15)``,
+  ``m = fp16(min)``, ``q = clamp(round((W − m) / d), 0, 15)``, ``Ŵ = d · q + m``.
+* int4 (group size 32, ``symmetric=True``) -> **Q4_0**: the block's largest-magnitude weight ``w*`` sets
+  ``d = fp16(w* / −8)``, ``q = clamp(round(W / d) + 8, 0, 15)``, ``Ŵ = d · (q − 8)``.
+
+Error bound per element (round-to-nearest against the *stored* ``d`` / ``m``, so the fp16 rounding of
+the scale is inside the bound, not added to it):
+
+* Q8_0: ``|W − Ŵ| ≤ d / 2``. fp16 rounds ``max|W_b| / 127`` by at most 2⁻¹¹ relative, so
+  ``max|W_b| / d ≤ 127.07`` and no code is clamped. (Only a block whose ``d`` is an fp16 subnormal,
+  ``max|W_b| < 127 · 2⁻¹⁴ ≈ 0.0078``, can clamp; its error is then ≤ max(d / 2, 2⁻¹⁸).)
+* Q4_1: ``|W − Ŵ| ≤ d / 2`` for every block whose range spans zero (min ≤ 0 ≤ max, i.e. any real
+  weight block); in general ``≤ max(d / 2, 2⁻¹¹ · (max − min + |min|) + 2⁻²¹)``, the second term being
+  the fp16 rounding of ``d`` and ``m`` at the clamped ends.
+* Q4_0: ``|W − Ŵ| ≤ |d| · (1 + 2⁻⁸)``: the grid ``d · (−8..7)`` reaches ``w*`` but stops one step short
+  of ``−w*``, so elements beyond ``7.5 |d|`` on the side opposite ``w*`` are clamped; all others are
+  within ``|d| / 2``.
+
+``tests/test_quantize.py`` checks these bounds on random weights and on SmolLM2's.
+
+**Packed (``layout="packed"``, and int4 with group size 64 / 128)** — PyTorch's packed CPU kernels:
 
 * :class:`Int8Linear` — symmetric, one scale per output channel (round-to-nearest):
   ``s_n = max_k |W[n,k]| / 127``,  ``q = clamp(round(W / s_n), -127, 127)``,  ``Ŵ = q · s_n``.
@@ -13,14 +44,17 @@ in floating point. Each ``nn.Linear`` of the blocks (q/k/v/o, gate/up/down) is s
   The error per element is at most s / 2.  Scales and zeros are stored in bfloat16 (what the kernel
   reads); codes are chosen against the rounded scales, so the bound holds for the stored values.
 
-Compute.  On CPU the packed PyTorch kernels do the matrix products straight from the quantized
-weights: ``torch._weight_int8pack_mm`` (per-channel int8) and ``torch._weight_int4pack_mm_for_cpu``
-(int4, its own packed layout). Both are fast only with bfloat16 activations (with float32 ones they
-are 5–30× slower), so the input is cast to bf16 for the product and the output cast back.  Anywhere
-else — another device, group-wise int8, shapes the kernels refuse, or when a gradient must flow to
-the input (LoRA on an int8 base) — the fallback dequantizes the weight to the activation dtype and
-calls ``F.linear``: pure PyTorch, runs on any device.  ``module.use_kernel = False`` forces it.
-The kernels read their operands with aligned vector loads and crash (SIGSEGV) on a weight or
+A layer whose input width is not a multiple of 32 cannot hold blocks and takes the packed layer
+(int8 per channel; int4 with the largest power-of-two group ≤ ``group_size`` that divides the width).
+
+Compute of the packed layers.  On CPU ``torch._weight_int8pack_mm`` (per-channel int8) and
+``torch._weight_int4pack_mm_for_cpu`` (int4, its own packed layout) do the products straight from the
+quantized weights. Both are fast only with bfloat16 activations (with float32 ones they are 5–30×
+slower), so the input is cast to bf16 for the product and the output cast back.  Anywhere else —
+another device, group-wise int8, shapes the kernels refuse, or when a gradient must flow to the input
+(LoRA on an int8 base) — the fallback dequantizes the weight to the activation dtype and calls
+``F.linear``: pure PyTorch, runs on any device.  ``module.use_kernel = False`` forces it (block layers
+alike). The kernels read their operands with aligned vector loads and crash (SIGSEGV) on a weight or
 activation that does not start on a 64-byte boundary — which is where memory-mapped safetensors
 put tensors. So every weight is copied to aligned memory once, when the layer is built or loaded
 (:func:`aligned`), a misaligned activation is copied before the call, and a layer whose buffers
@@ -32,24 +66,28 @@ a few probe matrices whose codes spell out each element's index (:func:`_int4pac
 portable codes of a kernel-layout weight (to save it, dequantize it or merge LoRA into it) are then
 one gather, and need not be kept twice in memory.
 
-By default ``embed_tokens`` and ``lm_head`` stay in floating point (``include_lm_head=True`` also
-quantizes the output head; the embedding lookup always stays float).
-
 Checkpoint format (``save_quantized`` / ``Llama.from_pretrained``, which ``llamalab.load`` calls when
 ``config.json`` has ``llamalab_quantization``).  ``model.safetensors`` holds the float tensors under
 their HF names and, for each quantized linear ``P`` (e.g. ``model.layers.0.self_attn.q_proj``):
 
-* int8: ``P.qweight`` int8 (out, in); ``P.scales`` float32 (out,) — or (out, in/g) when group-wise;
-* int4: ``P.qweight`` uint8 (out, in/2), two codes per byte, even input column in the low nibble;
+* blocks: ``P.qs`` (int8 (out, in) for Q8_0; uint8 (out, in/2) nibbles for Q4_0 / Q4_1), ``P.d`` and,
+  for Q4_1, ``P.m`` float16 (out, in/32) — the kind follows from the tensors;
+* packed int8: ``P.qweight`` int8 (out, in); ``P.scales`` float32 (out,) — or (out, in/g) when group-wise;
+* packed int4: ``P.qweight`` uint8 (out, in/2), two codes per byte, even input column in the low nibble;
   ``P.scales`` and ``P.zeros`` bfloat16 (out, in/g), meaning ``Ŵ = (q − 8) · s + z``.
 
-The group size of each layer follows from the shapes (in / scales.shape[1]), so a layer whose width
-the requested group does not divide (e.g. 576 with group 128) uses the largest power of two below it
-that does.  ``config.json`` gets ``"llamalab_quantization": {"method": "int8"|"int4", "group_size":
-…, "symmetric": …, "lm_head": …, "format": 1}``.  transformers cannot read these directories; convert
-back with ``llamalab.quantization.quantize.dequantize_model`` + ``save_pretrained`` if needed.
+Each layer is rebuilt from its own tensors (:func:`llamalab.quantization.saved.pop_quantized_layer`), so
+a directory may mix the two, and checkpoints written before blocks were the default still load.  The
+group size of a packed int4 layer follows from the shapes (in / scales.shape[1]).  ``config.json`` gets
+``"llamalab_quantization": {"method": "int8"|"int4", "layout": "blocks"|"packed"|"mixed", "kinds": [...],
+"group_size": …, "symmetric": …, "lm_head": …, "format": 1}`` (``kinds``: the block kinds used; "mixed":
+some layers too narrow for blocks).
+transformers cannot read these directories; convert back with
+``llamalab.quantization.quantize.dequantize_model`` + ``save_pretrained`` if needed.
 
-API for importers of already-quantized weights (GGUF)::
+Importers of already-quantized GGUF weights use :class:`~llamalab.quantization.blocks.BlockQuantLinear`
+(``from_gguf``: the file's blocks as they are). :meth:`Int8Linear.from_blocks` /
+:meth:`Int4Linear.from_blocks` map Q8_0 / Q4_0 / Q4_1 codes onto the packed layers instead::
 
     from llamalab.quantization.quantize import Int8Linear, Int4Linear, replace_linear
     # GGUF Q8_0: int8 codes q (out, in) and one scale d per 32 consecutive inputs, W = q · d
@@ -59,7 +97,7 @@ API for importers of already-quantized weights (GGUF)::
     # GGUF Q4_1: codes q ∈ 0..15 as uint8 (out, in), W = q · d + m
     layer = Int4Linear.from_blocks(q_uint8, d.view(out, in // 32), mins=m.view(out, in // 32), group_size=32)
     replace_linear(model, "layers.0.self_attn.q_proj", layer)   # our module name (no "model." prefix)
-    model.config.quantization = {"method": "int4", "group_size": 32, "symmetric": False,
+    model.config.quantization = {"method": "int4", "layout": "packed", "group_size": 32, "symmetric": False,
                                  "lm_head": False, "format": 1}  # so that save_pretrained/save_quantized
                                                                  # write a checkpoint load_quantized reads
 
@@ -77,14 +115,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import ConfigError, WeightsError
+from llamalab.quantization.blocks import BlockQuantLinear
+from llamalab.quantization.linear import QuantizedLinear
 
 FORMAT_VERSION = 1
 METHODS = ("int8", "int4")
+LAYOUTS = ("blocks", "packed")  # GGUF Q8_0 / Q4_0 / Q4_1 blocks on our kernels; PyTorch's packed int8 / int4
 DEFAULT_GROUP_SIZE = 32
+BLOCK_SIZE = 32  # inputs per GGUF block
 # the linear layers of a block (our module-name suffixes)
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -118,38 +159,6 @@ def _aligned_input(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # compiled graphs allocate their own (aligned) buffers
         return x
     return aligned(x) if x.data_ptr() % ALIGNMENT else x
-
-
-class QuantizedLinear(nn.Module):
-    """Common part of the quantized linears: shapes, the kernel switch, float fallback."""
-
-    in_features: int
-    out_features: int
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.use_kernel = True
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor | None:  # pragma: no cover - abstract
-        return None
-
-    @property
-    def weight_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if self.use_kernel and not needs_grad:
-            shape = x.shape
-            out = self._kernel(x.reshape(-1, shape[-1]))
-            if out is not None:
-                return out.to(x.dtype).view(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize(x.dtype))
 
 
 # ============================================================================================ int8
@@ -416,13 +425,32 @@ def _fit_group(in_features: int, group_size: int) -> int:
     return g
 
 
+def block_kind(in_features: int, method: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False,
+               layout: str = "blocks") -> str | None:
+    """The GGUF block kind (``q8_0`` / ``q4_1`` / ``q4_0``) a linear of this width gets, or None for the
+    packed :class:`Int8Linear` / :class:`Int4Linear` (``layout="packed"``, int4 groups other than 32, or a
+    width that is not a multiple of 32)."""
+    if layout != "blocks" or in_features % BLOCK_SIZE:
+        return None
+    if method == "int8":
+        return "q8_0"
+    if method == "int4" and group_size == BLOCK_SIZE:
+        return "q4_0" if symmetric else "q4_1"
+    return None
+
+
 def quantize_linear(linear: nn.Linear, method: str, group_size: int = DEFAULT_GROUP_SIZE,
-                    symmetric: bool = False) -> QuantizedLinear:
+                    symmetric: bool = False, layout: str = "blocks") -> QuantizedLinear:
+    if method not in METHODS:
+        raise ConfigError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown quantization layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    kind = block_kind(linear.in_features, method, group_size, symmetric, layout)
+    if kind is not None:
+        return BlockQuantLinear.from_float(linear.weight, kind).to(linear.weight.device)
     if method == "int8":
         return Int8Linear.from_float(linear)
-    if method == "int4":
-        return Int4Linear.from_float(linear, _fit_group(linear.in_features, group_size), symmetric=symmetric)
-    raise ConfigError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
+    return Int4Linear.from_float(linear, _fit_group(linear.in_features, group_size), symmetric=symmetric)
 
 
 def target_modules(model: nn.Module, include_lm_head: bool = False) -> list[str]:
@@ -434,26 +462,45 @@ def target_modules(model: nn.Module, include_lm_head: bool = False) -> list[str]
 
 
 def quantize_model(model: nn.Module, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
-                   symmetric: bool = False, include_lm_head: bool = False) -> nn.Module:
+                   symmetric: bool = False, include_lm_head: bool = False, layout: str = "blocks") -> nn.Module:
     """Swap the model's block linears (and the head if asked) for quantized ones, in place.
 
-    int8 is per-output-channel (``group_size`` is ignored); int4 is group-wise with ``group_size``
-    (32, 64 or 128), asymmetric unless ``symmetric``. Sets ``model.config.quantization``."""
+    ``layout="blocks"`` (default): int8 -> Q8_0 blocks; int4 with ``group_size`` 32 -> Q4_1 (asymmetric) or
+    Q4_0 (``symmetric``), on llamalab's C++ kernels; int4 with group size 64 / 128 keeps the packed
+    :class:`Int4Linear`. ``layout="packed"``: per-channel :class:`Int8Linear` (``group_size`` ignored) and
+    group-wise :class:`Int4Linear`, on PyTorch's packed kernels. Sets ``model.config.quantization``."""
     if method not in METHODS:
         raise ConfigError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown quantization layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if method == "int4" and group_size not in (16, 32, 64, 128, 256):
         raise ConfigError(f"int4 group size must be 32, 64 or 128 (got {group_size})")
     if getattr(model.config, "quantization", None):
         raise ConfigError("model is already quantized")
+    kinds: set[str] = set()
+    packed = False
     with torch.no_grad():
         for name in target_modules(model, include_lm_head):
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
                 continue
-            replace_linear(model, name, quantize_linear(module, method, group_size, symmetric))
-    model.config.quantization = {"method": method, "group_size": None if method == "int8" else group_size,
-                                 "symmetric": True if method == "int8" else bool(symmetric),
-                                 "lm_head": bool(include_lm_head), "format": FORMAT_VERSION}
+            layer = quantize_linear(module, method, group_size, symmetric, layout)
+            if isinstance(layer, BlockQuantLinear):
+                kinds.add(layer.kind)
+            else:
+                packed = True
+            replace_linear(model, name, layer)
+    blocks = bool(kinds) and not packed
+    if blocks or method == "int4":
+        group = BLOCK_SIZE if blocks else group_size
+    else:
+        group = None
+    record = {"method": method, "layout": "blocks" if blocks else ("packed" if not kinds else "mixed"),
+              "group_size": group, "symmetric": True if method == "int8" else bool(symmetric),
+              "lm_head": bool(include_lm_head), "format": FORMAT_VERSION}
+    if kinds:
+        record["kinds"] = sorted(kinds)
+    model.config.quantization = record
     return model
 
 
@@ -488,7 +535,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     """Write config.json (with ``llamalab_quantization``) + model.safetensors for a quantized model."""
     from safetensors.torch import save_file
 
-    from llamalab.formats.hf import _atomic_write_bytes, atomic_write_text
+    from llamalab.formats.files import atomic_write, atomic_write_text
 
     if not model.config.quantization:
         raise ConfigError("model is not quantized (call quantize_model first)")
@@ -497,7 +544,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     tensors = quantized_state_dict(model)
     for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
         stale.unlink()
-    _atomic_write_bytes(directory / "model.safetensors",
+    atomic_write(directory / "model.safetensors",
                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")

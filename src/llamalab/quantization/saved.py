@@ -2,12 +2,15 @@
 
 For a quantized layer ``P`` a checkpoint holds, in our key names:
 
-* int8: ``P.qweight`` int8 (out, in) and ``P.scales`` (out,) or (out, in/group)  -> :class:`Int8Linear`
-* int4: ``P.qweight`` uint8 (out, in/2), ``P.scales`` and ``P.zeros``             -> :class:`Int4Linear`
-* GGUF blocks: ``P.qs``, ``P.d`` [, ``P.m``]                                      -> :class:`BlockQuantLinear`
+* blocks: ``P.qs``, ``P.d`` [, ``P.m``]                                            -> :class:`BlockQuantLinear`
+  (``llamalab quantize`` int8 / int4 by default: Q8_0 / Q4_1 / Q4_0; or kept from a GGUF file)
+* packed int8: ``P.qweight`` int8 (out, in) and ``P.scales`` (out,) or (out, in/group)  -> :class:`Int8Linear`
+* packed int4: ``P.qweight`` uint8 (out, in/2), ``P.scales`` and ``P.zeros``             -> :class:`Int4Linear`
 
-:meth:`llamalab.model.Llama.from_state_dict` calls :func:`pop_quantized_layer` for each such ``P`` and checks
-everything else as for a float checkpoint.
+Each layer is rebuilt from its own tensors (blocks first), whatever ``config.quantization`` says its layout is,
+so directories written before blocks were the default (all ``qweight``) load as they did, and a directory may
+mix the two. :meth:`llamalab.model.Llama.from_state_dict` calls :func:`pop_quantized_layer` for each such ``P``
+and checks everything else as for a float checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from llamalab.errors import WeightsError
 from llamalab.formats.hf import to_hf_key
 from llamalab.quantization.blocks import pop_block_layer
-from llamalab.quantization.quantize import FORMAT_VERSION, METHODS, Int4Linear, Int8Linear, QuantizedLinear
+from llamalab.quantization.quantize import FORMAT_VERSION, LAYOUTS, METHODS, Int4Linear, Int8Linear, QuantizedLinear
 
 
 def check_quantization(config: Any, source: object) -> None:
@@ -29,6 +32,9 @@ def check_quantization(config: Any, source: object) -> None:
     method = q.get("method")
     if method not in METHODS + ("gguf",):  # gguf: blocks kept from a GGUF file (llamalab.quantization.blocks)
         raise WeightsError(f"{source}: unknown llamalab_quantization method {method!r}")
+    layout = q.get("layout", "packed")
+    if layout not in LAYOUTS + ("mixed",):
+        raise WeightsError(f"{source}: unknown llamalab_quantization layout {layout!r}")
     if int(q.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
         raise WeightsError(f"{source}: quantized format {q.get('format')} is newer than this llamalab reads")
 
