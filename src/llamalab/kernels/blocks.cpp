@@ -229,10 +229,10 @@ LL_AVX2_ATTR inline __m128 load_half2(const uint16_t* p) {
     __m256 acc[R];                                                                                          \
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                               \
     if (kind == Q8_0) {                                                                                     \
-      for (int64_t b = 0; b < nb; ++b) {                                                                    \
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                              \
-        const float xd = x.d[b];                                                                            \
-        for (int r = 0; r < R; ++r) {                                                                       \
+      for (int r = 0; r < R; ++r) { /* row by row: the weight read in address order */                    \
+        for (int64_t b = 0; b < nb; ++b) {                                                                  \
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                            \
+          const float xd = x.d[b];                                                                          \
           const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * rb + b * QK));                     \
           const __m256i p = D::dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));                \
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(dw[r * nb + b]) * xd), acc[r]); \
@@ -246,12 +246,12 @@ LL_AVX2_ATTR inline __m128 load_half2(const uint16_t* p) {
     __m128 corr[R];                                                                                         \
     for (int r = 0; r < R; ++r) corr[r] = _mm_setzero_ps();                                                 \
     int64_t b = 0;                                                                                          \
-    for (; b + 2 <= nb; b += 2) {                                                                           \
-      const __m256i xlo = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                               \
-      const __m256i xhi = _mm256_loadu_si256((const __m256i*)(x.q + b * QK + 32));                          \
-      const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));                      \
-      const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.s + b)));                      \
-      for (int r = 0; r < R; ++r) {                                                                         \
+    for (int r = 0; r < R; ++r) { /* row by row: the weight read in address order */                      \
+      for (b = 0; b + 2 <= nb; b += 2) {                                                                    \
+        const __m256i xlo = _mm256_loadu_si256((const __m256i*)(x.q + b * QK));                             \
+        const __m256i xhi = _mm256_loadu_si256((const __m256i*)(x.q + b * QK + 32));                        \
+        const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));                    \
+        const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.s + b)));                    \
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * rb + b * 16));                       \
         const __m256i p = D::dot2_u8s8(_mm256_and_si256(wv, low), xlo,                                      \
                                        _mm256_and_si256(_mm256_srli_epi16(wv, 4), low), xhi);               \
