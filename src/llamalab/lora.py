@@ -224,7 +224,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     """Write adapter_config.json + adapter_model.safetensors (PEFT layout)."""
     from safetensors.torch import save_file
 
-    from llamalab.formats.hf import _atomic_write_bytes, atomic_write_text
+    from llamalab.formats.files import atomic_write, atomic_write_text
 
     config: LoraConfig | None = getattr(model, "lora_config", None)
     if config is None or not lora_modules(model):
@@ -232,7 +232,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = lora_state_dict(model)
-    _atomic_write_bytes(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(directory / ADAPTER_CONFIG,
                       json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n")
     return directory

@@ -124,12 +124,11 @@ def run(args: argparse.Namespace) -> int:
     written = writer(model, tok, out, args)
     size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) if written.is_dir() \
         else written.stat().st_size
-    from llamalab.cli.info import logical_parameters
 
     quant = getattr(model.config, "quantization", None)
     method = quant.get("method", quant) if isinstance(quant, dict) else quant
     dtype = f"{method} linears, {args.dtype or 'float32'} elsewhere" if quant else args.dtype or "float32"
     what = f"GGUF {args.type}" if writer is write_gguf else f"HF dir ({dtype})"
-    print(f"wrote {written} [{what}, {size / 2**20:,.1f} MiB, {logical_parameters(model) / 1e6:.1f}M parameters"
+    print(f"wrote {written} [{what}, {size / 2**20:,.1f} MiB, {model.logical_parameters() / 1e6:.1f}M parameters"
           f"{', no tokenizer' if tok is None else ''}] in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -19,8 +19,9 @@ DEFAULT_CONFIG = "shakespeare"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None,
-                   help=f"TOML config file, or a bundled recipe by name: quick, shakespeare, tang, tiny (default: "
-                        f"{DEFAULT_CONFIG}; on --resume: the run's own config); a folder or text file here means --data")
+                   help=f"TOML config file, or a bundled recipe by name: quick, shakespeare, tang, tiny "
+                        f"(default: {DEFAULT_CONFIG}; on --resume: the run's own config); a folder or text file "
+                        "here means --data")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="train on your own text: a folder of .txt/.md/.jsonl files or a single file "
                         "(run name: the folder's name)")

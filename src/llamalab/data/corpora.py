@@ -55,6 +55,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llamalab.errors import ConfigError
+from llamalab.formats.files import atomic_write, atomic_write_json
 from llamalab.jsonio import iter_jsonl
 
 CLEANER_VERSION = 1  # bump when a cleaner changes: it is part of the cache key
@@ -343,9 +344,7 @@ def _write_split(docs: list[Document], tok: TextTokenizer, out: Path, name: str,
             return
         arr = np.concatenate(buf).astype(dtype)
         fname = f"{name}_{len(files):03d}.bin"
-        tmp = out / (fname + ".tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, out / fname)
+        atomic_write(out / fname, arr.tofile)
         files.append(fname)
         buf, buffered = [], 0
 
@@ -407,9 +406,7 @@ def prepare(corpus: str | Path, tok: TextTokenizer, *, val_fraction: float = 0.0
             "val_doc_ids": [d.doc_id for d in val_docs][:1000],
             "train": _write_split(train_docs, tok, directory, "train", dtype, shard_tokens, progress),
             "val": _write_split(val_docs, tok, directory, "val", dtype, shard_tokens, progress)}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta)
     return TokenizedCorpus(directory, _open_split(directory, "train", meta["train"], dtype),
                            _open_split(directory, "val", meta["val"], dtype), tok.vocab_size, meta)
 

@@ -10,9 +10,7 @@ unpickled: safetensors, or ``torch.load(weights_only=True)`` for legacy ``pytorc
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from llamalab.config import LlamaConfig
 from llamalab.errors import ConfigError, WeightsError
+from llamalab.formats.files import atomic_write, atomic_write_text
 
 IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -195,39 +194,6 @@ def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _umask() -> int:
-    """The process umask, read without changing it where Linux tells it (os.umask can only swap it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file renamed over ``path``; the file gets the mode a plain open() gives
-    (0o666 less the umask), not mkstemp's 0o600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def hf_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """HF-keyed tensors of a model, tied lm_head written once (omitted), contiguous, optionally cast."""
     out = {}
@@ -264,13 +230,13 @@ def save_hf(model, path: str | Path, max_shard_size: int | str = "2GB", dtype: t
         stale.unlink()
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write_bytes(directory / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        atomic_write(directory / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
     else:
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            _atomic_write_bytes(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            atomic_write(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_text(directory / "model.safetensors.index.json",

@@ -103,6 +103,17 @@ class Llama(nn.Module):
                 total += p.numel()
         return total
 
+    def logical_parameters(self) -> int:
+        """Parameters, counting each quantized linear's packed weight (int8, int4, GGUF blocks) as the in × out
+        values it stands for; a quantized copy of a tied output head is the embedding again, not more."""
+        from llamalab.quantization.quantize import QuantizedLinear
+
+        total = self.num_parameters()
+        for name, m in self.named_modules():
+            if isinstance(m, QuantizedLinear) and not (self.config.tie_word_embeddings and name == "lm_head"):
+                total += m.in_features * m.out_features
+        return total
+
     def memory_report(self, context_len: int | None = None, kv_dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes for the weights and for the KV cache (per token and at a context length); no allocation."""
         weight_bytes = 0

@@ -126,9 +126,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
                         body_timeout=limits.body_timeout, **engine_kw)
     try:
         server, limits = uvicorn_server(app, host, port, limits, log_level, graceful_s=5)
-        from llamalab.cli.info import logical_parameters
 
-        n_params = logical_parameters(model)  # quantized linears count as the weights they stand for
+        n_params = model.logical_parameters()  # quantized linears count as the weights they stand for
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         print(f"llamalab serve: loaded {model_path} ({n_params / 1e6:.1f}M parameters, {dtype_name}) in {load_s:.1f} s",
               file=sys.stderr)

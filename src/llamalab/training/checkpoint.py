@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from llamalab.errors import LlamalabError, WeightsError
+from llamalab.formats.files import atomic_write_json
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".distcp", ".ckpt"}
 REQUIRED_FILES = ("trainer.json", "state/model.safetensors", "state/optim.safetensors")
@@ -60,13 +61,8 @@ def remove_path(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    remove_path(tmp)  # a symlink planted at the temporary name must not redirect the write outside the run dir
-    with tmp.open("x") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """A run-dir JSON record, written atomically and synced (:mod:`llamalab.formats.files`)."""
+    atomic_write_json(path, obj, fsync=True)
 
 
 def fsync_dir(path: Path) -> None:

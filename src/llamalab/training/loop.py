@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import LlamalabError
+from llamalab.formats.files import atomic_write
 from llamalab.training.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint, remove_path
 from llamalab.training.precision import resolve_precision
 
@@ -251,11 +252,10 @@ def plot_losses(log_path: Path, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    remove_path(tmp)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: str | Path, *,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import ConfigError, LlamalabError
+from llamalab.formats.files import atomic_write_text
 from llamalab.training.checkpoint import (
     checkpoint_steps,
     latest_valid_checkpoint,
@@ -215,10 +216,7 @@ def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path, heldout_pro
                        top_k=s["top_k"], seed=cfg["seed"] + i)
         texts.append(f"--- sample {i + 1} (prompt {prompt!r})\n{prompt}{out}\n")
     text = "\n".join(texts)
-    tmp = path.with_name(path.name + ".tmp")
-    remove_path(tmp)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return text
 
 
@@ -360,10 +358,7 @@ def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, pr
     precision = resolve_precision(t["precision"], ctx.device)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (RUN_MARKER + ".tmp")
-        remove_path(tmp)
-        tmp.write_text(to_toml(_normalized(cfg)))
-        os.replace(tmp, run_dir / RUN_MARKER)
+        atomic_write_text(run_dir / RUN_MARKER, to_toml(_normalized(cfg)))
         write_heldout_record(run_dir, _normalized(cfg), corpus)
         say(f"run dir: {run_dir}  |  corpus {d['corpus']}: {corpus.train.n_tokens:,} train tokens, "
             f"{corpus.val.n_tokens:,} val tokens ({corpus.val.n_chars:,} chars), vocab {tok.vocab_size}")
