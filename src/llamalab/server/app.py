@@ -459,7 +459,15 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
-                "top_logprobs": [{token_text(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+                "top_logprobs": [top_by_text(x.top) for x in items], "text_offset": offsets}
+
+    def top_by_text(top: list[tuple[int, float]]) -> dict[str, float]:
+        """{text: logprob} of the most likely tokens; tokens with the same text (byte pieces that each decode
+        to U+FFFD) keep the most likely one's logprob, not the last one's."""
+        out: dict[str, float] = {}
+        for t, lp in top:  # most likely first
+            out.setdefault(token_text(t), lp)
+        return out
 
     def echo_text(req: GenerationRequest, prompt_ids: list[list[int]], choice: int) -> str:
         if not req.echo:
