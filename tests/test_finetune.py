@@ -7,21 +7,10 @@ import json
 import pytest
 import torch
 
-from llamalab.training.finetune import (
-    IGNORE,
-    Batches,
-    DataError,
-    FinetuneConfig,
-    encode_example,
-    finetune,
-    masked_loss,
-    pack_batch,
-    pad_batch,
-    read_jsonl,
-)
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from llamalab.data.sft import IGNORE, encode_example, pack_batch, pad_batch, read_jsonl
+from llamalab.data.sft import SFTBatches as Batches
+from llamalab.errors import DataError
+from llamalab.training.finetune import FinetuneConfig, finetune, masked_loss
 
 
 @pytest.fixture
@@ -31,24 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    """A small byte-level BPE tokenizer with a ChatML template, trained here on a few lines."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from llamalab.tokenization.tokenizer import Tokenizer
-
-    backend = HFTok(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["user assistant system hello world what is the capital of france paris"] * 5,
-                                trainer)
-    return Tokenizer.from_hf(backend, eos_token="<|im_end|>", chat_template=CHATML)
 
 
 def _conv(q: str, a: str) -> list[dict]:
@@ -76,11 +47,11 @@ def test_malformed_jsonl_lines_are_reported_with_line_numbers(tmp_path):
     assert len(convs[1]) == 3
 
 
-def test_loss_mask_covers_only_assistant_tokens(chat_tok):
+def test_loss_mask_covers_only_assistant_tokens(tiny_tok):
     msgs = _conv("what is the capital of france", "paris") + [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]
-    ex = encode_example(chat_tok, msgs)
-    assert chat_tok.decode(ex.ids) == chat_tok.apply_chat_template(msgs, add_generation_prompt=False)
+    ex = encode_example(tiny_tok, msgs)
+    assert tiny_tok.decode(ex.ids) == tiny_tok.apply_chat_template(msgs, add_generation_prompt=False)
     trained = [i for i, t in zip(ex.ids, ex.labels) if t != IGNORE]
     spans, cur = [], []
     for i, t in zip(ex.ids, ex.labels):  # contiguous trained spans
@@ -91,13 +62,13 @@ def test_loss_mask_covers_only_assistant_tokens(chat_tok):
             cur = []
     if cur:
         spans.append(cur)
-    assert [chat_tok.decode(s) for s in spans] == ["paris<|im_end|>\n", "hello world<|im_end|>\n"]
+    assert [tiny_tok.decode(s) for s in spans] == ["paris<|im_end|>\n", "hello world<|im_end|>\n"]
     assert all(t == i for i, t in zip(ex.ids, ex.labels) if t != IGNORE)
     assert len(trained) < len(ex.ids)
 
 
 def test_padding_and_packing_give_each_example_its_own_loss(tiny_model, one_thread):
-    from llamalab.training.finetune import Example
+    from llamalab.data.sft import Example
 
     gen = torch.Generator().manual_seed(0)
     exs = []
@@ -117,7 +88,7 @@ def test_padding_and_packing_give_each_example_its_own_loss(tiny_model, one_thre
 
 
 def test_batches_resume_exactly():
-    from llamalab.training.finetune import Example
+    from llamalab.data.sft import Example
 
     exs = [Example([i, i + 1, i + 2], [IGNORE, i + 1, i + 2]) for i in range(7)]
     a = Batches(exs, 3, 0, seed=5)
@@ -133,11 +104,11 @@ def test_batches_resume_exactly():
 
 
 @pytest.mark.parametrize("method,packing", [("lora", False), ("full", True)])
-def test_tiny_finetune_drives_loss_down(chat_tok, tmp_path, method, packing, one_thread):
+def test_tiny_finetune_drives_loss_down(tiny_tok, tmp_path, method, packing, one_thread):
     from llamalab import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=chat_tok.vocab_size, hidden_size=64, intermediate_size=96, n_layers=2,
+    config = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=64, intermediate_size=96, n_layers=2,
                          n_heads=4, n_kv_heads=2, max_position_embeddings=128, initializer_range=0.1)
     model = Llama(config)
     data = [{"messages": _conv("what is the capital of france", "paris")},
@@ -147,7 +118,7 @@ def test_tiny_finetune_drives_loss_down(chat_tok, tmp_path, method, packing, one
     cfg = FinetuneConfig(method=method, steps=25, lr=1e-2 if method == "lora" else 3e-3, batch_size=4, r=4,
                          alpha=8, dropout=0.0, target_modules="all-linear", val_fraction=0.0, packing=packing,
                          max_len=64, warmup_steps=2, precision="fp32")
-    res = finetune(model, chat_tok, data, tmp_path / "run", cfg, progress=False, base_path="smollm2")
+    res = finetune(model, tiny_tok, data, tmp_path / "run", cfg, progress=False, base_path="smollm2")
     assert res.losses[-1] < 0.5 * res.losses[0]
     assert res.steps == 25
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -172,13 +143,13 @@ def test_finetune_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and "bad.jsonl:2" in err and "Traceback" not in err
 
 
-def test_finetune_outputs_never_write_through_planted_symlinks(chat_tok, tmp_path, one_thread):
+def test_finetune_outputs_never_write_through_planted_symlinks(tiny_tok, tmp_path, one_thread):
     """A run dir handed to `finetune` may hold links at `final`, `merged` and the summary: the outputs replace
     the links and nothing is written where they point."""
     from llamalab import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=1,
+    config = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=1,
                          n_heads=2, n_kv_heads=1, max_position_embeddings=64)
     run, victim = tmp_path / "run", tmp_path / "victim"
     run.mkdir()
@@ -189,7 +160,7 @@ def test_finetune_outputs_never_write_through_planted_symlinks(chat_tok, tmp_pat
     (run / "finetune_summary.json").symlink_to(victim / "keep.txt")
     cfg = FinetuneConfig(method="lora", steps=2, batch_size=2, r=2, val_fraction=0.0, max_len=32, precision="fp32",
                          merge=True)
-    res = finetune(Llama(config), chat_tok, [{"prompt": "hi", "completion": "there"}] * 4, run, cfg, progress=False)
+    res = finetune(Llama(config), tiny_tok, [{"prompt": "hi", "completion": "there"}] * 4, run, cfg, progress=False)
     assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"] and (victim / "keep.txt").read_text() == "mine"
     for name in ("final", "merged", "finetune_summary.json"):
         assert not (run / name).is_symlink()

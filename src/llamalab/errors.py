@@ -15,3 +15,7 @@ class WeightsError(LlamalabError):
 
 class TokenizerError(LlamalabError):
     """A tokenizer that cannot be found or built."""
+
+
+class DataError(ConfigError):
+    """Training or fine-tuning data that cannot be found or read (a corpus, a folder, a JSONL line)."""

@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from llamalab.data.sft import read_jsonl
     from llamalab.loading import load
-    from llamalab.training.finetune import FinetuneConfig, finetune, read_jsonl
+    from llamalab.training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
         method=args.method, steps=args.steps, lr=args.lr or (2e-4 if args.method == "lora" else 2e-5),

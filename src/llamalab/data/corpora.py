@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llamalab.errors import ConfigError
+from llamalab.errors import DataError
 from llamalab.formats.files import atomic_write, atomic_write_json
 from llamalab.jsonio import iter_jsonl
 
@@ -63,10 +63,6 @@ SPLIT_VERSION = 2  # 2: a single-document path corpus is split by position (part
 BUILTIN_CORPORA = ("shakespeare", "tang", "python")
 DEFAULT_CACHE = Path(os.environ.get("LLAMALAB_DATA_CACHE", "data_cache"))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".text", ""}
-
-
-class DataError(ConfigError):
-    """A corpus that cannot be found or read."""
 
 
 class TextTokenizer(Protocol):
