@@ -44,7 +44,13 @@ def pop_quantized_layer(state: dict[str, torch.Tensor], name: str, like: nn.Line
     """The quantized linear saved under ``name`` (its tensors popped from `state`), checked against the float
     layer `like` it replaces."""
     if f"{name}.qs" in state:
-        return pop_block_layer(state, name, like, source)
+        layer = pop_block_layer(state, name, like, source)
+        kinds = (config.quantization or {}).get("kinds")
+        if isinstance(kinds, list) and kinds and layer.kind not in kinds:  # e.g. a Q4_1 layer that lost its .m
+            raise WeightsError(f"{source}: {to_hf_key(name)} holds {layer.kind} blocks, but llamalab_quantization "
+                               f"lists kinds {', '.join(map(str, kinds))}" + (f" (missing {to_hf_key(name)}.m?)"
+                                                                                if "q4_1" in kinds else ""))
+        return layer
     method = (config.quantization or {}).get("method")
     tensors = {}
     for part in ("qweight", "scales", "zeros") if method == "int4" else ("qweight", "scales"):
