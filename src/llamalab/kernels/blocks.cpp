@@ -379,44 +379,50 @@ LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// Several activation rows (batch > 1) times one weight row: each weight step is loaded and unpacked once
-// and used for all MR rows (same math as rows_avx512).
+// Several activation rows (batch > 1) times one weight row: the same math as rows_avx512, each weight step
+// loaded and unpacked once and used for all MR rows; the correction OFF · c · xs goes straight into each
+// row's accumulator (both are summed over all lanes at the end).
 template <Kind KIND, int MR>
 LL_AVX512_ATTR void cols_avx512(const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* x,
                                 float* out) {
   using S = K512<KIND>;
   __m512 acc[MR];
-  __m128 corr[MR];
 #pragma GCC unroll 8
-  for (int j = 0; j < MR; ++j) {
-    acc[j] = _mm512_setzero_ps();
-    corr[j] = _mm_setzero_ps();
-  }
-  const __m512i idx = S::lane_block();
-  for (int64_t b = 0; b < nb; b += S::G) {
-    const int nblk = (int)std::min<int64_t>(S::G, nb - b);
-    const __mmask64 mask = nblk == S::G ? ~0ULL : ((1ULL << (S::BB * nblk)) - 1);
-    const __mmask8 hmask = (__mmask8)((1u << nblk) - 1);
-    const uint8_t* wr = w + b * S::BB;
-    const typename S::W wv = S::unpack(_mm512_maskz_loadu_epi8(mask, wr));
-    const __m128 d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, dw + b));
-    const __m128 c = KIND == Q4_1 ? _mm_cvtph_ps(_mm_maskz_loadu_epi16(hmask, mw + b)) : d;
+  for (int j = 0; j < MR; ++j) acc[j] = _mm512_setzero_ps();
+  const __m512i idx0 = S::lane_block(), next = _mm512_set1_epi32(S::G);
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const __mmask16 gm = (__mmask16)_bzhi_u32(0xffffu, (unsigned)std::min<int64_t>(16, nb - b0));
+    const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, dw + b0));
+    const __m512 c = _mm512_mul_ps(KIND == Q4_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, mw + b0)) : d,
+                                   _mm512_set1_ps(S::OFF));
+    __m512 sc[MR];  // dw·dx of the group's 16 blocks, per activation row
 #pragma GCC unroll 8
     for (int j = 0; j < MR; ++j) {
-      const __m512i p = S::dot(wv, x[j].q + b * QK);
-      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(d, _mm_maskz_loadu_ps(hmask, x[j].d + b))));
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc[j]);
-      corr[j] = _mm_fmadd_ps(c, _mm_maskz_loadu_ps(hmask, x[j].s + b), corr[j]);
+      sc[j] = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(gm, x[j].d + b0));
+      acc[j] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(gm, x[j].s + b0), acc[j]);
+    }
+    __m512i idx = idx0;
+#pragma GCC unroll 8
+    for (int k = 0; k < 16 / S::G; ++k) {
+      const int64_t b = b0 + k * S::G;
+      if (b >= nb) break;
+      const __mmask64 mask = _bzhi_u64(~0ULL, (unsigned)std::min<int64_t>(64, (nb - b) * S::BB));
+      const typename S::W wv = S::unpack(_mm512_maskz_loadu_epi8(mask, w + b * S::BB));
+#pragma GCC unroll 8
+      for (int j = 0; j < MR; ++j) {
+        const __m512i p = S::dot(wv, x[j].q + b * QK);
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, sc[j]), acc[j]);
+      }
+      idx = _mm512_add_epi32(idx, next);
     }
   }
-  for (int j = 0; j < MR; ++j) {
-    const __m128 c = hsum128x4(corr[j], corr[j], corr[j], corr[j]);
-    out[j] = _mm512_reduce_add_ps(acc[j]) + S::OFF * _mm_cvtss_f32(c);
-  }
+  int j = 0;
+  for (; j + 4 <= MR; j += 4) _mm_storeu_ps(out + j, hsum512x4(acc[j], acc[j + 1], acc[j + 2], acc[j + 3]));
+  for (; j < MR; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
 // Output rows [t0·4, t1·4) of y (M, N) on AVX-512: batch 1 four weight rows at a time, batches one weight
-// row at a time for up to 8 activation rows.
+// row at a time for up to 6 activation rows.
 template <Kind KIND>
 LL_AVX512_ATTR void tiles_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t N,
                                  int64_t nb, int64_t M, const QRow* xr, float* y, int64_t t0, int64_t t1) {
@@ -435,16 +441,17 @@ LL_AVX512_ATTR void tiles_avx512(const uint8_t* w, int64_t rb, const uint16_t* d
       }
       continue;
     }
-    float out[8];
+    // activation rows in near-equal chunks of at most MRMAX (more would spill the accumulators)
+    constexpr int MRMAX = 6;
+    float out[MRMAX];
     for (int64_t i = 0; i < nr; ++i) {
       const uint8_t* wi = wt + i * rb;
       const uint16_t* di = dt + i * nb;
       const uint16_t* mi = mt ? mt + i * nb : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      for (int64_t m0 = 0, left = (M + MRMAX - 1) / MRMAX; m0 < M; --left) {
+        const int64_t mr = (M - m0 + left - 1) / left;
         const QRow* xm = xr + m0;
-        switch (std::min<int64_t>(8, M - m0)) {
-          case 8: cols_avx512<KIND, 8>(wi, di, mi, nb, xm, out); break;
-          case 7: cols_avx512<KIND, 7>(wi, di, mi, nb, xm, out); break;
+        switch (mr) {
           case 6: cols_avx512<KIND, 6>(wi, di, mi, nb, xm, out); break;
           case 5: cols_avx512<KIND, 5>(wi, di, mi, nb, xm, out); break;
           case 4: cols_avx512<KIND, 4>(wi, di, mi, nb, xm, out); break;
@@ -452,7 +459,8 @@ LL_AVX512_ATTR void tiles_avx512(const uint8_t* w, int64_t rb, const uint16_t* d
           case 2: cols_avx512<KIND, 2>(wi, di, mi, nb, xm, out); break;
           default: cols_avx512<KIND, 1>(wi, di, mi, nb, xm, out);
         }
-        for (int64_t j = 0; j < std::min<int64_t>(8, M - m0); ++j) y[(m0 + j) * N + n0 + i] = out[j];
+        for (int64_t j = 0; j < mr; ++j) y[(m0 + j) * N + n0 + i] = out[j];
+        m0 += mr;
       }
     }
   }
