@@ -137,11 +137,13 @@ def test_adapter_errors(tiny_model, tmp_path):
 
 
 def test_lora_on_int8_base_trains_and_merges(tiny_model):
-    from llamalab.quantization.quantize import Int8Linear, quantize_model
+    from llamalab.quantization.blocks import BlockQuantLinear
+    from llamalab.quantization.quantize import quantize_model
 
-    quantize_model(tiny_model, "int8")
+    quantize_model(tiny_model, "int8")  # Q8_0 blocks
     apply_lora(tiny_model, LoraConfig(r=2, target_modules=("q_proj", "gate_proj")))
-    assert isinstance(tiny_model.layers[0].self_attn.q_proj.base, Int8Linear)
+    base = tiny_model.layers[0].self_attn.q_proj.base
+    assert isinstance(base, BlockQuantLinear) and base.kind == "q8_0"
     _randomize_b(tiny_model)
     ids = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
     tiny_model.train()

@@ -59,7 +59,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 def misalign_qweights(path: Path, residue: int = 56) -> None:
     """Rewrite a safetensors file (padding its header metadata) so that every memory-mapped
-    ``qweight`` starts at ``data_ptr() % 64 == residue`` — where SmolLM2's int8 file puts them."""
+    ``qweight`` (packed int8) or ``qs`` (Q8_0 blocks) starts at ``data_ptr() % 64 == residue`` — where
+    SmolLM2's int8 file puts them."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -67,7 +68,7 @@ def misalign_qweights(path: Path, residue: int = 56) -> None:
 
     def residues() -> set[int]:
         with safe_open(str(path), framework="pt") as f:
-            return {f.get_tensor(k).data_ptr() % 64 for k in f.keys() if k.endswith(".qweight")}
+            return {f.get_tensor(k).data_ptr() % 64 for k in f.keys() if k.endswith((".qweight", ".qs"))}
 
     for n in range(64):
         save_file(tensors, str(path), metadata={"format": "pt", "padding": "x" * n})
