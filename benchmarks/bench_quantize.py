@@ -1,7 +1,8 @@
 """Quantization trade-offs: file size, memory, decode tokens/s, perplexity and KL vs float32.
 
 For SmolLM2-135M-Instruct (and a trained Shakespeare run when ``--run`` points at one) compares
-float32, bfloat16, int8 (per channel) and int4 (group 32, zero-point): the weights file as saved,
+float32, bfloat16, int8 and int4 (group 32; zero-point Q4_1 and symmetric Q4_0) in GGUF blocks on llamalab's
+kernels (the default) and int8 / int4 in PyTorch's packed layout (``layout="packed"``): the weights file as saved,
 the weights held in memory, batch-1 greedy decode speed through ``llamalab.generate`` (rounds
 interleaved across variants, median reported, ratio vs float32), and on a held-out Shakespeare
 passage the perplexity and the mean per-token KL(p_float32 || p_variant). (llama.cpp's q8_0 / q4_0
@@ -39,8 +40,12 @@ def variants(base) -> dict:
     from llamalab.quantization.quantize import quantize_model
 
     return {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
-            "int8": quantize_model(copy.deepcopy(base), "int8"),
-            "int4-g32": quantize_model(copy.deepcopy(base), "int4", group_size=32)}
+            "int8 (Q8_0 blocks)": quantize_model(copy.deepcopy(base), "int8"),
+            "int8 packed (per channel)": quantize_model(copy.deepcopy(base), "int8", layout="packed"),
+            "int4-g32 (Q4_1 blocks)": quantize_model(copy.deepcopy(base), "int4", group_size=32),
+            "int4-g32 symmetric (Q4_0 blocks)": quantize_model(copy.deepcopy(base), "int4", group_size=32,
+                                                                symmetric=True),
+            "int4-g32 packed": quantize_model(copy.deepcopy(base), "int4", group_size=32, layout="packed")}
 
 
 def file_bytes(name: str, model) -> int:
