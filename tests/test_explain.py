@@ -134,7 +134,7 @@ def test_quick_report_has_every_section_and_figure(quick_report):
     page = (quick_report / "index.html").read_text(encoding="utf-8")
     for sec in ("rope", "rmsnorm", "gqa", "attention"):
         assert f'<section id="{sec}">' in page
-    for path in ("components/rope.py", "components/rmsnorm.py", "components/attention.py"):
+    for path in ("model/rope.py", "model/rmsnorm.py", "model/attention.py"):
         assert path in page
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert len(srcs) >= 10

@@ -420,6 +420,12 @@ def normalize_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_emb
 
 _LLAMA3_EOS = [128001, 128008, 128009]
 
+
+def llama3_rope_scaling(factor: float = 8.0, original_max_position_embeddings: int = 8192) -> dict[str, Any]:
+    """Llama 3.1 / 3.2's RoPE scaling (published config.json values; ``factor`` 8 for 3.1, 32 for 3.2)."""
+    return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=original_max_position_embeddings)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Real published shapes (weights are not shipped: these build random-init or meta models).
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32,
@@ -427,25 +433,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                       bos_token_id=1, eos_token_id=2, torch_dtype="float16"),
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
                         n_kv_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+                        rope_scaling=llama3_rope_scaling(8.0),
                         bos_token_id=128000, eos_token_id=_LLAMA3_EOS, torch_dtype="bfloat16"),
     "llama3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, n_layers=80, n_heads=64,
                          n_kv_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         rope_scaling=llama3_rope_scaling(8.0),
                          bos_token_id=128000, eos_token_id=_LLAMA3_EOS, torch_dtype="bfloat16"),
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, n_layers=16, n_heads=32,
                         n_kv_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
                         rope_theta=500000.0, tie_word_embeddings=True,
-                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+                        rope_scaling=llama3_rope_scaling(32.0),
                         bos_token_id=128000, eos_token_id=_LLAMA3_EOS, torch_dtype="bfloat16"),
     "llama3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, n_layers=28, n_heads=24,
                         n_kv_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
                         rope_theta=500000.0, tie_word_embeddings=True,
-                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+                        rope_scaling=llama3_rope_scaling(32.0),
                         bos_token_id=128000, eos_token_id=_LLAMA3_EOS, torch_dtype="bfloat16"),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30, n_heads=9,
                          n_kv_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

@@ -3,7 +3,7 @@
 For query head h of layer ℓ at positions t (query) and s (key):
     A_h[t, s] = softmax_s( RoPE(q_t, t) · RoPE(k_s, s) / √head_dim ),   s ≤ t
 with k the key of KV head h // n_rep. The maps are recomputed from q_proj/k_proj outputs captured
-by forward hooks and rotated with the model's own RotaryEmbedding, exactly as components/attention.py
+by forward hooks and rotated with the model's own RotaryEmbedding, exactly as model/attention.py
 does. Sharing one key per group does not force the heads of a group to attend alike (their queries
 differ); we measure how alike they are (cosine similarity of the maps) within vs across groups.
 """

@@ -1,6 +1,6 @@
 """RMSNorm, measured: learned gains, the residual stream's RMS through depth, cost, and an ablation.
 
-Math (Zhang & Sennrich, 2019, arXiv:1910.07467; implementation in components/rmsnorm.py):
+Math (Zhang & Sennrich, 2019, arXiv:1910.07467; implementation in model/rmsnorm.py):
     RMSNorm(x) = x / sqrt(mean_j x_j² + eps) ⊙ g
     LayerNorm(x) = (x − mean(x)) / sqrt(var(x) + eps) ⊙ g + b
 RMSNorm drops the re-centring and the bias: one reduction instead of two, and a gain only. In a
@@ -115,7 +115,7 @@ def cost(lab: Lab, sec: Section) -> None:
             rows.append([f"{B}×{T}×{h}", k, f[k] * 1e6, fb[k] * 1e6])
     sec.table(["input (B×T×hidden)", "norm", "forward µs", "forward+backward µs"], rows,
               "Measured cost of one norm (float32, interleaved medians, "
-              f"{torch.get_num_threads()} thread(s)). Ours is the readable 4-op version in components/rmsnorm.py; "
+              f"{torch.get_num_threads()} thread(s)). Ours is the readable 4-op version in model/rmsnorm.py; "
               "the fused kernels are PyTorch's.")
     n_norms = 2 * lab.config.n_layers + 1
     big = [r for r in rows if r[0] == rows[-1][0]]
@@ -172,7 +172,7 @@ LayerNorm(x) = (x − μ) / sqrt( (1/n)·Σ_j (x_j − μ)² + eps ) ⊙ g + b, 
 block:  h ← h + Attention(RMSNorm₁(h));   h ← h + SwiGLU(RMSNorm₂(h))      (h itself is never normalised)
 invariance: RMSNorm(c·x) = RMSNorm(x) for every c > 0   (up to eps)""")
     sec.code_ref("src/llamalab/model/rmsnorm.py", "RMSNorm (statistics in float32), LayerNorm (ablation "
-                 "only; config.norm_type = \"layernorm\"); used in model.py Block and Llama.norm")
+                 "only; config.norm_type = \"layernorm\"); used in model/llama.py Block and Llama.norm")
     sec.heading("Learned gains")
     gains(lab, sec)
     sec.heading("The residual stream through depth")

@@ -1,6 +1,6 @@
 """RoPE, measured: frequency spectrum, the relative-position property, score decay, context extension.
 
-Math (Su et al., 2021, arXiv:2104.09864; implementation in components/rope.py): pair i of a query or
+Math (Su et al., 2021, arXiv:2104.09864; implementation in model/rope.py): pair i of a query or
 key at position m is rotated by m·θ_i with θ_i = base^(-2i/d), so
     q_m · k_n = Re Σ_i q⁽ⁱ⁾ conj(k⁽ⁱ⁾) e^{i(m-n)θ_i}        (q⁽ⁱ⁾, k⁽ⁱ⁾ ∈ ℂ: the pairs as complex numbers)
 depends on positions only through m - n. Pair i completes a turn every λ_i = 2π/θ_i tokens (its
@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llamalab.config import normalize_rope_scaling
+from llamalab.config import llama3_rope_scaling, normalize_rope_scaling
 from llamalab.explain import figures
 from llamalab.explain.report import Lab, Section
 from llamalab.model.rope import RotaryEmbedding, apply_rope, compute_inv_freq
 
-LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192)
+LLAMA3_SCALING = llama3_rope_scaling(8.0)
 
 
 def wavelengths(head_dim: int, theta: float, scaling: dict | None = None, max_pos: int = 8192,
@@ -252,8 +251,7 @@ def scaling_variants(train_ctx: int, factor: float) -> list[tuple[str, dict | No
         ("linear (PI)", dict(rope_type="linear", factor=factor)),
         ("dynamic NTK", dict(rope_type="dynamic", factor=factor)),
         ("YaRN", dict(rope_type="yarn", factor=factor, original_max_position_embeddings=train_ctx)),
-        ("llama3", dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=train_ctx)),
+        ("llama3", llama3_rope_scaling(factor, original_max_position_embeddings=train_ctx)),
     ]
 
 
@@ -327,7 +325,7 @@ RoPE(x, m)[i+d/2]   = x[i]·sin(mθ_i) + x[i+d/2]·cos(mθ_i)
 ⟨RoPE(q, m), RoPE(k, n)⟩ = Re Σ_i q⁽ⁱ⁾·conj(k⁽ⁱ⁾)·e^{i(m−n)θ_i}   → depends on m − n only
 scaling: linear θ_i/s;  dynamic NTK base·(s·L'/L − (s−1))^(d/(d−2));  YaRN/llama3: per-pair mix of θ_i and θ_i/s""")
     sec.code_ref("src/llamalab/model/rope.py", "compute_inv_freq (θ_i for every rope_type), apply_rope, "
-                 "RotaryEmbedding; called on q and k in components/attention.py")
+                 "RotaryEmbedding; called on q and k in model/attention.py")
     sec.heading("The frequency spectrum")
     spectrum(lab, sec)
     sec.heading("The relative-position property, on this model's own vectors")

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from llamalab.config import LlamaConfig, describe, is_int, is_number
+from llamalab.config import LlamaConfig, describe, is_int, is_number, llama3_rope_scaling
 from llamalab.errors import ConfigError, TokenizerError, WeightsError
 from llamalab.formats.gguf_reader import GGUFFile, TensorInfo, read_gguf
 from llamalab.quantization.blocks import GGML_TYPES, QK, BlockQuantLinear
@@ -242,7 +242,7 @@ def _llama3_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, ctx: int)
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv
     mid = (f > 1.0 + 1e-6) & (f < factor - 1e-6)
-    guesses = [dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)]
+    guesses = [{k: v for k, v in llama3_rope_scaling(factor).items() if k != "rope_type"}]
     if mid.sum() >= 2:
         # smooth_i = (1/f_i - 1/factor) / (1 - 1/factor) = orig/(high-low) / wavelen_i - low/(high-low)
         s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)

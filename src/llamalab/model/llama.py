@@ -1,8 +1,8 @@
 """The Llama model: token embedding → N pre-norm blocks → RMSNorm → output head.
 
     h = embed_tokens(ids)
-    for each block:  h = h + Attention(RMSNorm(h))      # GQA, RoPE on q and k (components/attention.py)
-                     h = h + SwiGLU(RMSNorm(h))         # components/mlp.py
+    for each block:  h = h + Attention(RMSNorm(h))      # GQA, RoPE on q and k (model/attention.py)
+                     h = h + SwiGLU(RMSNorm(h))         # model/mlp.py
     logits = lm_head(RMSNorm(h))                        # lm_head shares embed_tokens' matrix when tied
 
 Module names follow Hugging Face's LlamaForCausalLM (minus its ``model.`` prefix), so a state dict
