@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_TURNS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHATML = CHATML_TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 # ids 0..3, in this order: <|endoftext|> and <|im_end|> are both stop tokens (ids 0 and 2)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>")
 WORDS = (  # no Chinese: Chinese characters stay single-byte tokens, 3 per character

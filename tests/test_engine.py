@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import llamalab
+from helpers import reference_greedy
 from llamalab import Llama, LlamaConfig
 from llamalab.generation.generate import IncrementalDetokenizer, complete, stream
 from llamalab.generation.runner import Runner
@@ -23,19 +24,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22, 23]]
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4, n_kv_heads=2,
-                      max_position_embeddings=96, rope_theta=500.0, eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(1)
-    return Llama(cfg).eval()
-
-
-def _greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[-n:]
+def model(rand_model):
+    return rand_model  # conftest's (helpers.rand_llama), as test_generate.py's
 
 
 def test_cache_writes_each_layers_own_slots(model):
@@ -99,7 +89,7 @@ def test_batched_decode_equals_each_row_alone(model):
             for r in rows:
                 toks[r].append(int(model(torch.tensor([PROMPTS[r]]))[0, -1].argmax()))
     for r, p in enumerate(PROMPTS):
-        assert toks[r] == _greedy(model, p, len(toks[r])), r
+        assert toks[r] == reference_greedy(model, p, len(toks[r])), r
 
 
 def test_compiled_step_equals_eager_token_for_token(model):
@@ -110,7 +100,7 @@ def test_compiled_step_equals_eager_token_for_token(model):
     compiled = complete(model, None, PROMPTS[:2], max_new_tokens=8, compile=True)
     assert compiled[0].stats["compiled"] == 1.0 and eager[0].stats["compiled"] == 0.0
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    assert [c.token_ids for c in eager] == [_greedy(model, p, 8) for p in PROMPTS[:2]]
+    assert [c.token_ids for c in eager] == [reference_greedy(model, p, 8) for p in PROMPTS[:2]]
 
 
 class _Letters:
@@ -126,7 +116,7 @@ def test_hooks_see_the_forward_that_generate_and_the_engine_run(model):
     try:
         out = complete(model, None, [PROMPTS[0]], max_new_tokens=6, compile=True)[0]  # hooks: the eager step
         assert calls == [len(PROMPTS[0])] + [1] * 5  # prefill, then one call per decode step
-        assert out.token_ids == _greedy(model, PROMPTS[0], 6)  # (the greedy reference adds more calls)
+        assert out.token_ids == reference_greedy(model, PROMPTS[0], 6)  # (the greedy reference adds more calls)
         calls.clear()
         from llamalab.generation.sampling import SamplingParams
         from llamalab.server.engine import Engine, GenOptions, Job
@@ -162,8 +152,8 @@ def test_lora_adapter_is_in_the_generation_forward(model):
         for name, p in tuned.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    want = _greedy(tuned, PROMPTS[2], 8)
-    assert want != _greedy(model, PROMPTS[2], 8)  # the adapter changes the answer
+    want = reference_greedy(tuned, PROMPTS[2], 8)
+    assert want != reference_greedy(model, PROMPTS[2], 8)  # the adapter changes the answer
     assert complete(tuned, None, [PROMPTS[2]], max_new_tokens=8)[0].token_ids == want
 
 

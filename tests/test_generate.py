@@ -9,47 +9,23 @@ import functools
 import pytest
 import torch
 
+import helpers
 import llamalab
-from llamalab import Llama, LlamaConfig
+from helpers import reference_greedy
+from llamalab import Llama
 from llamalab.errors import LlamalabError
 from llamalab.generation.generate import IncrementalDetokenizer, StopStrings, complete, stream
 from llamalab.generation.sampling import SamplingParams
 from llamalab.generation.speculative import early_exit_draft
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello llama!",
-          "To be, or not to be, that is the question.", "A stop word: STOP here and nowhere else."]
 SONG = "Hello world! 床前明月光，疑是地上霜。 The end."
-
-
-def make_tokenizer():
-    """A small byte-level BPE trained here; Chinese stays as single-byte tokens (3 per character)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from llamalab.tokenization.tokenizer import Tokenizer
-
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(CORPUS * 3, trainer)
-    return Tokenizer.from_hf(backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                             chat_template=CHAT_TEMPLATE, add_bos=False)
 
 
 @functools.cache  # trained once per session, shared with test_cli_generate.py
 def make_parrot(steps: int = 70, seed: int = 0):
     """A tiny model trained to recite SONG after its first token (and then <|im_end|>)."""
-    tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
-                      n_kv_heads=2, max_position_embeddings=128, rope_theta=1000.0, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = Llama(cfg)
+    tok = helpers.make_tokenizer(bos_token="<|endoftext|>")  # Chinese: single-byte tokens, 3 per character
+    model = helpers.tiny_llama(tok, seed=seed, rope_theta=1000.0, tie_word_embeddings=True).train()
     ids = torch.tensor([tok.encode(SONG) + [tok.eos_token_id]])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -65,29 +41,13 @@ def parrot():
     return make_parrot()
 
 
-@pytest.fixture(scope="module")
-def rand_model():
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4, n_kv_heads=2,
-                      max_position_embeddings=96, rope_theta=500.0, eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(1)
-    return Llama(cfg).eval()
-
-
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22, 23], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
-
-
-def _reference_greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[-n:]
 
 
 def test_greedy_equals_stepwise_argmax(rand_model):
     for p in PROMPTS[:2]:
         out = complete(rand_model, None, [p], max_new_tokens=12)[0]
-        assert out.token_ids == _reference_greedy(rand_model, p, 12)
+        assert out.token_ids == reference_greedy(rand_model, p, 12)
         assert out.finish_reason == "length"
 
 
@@ -127,7 +87,7 @@ def test_static_decode_step_matches_model_forward(rand_model, dtype):
 
 def test_decode_dtype_is_accepted_and_checked(rand_model):
     ids = complete(rand_model, None, [PROMPTS[0]], max_new_tokens=8, decode_dtype="float16")[0].token_ids
-    assert ids == _reference_greedy(rand_model, PROMPTS[0], 8)
+    assert ids == reference_greedy(rand_model, PROMPTS[0], 8)
     with pytest.raises(LlamalabError, match="decode_dtype"):
         complete(rand_model, None, [[1]], decode_dtype="int8")
 

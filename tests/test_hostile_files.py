@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import llamalab
+from helpers import CHATML_TURNS, make_tokenizer, tiny_llama
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import LlamalabError
 from llamalab.formats.gguf import load_gguf, read_gguf, save_gguf
@@ -91,19 +90,8 @@ def refused(load, *args, match: str | None = None, **kwargs) -> str:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(dir, model, tokenizer): a 2-layer float32 model with a byte-level BPE tokenizer, saved as GGUF + HF."""
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    tok = Tokenizer.from_hf(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=template)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
-                         n_kv_heads=2, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = Llama(config).eval()
+    tok = make_tokenizer(bos_token="<|im_start|>", chat_template=CHATML_TURNS)  # turns only: no generation prompt
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, max_position_embeddings=64)
     d = tmp_path_factory.mktemp("tiny")
     save_gguf(model, tok, d / "good.gguf")
     model.save_pretrained(d / "hf")
