@@ -105,3 +105,27 @@ def test_one_home_per_concern(package):
     assert (PKG / package / "__init__.py").is_file()
     doc = ast.get_docstring(ast.parse((PKG / package / "__init__.py").read_text(encoding="utf-8")))
     assert doc, f"llamalab/{package}/__init__.py should say what the package holds"
+
+
+def test_the_tokenizer_satisfies_the_protocol_the_library_takes():
+    from helpers import make_tokenizer
+
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
+    class NoDecode:  # missing a member the protocol names
+        vocab_size, bos_token_id, eos_token_id, stop_token_ids = 10, None, 1, [1]
+
+        def encode(self, text, add_bos=None, add_eos=None):
+            return [1]
+
+    assert isinstance(make_tokenizer(), TokenizerProtocol)
+    assert not isinstance(NoDecode(), TokenizerProtocol)
+
+
+def test_generate_is_a_plain_function():
+    import inspect
+
+    import llamalab
+
+    assert inspect.isfunction(llamalab.generate) and inspect.isfunction(llamalab.stream)
+    assert llamalab.generate.__module__ == "llamalab.generation.generate"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llamalab.cli._args import check_text, read_stdin_line
 from llamalab.cli.generate import (
@@ -22,6 +22,9 @@ from llamalab.cli.generate import (
     sampling_params,
     warm_up,
 )
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.tokenization.protocol import TokenizerProtocol
 
 MAX_NEW_TOKENS = 512  # per reply
 TEMPERATURE = 0.7
@@ -34,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
 
 
-def _fit_history(tok: Any, history: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+def _fit_history(tok: TokenizerProtocol, history: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
     """Drop the oldest turns (keeping a system message) until the prompt fits ``budget`` tokens."""
     while True:
         ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)

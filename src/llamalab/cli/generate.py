@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamalab.cli._args import add_model_argument, check_seed, read_stdin, refuse_preset, resolve_device
 from llamalab.errors import LlamalabError
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 HELP = "generate text from a prompt, streamed to the terminal (every sampler, stop strings, speculative decoding)"
 
@@ -112,7 +116,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model, tok, draft
 
 
-def warm_up(model: Any, tok: Any, prompt: Any, kwargs: dict[str, Any]) -> None:
+def warm_up(model: Any, tok: TokenizerProtocol, prompt: Any, kwargs: dict[str, Any]) -> None:
     """A short generation first, so that --stats leaves out one-time costs (building the decode step,
     torch.compile, first-call allocations); prints how long the compiled step took to start."""
     from llamalab.generation.generate import Completion, stream_batch

@@ -24,12 +24,16 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamalab.errors import DataError, TokenizerError
 from llamalab.jsonio import iter_jsonl
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -97,7 +101,7 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def _segments(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def _segments(tok: TokenizerProtocol, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces."""
     if not getattr(tok, "chat_template", None):
         prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
@@ -120,7 +124,7 @@ def _segments(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]
     return [(t, trained) for t, trained in pieces if t]
 
 
-def encode_example(tok: Any, messages: list[dict[str, str]], max_len: int | None = None) -> Example:
+def encode_example(tok: TokenizerProtocol, messages: list[dict[str, str]], max_len: int | None = None) -> Example:
     ids: list[int] = []
     labels: list[int] = []
     for j, (text, trained) in enumerate(_segments(tok, messages)):
@@ -132,7 +136,7 @@ def encode_example(tok: Any, messages: list[dict[str, str]], max_len: int | None
     return Example(ids, labels)
 
 
-def encode_all(tok: Any, conversations: Sequence[list[dict[str, str]]], max_len: int) -> list[Example]:
+def encode_all(tok: TokenizerProtocol, conversations: Sequence[list[dict[str, str]]], max_len: int) -> list[Example]:
     out = [encode_example(tok, c, max_len) for c in conversations]
     kept = [e for e in out if e.n_trained > 0 and len(e.ids) > 1]
     if not kept:

@@ -22,11 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamalab.errors import LlamalabError
 from llamalab.eval.multichoice import TASKS_DIR, encode_pair, loglikelihoods_of_ids
 from llamalab.eval.windows import rolling_windows, score_windows
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 try:  # optional extra
     from lm_eval.api.model import LM as _Base
@@ -50,7 +54,8 @@ class LlamalabLM(_Base):
     """``LM`` for lm-evaluation-harness. Give ``model``+``tok`` objects or ``pretrained`` (any path
     :func:`llamalab.load` takes); ``model_args`` strings work too: ``pretrained=DIR,batch_size=8``."""
 
-    def __init__(self, model: Any = None, tok: Any = None, pretrained: str | None = None, batch_size: int | str = 8,
+    def __init__(self, model: Any = None, tok: TokenizerProtocol | None = None, pretrained: str | None = None,
+                 batch_size: int | str = 8,
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, add_bos: bool | None = None,
                  dtype: str | None = None, device: str = "cpu", **_: Any) -> None:
         super().__init__()

@@ -28,13 +28,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.runner import PREFILL_CHUNK, Runner
 from llamalab.generation.sampling import SamplingParams, TokenCounts, sample
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.model.llama import Llama
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 __all__ = ["Completion", "IncrementalDetokenizer", "Runner", "StopStrings", "complete", "generate", "stream",
            "stream_batch"]
@@ -67,7 +72,7 @@ class IncrementalDetokenizer:
     (:meth:`flush`) such an incomplete tail is dropped.
     """
 
-    def __init__(self, tok: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tok: TokenizerProtocol, skip_special_tokens: bool = True) -> None:
         self.tok = tok
         self.skip = skip_special_tokens
         self.ids: list[int] = []
@@ -140,7 +145,7 @@ def _check_decode_dtype(dtype: Any) -> None:
 
 
 # --------------------------------------------------------------------------- prompts
-def encode_prompt(tok: Any, prompt: Prompt, add_bos: bool | None = None) -> list[int]:
+def encode_prompt(tok: TokenizerProtocol, prompt: Prompt, add_bos: bool | None = None) -> list[int]:
     """A prompt as token ids: text, a list of chat messages ({role, content}), or ids already."""
     if isinstance(prompt, torch.Tensor):
         return [int(i) for i in prompt.flatten().tolist()]
@@ -164,7 +169,7 @@ def encode_prompt(tok: Any, prompt: Prompt, add_bos: bool | None = None) -> list
     raise LlamalabError("a prompt is a string, a list of token ids, or a list of {role, content} messages")
 
 
-def stop_token_ids(model: torch.nn.Module, tok: Any) -> set[int]:
+def stop_token_ids(model: Llama, tok: TokenizerProtocol) -> set[int]:
     """Every id that ends generation: the tokenizer's stop tokens and the config's eos ids."""
     ids = set(model.config.stop_token_ids)
     if tok is not None:
@@ -189,7 +194,7 @@ def _fit_context(ids: list[int], max_new_tokens: int, context: int, truncate: bo
 
 # --------------------------------------------------------------------------- the engine
 class _Row:
-    def __init__(self, slot: int, ids: list[int], params: SamplingParams, tok: Any, stops: Sequence[str],
+    def __init__(self, slot: int, ids: list[int], params: SamplingParams, tok: TokenizerProtocol, stops: Sequence[str],
                  max_new: int, skip_special: bool, device: torch.device) -> None:
         self.slot, self.prompt, self.params, self.max_new = slot, ids, params, max_new
         self.gen = params.make_generator(device)
@@ -237,7 +242,7 @@ def _make_params(params: SamplingParams | None, kwargs: dict[str, Any]) -> Sampl
     return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _events(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
+def _events(model: Llama, tok: TokenizerProtocol, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
             params: SamplingParams | Sequence[SamplingParams] | None = None, stop: Sequence[str] | str | None = None,
             add_bos: bool | None = None, truncate: bool = False, draft_model: torch.nn.Module | None = None,
             num_draft_tokens: int = 4, fast: bool = True, compile: bool | None = None,
@@ -330,7 +335,7 @@ def _record_logprobs(r: _Row, out: Any, j: int) -> None:
 
 
 # --------------------------------------------------------------------------- public API
-def complete(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], **kwargs: Any) -> list[Completion]:
+def complete(model: Llama, tok: TokenizerProtocol, prompts: Sequence[Prompt], **kwargs: Any) -> list[Completion]:
     """Generate for a batch of prompts (ragged lengths fine); one :class:`Completion` per prompt.
 
     Options: ``max_new_tokens``, ``stop`` (strings), ``params`` (a :class:`SamplingParams` or one per
@@ -349,20 +354,20 @@ def complete(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], **kwar
     return results
 
 
-def generate(model: torch.nn.Module, tok: Any, prompt: Prompt | Sequence[str], **kwargs: Any) -> str | list[str]:
+def generate(model: Llama, tok: TokenizerProtocol, prompt: Prompt | Sequence[str], **kwargs: Any) -> str | list[str]:
     """Generated text for a prompt (a list of strings: a batch, returns a list). See :func:`complete`."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return [c.text for c in complete(model, tok, list(prompt), **kwargs)]
     return complete(model, tok, [prompt], **kwargs)[0].text
 
 
-def stream(model: torch.nn.Module, tok: Any, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+def stream(model: Llama, tok: TokenizerProtocol, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
     """Yields the generated text piece by piece, each piece whole UTF-8 characters."""
     for _, piece in _events(model, tok, [prompt], **kwargs):
         yield piece
 
 
-def stream_batch(model: torch.nn.Module, tok: Any, prompts: Sequence[Prompt], results: list[Completion] | None = None,
-                 **kwargs: Any) -> Iterator[tuple[int, str]]:
+def stream_batch(model: Llama, tok: TokenizerProtocol, prompts: Sequence[Prompt],
+                 results: list[Completion] | None = None, **kwargs: Any) -> Iterator[tuple[int, str]]:
     """Yields (prompt index, piece) as a batch generates; ``results`` gets the completions at the end."""
     yield from _events(model, tok, prompts, results=results, **kwargs)

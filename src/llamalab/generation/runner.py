@@ -28,8 +28,13 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.model.llama import Llama
+
 
 PREFILL_CHUNK = 512
 SEQ_BUCKET = 512  # the compiled step's slots: a power of two, at least this (a short warm-up shares the graph)
@@ -37,14 +42,14 @@ COMPILE_ENV = "LLAMALAB_COMPILE"
 CACHE_DIR = Path("~/.cache/llamalab").expanduser()
 
 
-def compile_pays(model: torch.nn.Module) -> bool:
+def compile_pays(model: Llama) -> bool:
     """Where compiling the decode step was measured to pay by default (docs/generation.md has the
     figures): nowhere yet — on a 2-core CPU SmolLM2's step takes minutes to compile cold and ~40 s to
     load warm, more than a typical generation's whole eager decode."""
     return False
 
 
-def want_compile(model: torch.nn.Module, compile: bool | None) -> bool:
+def want_compile(model: Llama, compile: bool | None) -> bool:
     if compile is not None:
         return bool(compile)
     env = os.environ.get(COMPILE_ENV)
@@ -53,7 +58,7 @@ def want_compile(model: torch.nn.Module, compile: bool | None) -> bool:
     return compile_pays(model)
 
 
-def has_hooks(model: torch.nn.Module) -> bool:
+def has_hooks(model: Llama) -> bool:
     """Any forward (pre-)hook on the model's modules, or a global one: the eager step runs them."""
     from torch.nn.modules import module as m
 
@@ -62,7 +67,7 @@ def has_hooks(model: torch.nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
-def compiled_step(model: torch.nn.Module):
+def compiled_step(model: Llama):
     """``torch.compile(model.forward_step)``, built once per model and kept on it."""
     fn = model.__dict__.get("_llamalab_compiled_step")
     if fn is None:
@@ -82,7 +87,7 @@ def _next_pow2(n: int) -> int:
 class Runner:
     """Prefill / decode over one KV cache of ``batch_size`` rows × ``max_seq_len`` slots."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, max_seq_len: int, compile: bool | None = None
+    def __init__(self, model: Llama, batch_size: int, max_seq_len: int, compile: bool | None = None
                  ) -> None:
         self.model = model
         self.compiled = want_compile(model, compile)

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamalab.errors import LlamalabError
 
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.model.llama import Llama
 
-def early_exit_draft(model: torch.nn.Module, n_layers: int) -> torch.nn.Module:
+
+
+def early_exit_draft(model: Llama, n_layers: int) -> torch.nn.Module:
     """A draft that runs only the first ``n_layers`` blocks of ``model`` (weights shared, not copied)."""
     if not 0 < n_layers <= model.config.n_layers:
         raise LlamalabError(f"draft layers must be in [1, {model.config.n_layers}], got {n_layers}")

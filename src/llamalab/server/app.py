@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,6 +37,10 @@ from llamalab.generation.generate import stop_token_ids
 from llamalab.server.engine import Delta, Engine, Failed, GenOptions, Job, QueueFull
 from llamalab.server.guard import ClientGone, RequestGuard, allowed_host_names
 from llamalab.server.protocol import APIError, GenerationRequest, parse_json, parse_request
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 log = logging.getLogger("llamalab.server.run")
 
@@ -58,7 +62,7 @@ class Prepared:
     max_tokens: list[int]
 
 
-def longest_token_bytes(tok: Any) -> int:
+def longest_token_bytes(tok: TokenizerProtocol) -> int:
     """An upper bound on the bytes of text one token covers: the longest vocabulary entry's."""
     try:
         added = {t.content for t in tok.backend.get_added_tokens_decoder().values()}
@@ -74,14 +78,14 @@ def longest_token_bytes(tok: Any) -> int:
             return 256
 
 
-def prompt_byte_budget(tok: Any, max_len: int) -> int:
+def prompt_byte_budget(tok: TokenizerProtocol, max_len: int) -> int:
     """Bytes of prompt text that could still fit in ``max_len`` tokens: a text longer than this is refused
     before tokenizing. A normalizer may shrink text (NFKC folds some 3-byte characters to one byte)."""
     allowance = 1 if getattr(getattr(tok, "backend", None), "normalizer", True) is None else SHRINK_ALLOWANCE
     return max_len * longest_token_bytes(tok) * allowance
 
 
-def encode(tok: Any, text: str) -> list[int]:
+def encode(tok: TokenizerProtocol, text: str) -> list[int]:
     """``tok.encode(text)``, for a long text through HF tokenizers' batch call, which releases the GIL
     (its single ``encode`` holds it throughout: a 500 KB prompt would freeze the event loop for a second)."""
     backend = getattr(tok, "backend", None)

@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,13 @@ from llamalab.data.sft import IGNORE, Example, SFTBatches, encode_all, pad_batch
 from llamalab.errors import ConfigError, DataError, TokenizerError
 from llamalab.training.checkpoint import write_json_atomic
 
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.model.llama import Llama
+    from llamalab.tokenization.protocol import TokenizerProtocol
 
-def masked_loss(model: nn.Module, batch: Sequence[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+
+
+def masked_loss(model: Llama, batch: Sequence[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the trained (assistant) tokens of a batch."""
     if len(batch) == 2:
         ids, labels = batch
@@ -44,7 +49,7 @@ def masked_loss(model: nn.Module, batch: Sequence[torch.Tensor], reduction: str 
                            reduction=reduction)
 
 
-def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 8) -> float:
+def evaluate_loss(model: Llama, examples: Sequence[Example], pad_id: int, batch_size: int = 8) -> float:
     """Mean loss per trained token over ``examples``."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -56,7 +61,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, ba
     return total / max(count, 1)
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Llama) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -121,7 +126,7 @@ class FinetuneResult:
     tokens_per_s: float = 0.0
 
 
-def flops_per_token(model: nn.Module, seq_len: int, method: str) -> float:
+def flops_per_token(model: Llama, seq_len: int, method: str) -> float:
     """Matmul FLOPs per trained token (forward + backward), the numerator of MFU.
 
     Full fine-tuning: 6 per weight (PaLM's estimate, as :func:`llamalab.training.loop.model_flops_per_token`).
@@ -159,7 +164,7 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int) -> t
     return train, val
 
 
-def finetune(model: nn.Module, tok: Any, data: str | Path | Sequence[Any], out_dir: str | Path,
+def finetune(model: Llama, tok: TokenizerProtocol, data: str | Path | Sequence[Any], out_dir: str | Path,
              cfg: FinetuneConfig | None = None, *, base_path: str | Path | None = None,
              val_data: str | Path | Sequence[Any] | None = None, resume: bool = False,
              progress: bool = True) -> FinetuneResult:

@@ -21,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 import torch
@@ -41,6 +41,11 @@ from llamalab.training.checkpoint import (
 from llamalab.training.config import load_config, model_config_from, to_toml, validate
 from llamalab.training.loop import LoopConfig, model_flops_per_token, train_loop
 from llamalab.training.precision import resolve_precision
+
+if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.model.llama import Llama
+    from llamalab.tokenization.protocol import TokenizerProtocol
+
 
 RUN_MARKER = "train_config.toml"
 # what a run was trained on: changing any of these (or anything in [model]) makes it another run
@@ -174,7 +179,7 @@ def build_tokenizer(cfg: dict, resume_from: Path | None = None):
 def make_eval_fn(corpus, seq_len: int, batch_size: int, max_tokens: int, ctx: Any) -> Callable[[nn.Module], dict]:
     from llamalab.data.corpora import iter_eval_batches
 
-    def eval_fn(model: nn.Module) -> dict:
+    def eval_fn(model: Llama) -> dict:
         total = torch.zeros(2, dtype=torch.float64)
         for x, y in iter_eval_batches(corpus.val, seq_len, batch_size, max_tokens, ctx.rank, ctx.world):
             logits = model(x.to(ctx.device))
@@ -202,7 +207,8 @@ def write_heldout_record(run_dir: Path, cfg: dict, corpus: Any) -> None:
     write_json_atomic(run_dir / "heldout.json", record)
 
 
-def write_samples(model: nn.Module, tok: Any, cfg: dict, path: Path, heldout_prompts: list[str] | None = None) -> str:
+def write_samples(model: Llama, tok: TokenizerProtocol, cfg: dict, path: Path,
+                  heldout_prompts: list[str] | None = None) -> str:
     """Sample ``sample.count`` texts; prompts from the config, else from the corpus's held-out text."""
     from llamalab.generation.generate import generate
 
@@ -265,7 +271,7 @@ def _already_complete(run_dir: Path, cfg: dict, ckpt: Path, state: dict, say: Ca
     return run_dir
 
 
-def heldout_prompts(split: Any, tok: Any, count: int, chars: int = 24) -> list[str]:
+def heldout_prompts(split: Any, tok: TokenizerProtocol, count: int, chars: int = 24) -> list[str]:
     """Prompts cut from the held-out text: the start of a line at evenly spaced validation windows."""
     import numpy as np
 
