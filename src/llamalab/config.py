@@ -90,7 +90,7 @@ _HF_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidd
                      "num_key_value_heads", "head_dim", "max_position_embeddings")
 _HF_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
 _HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
-_HF_STRINGS = ("model_type", "hidden_act", "torch_dtype", "dtype", "norm_type")
+_HF_STRINGS = ("model_type", "hidden_act", "torch_dtype", "dtype")
 _HF_OBJECTS = ("rope_scaling", "rope_parameters", "llamalab_quantization")
 
 
@@ -139,7 +139,6 @@ class LlamaConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
     initializer_range: float = 0.02
-    norm_type: str = "rmsnorm"  # "layernorm" only for the explain ablation; real Llamas use RMSNorm
     quantization: dict[str, Any] | None = None  # set by llamalab.quantization.quantize for saved quantized models
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other HF keys, written back as-is
 
@@ -206,8 +205,6 @@ class LlamaConfig:
             raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not (self.rope_theta > 0):
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.norm_type not in ("rmsnorm", "layernorm"):
-            raise ConfigError(f"norm_type must be 'rmsnorm' or 'layernorm', got {self.norm_type!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -296,7 +293,6 @@ class LlamaConfig:
                 pad_token_id=d.get("pad_token_id"),
                 torch_dtype=str(dtype).replace("torch.", ""),
                 initializer_range=float(d["initializer_range"] if d.get("initializer_range") is not None else 0.02),
-                norm_type=d.get("norm_type") or "rmsnorm",
                 quantization=d.get("llamalab_quantization"),
                 extra=extra,
             )
@@ -331,8 +327,6 @@ class LlamaConfig:
             pretraining_tp=1,
             use_cache=True,
         )
-        if self.norm_type != "rmsnorm":
-            d["norm_type"] = self.norm_type
         if self.quantization:
             d["llamalab_quantization"] = copy.deepcopy(self.quantization)
         return d

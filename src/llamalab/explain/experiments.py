@@ -9,9 +9,38 @@ Same seed ⇒ same initial weights for shared shapes and the same batches in the
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from llamalab.explain.corpus import ByteCorpus
 from llamalab.explain.report import Lab
 from llamalab.explain.trainer import Budget, TrainResult, small_config, train_new
+from llamalab.model.rmsnorm import RMSNorm
+
+
+class LayerNorm(nn.Module):
+    """Classic LayerNorm (Ba et al., 2016) with gain and bias, statistics in float32 — the ablation's arm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.layer_norm(x.float(), (x.shape[-1],), None, None, self.eps).to(x.dtype)
+        return self.weight * y + self.bias
+
+
+def use_layernorm(model: nn.Module) -> nn.Module:
+    """Swap every RMSNorm of `model` for a LayerNorm of the same width and eps (in place): the model
+    stays the library's Llama, only its norms change."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RMSNorm):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LayerNorm(module.weight.shape[0], module.eps))
+    return model
 
 
 def experiment_budget(lab: Lab) -> Budget:
@@ -24,11 +53,12 @@ def corpus(lab: Lab) -> ByteCorpus:
     return lab.cached("corpus", lambda: ByteCorpus(max_bytes=400_000 if lab.quick else 3_000_000))
 
 
-def _run(lab: Lab, key: str, **overrides) -> TrainResult:
+def _run(lab: Lab, key: str, surgery=None, **overrides) -> TrainResult:
     def make() -> TrainResult:
         budget = experiment_budget(lab)
         lab.log(f"explain: training the small '{key}' model ({budget.steps} steps) …")
-        res = train_new(small_config(budget.seq_len, lab.quick, **overrides), corpus(lab), budget, seed=0)
+        res = train_new(small_config(budget.seq_len, lab.quick, **overrides), corpus(lab), budget, seed=0,
+                        surgery=surgery)
         lab.log(f"explain: '{key}' trained in {res.seconds:.1f} s, val loss {res.val_loss[-1]:.3f}")
         return res
 
@@ -40,7 +70,7 @@ def base_run(lab: Lab) -> TrainResult:
 
 
 def layernorm_run(lab: Lab) -> TrainResult:
-    return _run(lab, "layernorm", norm_type="layernorm")
+    return _run(lab, "layernorm", surgery=use_layernorm)
 
 
 def gqa_scratch_run(lab: Lab) -> TrainResult:

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from llamalab.explain import figures
+from llamalab.explain.experiments import LayerNorm
 from llamalab.explain.report import Lab, Section
 from llamalab.explain.timing import interleaved_medians
-from llamalab.model.rmsnorm import LayerNorm, RMSNorm
+from llamalab.model.rmsnorm import RMSNorm
 
 
 def gains(lab: Lab, sec: Section) -> None:
@@ -171,8 +172,8 @@ RMSNorm(x) = x / sqrt( (1/n)·Σ_j x_j² + eps ) ⊙ g            (n = hidden_si
 LayerNorm(x) = (x − μ) / sqrt( (1/n)·Σ_j (x_j − μ)² + eps ) ⊙ g + b,   μ = (1/n)·Σ_j x_j
 block:  h ← h + Attention(RMSNorm₁(h));   h ← h + SwiGLU(RMSNorm₂(h))      (h itself is never normalised)
 invariance: RMSNorm(c·x) = RMSNorm(x) for every c > 0   (up to eps)""")
-    sec.code_ref("src/llamalab/model/rmsnorm.py", "RMSNorm (statistics in float32), LayerNorm (ablation "
-                 "only; config.norm_type = \"layernorm\"); used in model/llama.py Block and Llama.norm")
+    sec.code_ref("src/llamalab/model/rmsnorm.py", "RMSNorm (statistics in float32); used in model/llama.py Block "
+                 "and Llama.norm. The LayerNorm of the ablation is swapped in by src/llamalab/explain/experiments.py")
     sec.heading("Learned gains")
     gains(lab, sec)
     sec.heading("The residual stream through depth")

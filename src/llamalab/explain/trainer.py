@@ -14,6 +14,7 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +111,12 @@ def train(model: Llama, corpus: ByteCorpus, budget: Budget, seed: int = 0, lr_sc
     return result
 
 
-def train_new(config: LlamaConfig, corpus: ByteCorpus, budget: Budget, seed: int = 0) -> TrainResult:
+def train_new(config: LlamaConfig, corpus: ByteCorpus, budget: Budget, seed: int = 0,
+              surgery: Callable[[Llama], object] | None = None) -> TrainResult:
+    """A fresh model of `config` (seeded init), changed by `surgery` if given (e.g. LayerNorm for RMSNorm), trained."""
     torch.manual_seed(seed)
     model = Llama(config)
     model.init_weights(seed=seed)
+    if surgery is not None:
+        surgery(model)
     return train(model, corpus, budget, seed=seed)

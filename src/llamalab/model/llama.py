@@ -23,17 +23,17 @@ from llamalab.config import LlamaConfig
 from llamalab.model.attention import GroupedQueryAttention
 from llamalab.model.kv_cache import CacheStep, KVCache
 from llamalab.model.mlp import SwiGLU
-from llamalab.model.rmsnorm import make_norm
+from llamalab.model.rmsnorm import RMSNorm
 from llamalab.model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = GroupedQueryAttention(config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim,
                                                layer_idx=layer_idx)
-        self.post_attention_layernorm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
@@ -48,7 +48,7 @@ class Llama(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = make_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)

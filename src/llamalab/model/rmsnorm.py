@@ -32,22 +32,3 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class LayerNorm(nn.Module):
-    """Classic LayerNorm (Ba et al., 2016) with gain and bias — only for the RMSNorm ablation."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        y = nn.functional.layer_norm(x.float(), (x.shape[-1],), None, None, self.eps).to(dtype)
-        return self.weight * y + self.bias
-
-
-def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if norm_type == "rmsnorm" else LayerNorm(dim, eps)

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
 }
 _MODEL_FIELDS = {"preset", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                  "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
-                 "initializer_range", "norm_type"}
+                 "initializer_range"}
 
 
 def _parse_value(text: str) -> Any:
