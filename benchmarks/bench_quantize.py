@@ -41,6 +41,7 @@ def variants(base) -> dict:
 
     return {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
             "int8 (Q8_0 blocks)": quantize_model(copy.deepcopy(base), "int8"),
+            "int8 (Q8_0 blocks) + head": quantize_model(copy.deepcopy(base), "int8", include_lm_head=True),
             "int8 packed (per channel)": quantize_model(copy.deepcopy(base), "int8", layout="packed"),
             "int4-g32 (Q4_1 blocks)": quantize_model(copy.deepcopy(base), "int4", group_size=32),
             "int4-g32 symmetric (Q4_0 blocks)": quantize_model(copy.deepcopy(base), "int4", group_size=32,
