@@ -18,16 +18,16 @@ no smaller sibling model is at hand.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from llamalab.errors import LlamalabError
 
 if TYPE_CHECKING:  # annotations only (no import at run time)
+    from llamalab.generation.sequence import SequenceState
     from llamalab.model.llama import Llama
-
 
 
 def early_exit_draft(model: Llama, n_layers: int) -> torch.nn.Module:
@@ -47,37 +47,39 @@ def check_compatible(target: torch.nn.Module, draft: torch.nn.Module) -> None:
                             f"({target.config.vocab_size}): speculative decoding needs the same tokenizer")
 
 
-def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, rows: list[Any], stop_ids: set[int],
+def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, seqs: Sequence[SequenceState],
                        max_len: int, k: int = 4, compile: bool | None = None,
                        prefill_chunk: int = 512) -> Iterator[tuple[int, str]]:
-    """Greedy speculative generation for each row in turn; yields (row slot, text piece).
+    """Greedy speculative generation for each sequence in turn; yields (index in ``seqs``, text piece).
 
-    Sets ``row.stats`` = {"proposed", "accepted", "acceptance_rate", "target_steps", "tokens_per_step", …}.
+    Each sequence takes the target's tokens through :meth:`SequenceState.accept` (which decides stops
+    and ``max_new_tokens``) and gets ``stats`` = {"proposed", "accepted", "acceptance_rate",
+    "target_steps", "tokens_per_step"}.
     """
     from llamalab.generation.runner import Runner
 
     check_compatible(target, draft)
     if k < 1:
         raise LlamalabError(f"num_draft_tokens must be >= 1, got {k}")
-    for r in rows:
-        p = r.params
+    for s in seqs:
+        p = s.params
         if not p.greedy or p.has_penalties or p.logit_bias:
             raise LlamalabError("speculative decoding (--draft-model) supports greedy decoding only "
                                 "(temperature 0, no penalties or logit bias)")
     t_run = Runner(target, 1, max_len, compile=False)  # verifies k+1 tokens per call: the eager forward
     d_run = Runner(draft, 1, max_len, compile=compile)
-    for r in rows:
+    for i, s in enumerate(seqs):
         t_run.cache.reset()
         d_run.cache.reset()
         proposed = accepted = steps = 0
-        last = int(t_run.prefill(0, r.prompt, prefill_chunk).argmax())
-        d_run.prefill(0, r.prompt, prefill_chunk)
-        piece = r.push(last, stop_ids)
+        last = int(t_run.prefill(0, s.prompt_ids, prefill_chunk).argmax())
+        d_run.prefill(0, s.prompt_ids, prefill_chunk)
+        piece, finished = s.accept(last)
         if piece:
-            yield r.slot, piece
-        while r.finish is None:
+            yield i, piece
+        while not finished:
             base = t_run.length(0)  # both caches hold prompt + accepted tokens except `last`
-            room = min(k, max_len - base - 1, r.max_new - len(r.out))
+            room = min(k, max_len - base - 1, s.remaining)
             guesses: list[int] = []
             tok = last
             for _ in range(max(room, 0)):
@@ -96,12 +98,12 @@ def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, rows: li
                 d_run.decode([0], [guesses[-1]])  # the draft never consumed its own last guess
             d_run.truncate(0, base + 1 + n)
             for tok in guesses[:n] + [preds[n]]:
-                piece = r.push(tok, stop_ids)
+                piece, finished = s.accept(tok)
                 if piece:
-                    yield r.slot, piece
-                if r.finish is not None:
+                    yield i, piece
+                if finished:
                     break
             last = preds[n]
-        r.stats = {"proposed": proposed, "accepted": accepted, "target_steps": steps,
+        s.stats = {"proposed": proposed, "accepted": accepted, "target_steps": steps,
                    "acceptance_rate": accepted / proposed if proposed else 0.0,
-                   "tokens_per_step": len(r.out) / steps if steps else 0.0}
+                   "tokens_per_step": len(s.token_ids) / steps if steps else 0.0}

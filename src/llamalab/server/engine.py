@@ -10,7 +10,9 @@ keeps its own fill length, so rows hold sequences of different lengths side by s
    into chunks so the running sequences keep decoding between chunks;
 3. **decode** — one token for every running sequence in a single batched forward call
    (``cache_rows`` = their rows, each appended after its own length), then each row samples with its
-   own :class:`~llamalab.generation.sampling.SamplingParams`, generator and penalty counts.
+   own :class:`~llamalab.generation.sampling.SamplingParams`, generator and penalty counts, and hands
+   the token to its :class:`~llamalab.generation.sequence.SequenceState` — the same per-sequence state
+   ``generate`` keeps — which decides stop tokens, stop strings and ``max_tokens`` and releases the text.
 
 A finished or cancelled sequence frees its row at once (``cache.reset([row])``) and the next queued
 job takes it between two decode steps, instead of waiting for the whole batch to finish (Yu et al.,
@@ -34,8 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamalab.generation.generate import IncrementalDetokenizer, Runner, StopStrings
+from llamalab.generation.runner import Runner
 from llamalab.generation.sampling import SamplingParams, TokenCounts, sample
+from llamalab.generation.sequence import SequenceState
 
 log = logging.getLogger("llamalab.server.run")
 
@@ -83,35 +86,19 @@ class GenOptions:
 
 
 class _Seq:
-    """One choice being generated in one cache row."""
+    """One choice being generated in one cache row: its :class:`SequenceState` plus where it runs."""
 
-    def __init__(self, job: Job, index: int, row: int, tok) -> None:
+    def __init__(self, job: Job, index: int, row: int, tok, device: torch.device | str = "cpu") -> None:
         self.job = job
-        self.index = index
-        self.row = row
-        self.params = job.params_for(index)
-        self.generator = self.params.make_generator()
-        self.detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
-        self.stops = StopStrings(job.opts.stop)
-        self.n_generated = 0
+        self.index = index  # the choice's index in the response
+        self.row = row  # its KV-cache row
+        self.state = SequenceState(job.prompt_ids, job.params_for(index), tok, max_new_tokens=job.opts.max_tokens,
+                                   stop=job.opts.stop, stop_token_ids=job.opts.stop_token_ids, device=device)
         self.next_input: int | None = None  # last sampled token, fed at the next decode step
-        self.finished = False
 
-    def push(self, token: int) -> tuple[str, str | None]:
-        """Record a sampled token: (text it releases, finish reason or None)."""
-        self.n_generated += 1
-        if token in self.job.opts.stop_token_ids:
-            return self._close(), "stop"
-        piece, hit = self.stops.feed(self.detok.add(token))
-        if hit:
-            return piece, "stop"
-        if self.n_generated >= self.job.opts.max_tokens:
-            return piece + self._close(), "length"
-        return piece, None
-
-    def _close(self) -> str:
-        piece, hit = self.stops.feed(self.detok.flush())
-        return piece if hit else piece + self.stops.flush()
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
 
 
 class Job:
@@ -154,6 +141,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
         self.vocab_size = model.config.vocab_size
+        self.device = model.device
         # the model's own forward for prefill and decode; the decode step compiled only when asked
         # (compile=None: as generate decides), since a batch of every row is not measured to pay yet
         self.runner = Runner(model, max_batch, self.max_len, compile=compile)
@@ -275,7 +263,7 @@ class Engine:
         # prompt done: copy the row to the job's other rows, then every choice samples its first token
         for other in job.rows[1:]:
             self.cache.copy_row(row, other)
-        job.seqs = [_Seq(job, job.opts.first_index + i, r, self.tok) for i, r in enumerate(job.rows)]
+        job.seqs = [_Seq(job, job.opts.first_index + i, r, self.tok, self.device) for i, r in enumerate(job.rows)]
         for s in job.seqs:
             self.counts.reset(s.row, job.prompt_ids)
         with self._cond:
@@ -313,7 +301,7 @@ class Engine:
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long, device=logits.device)
         try:
-            out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.counts, rows)
+            out = sample(logits, [s.state.params for s in seqs], [s.state.generator for s in seqs], self.counts, rows)
         except Exception:
             # find the row whose parameters break sampling; the others go on
             log.exception("batched sampling failed; retrying row by row")
@@ -333,8 +321,8 @@ class Engine:
                 continue
             try:
                 lp = None
-                if s.params.logprobs or s.params.top_logprobs:
-                    k = s.params.top_logprobs
+                if s.state.wants_logprobs():
+                    k = s.state.params.top_logprobs
                     top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
                     lp = TokenLogprob(tokens[i], lps[i], top)
                 self._advance(s, tokens[i], lp)
@@ -344,17 +332,16 @@ class Engine:
 
     def _advance(self, s: _Seq, token: int, lp: TokenLogprob | None) -> None:
         job = s.job
-        text, finish = s.push(token)
-        if finish is None:
+        text, finished = s.state.accept(token)
+        if not finished:
             s.next_input = token
             if text or lp is not None:
                 job.sink(Delta(s.index, text, [token], [lp] if lp else None))
             return
-        s.finished = True
         s.next_input = None
         self._free_row(s)
-        job.sink(Delta(s.index, text, [token], [lp] if lp else None, finish_reason=finish,
-                       prompt_tokens=len(job.prompt_ids), completion_tokens=s.n_generated))
+        job.sink(Delta(s.index, text, [token], [lp] if lp else None, finish_reason=s.state.finish_reason,
+                       prompt_tokens=len(job.prompt_ids), completion_tokens=s.state.num_sampled))
         if all(x.finished for x in job.seqs):
             job.done = True
 
