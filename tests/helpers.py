@@ -6,8 +6,10 @@
   saved with its tokenizer as an HF dir);
 * :func:`rand_llama` / :func:`reference_greedy`: the tokenizer-less random model the decode-path tests
   share, and the plain cache-free greedy loop their expectations come from;
-* :func:`write_corpus` / :func:`tiny_run_cfg` / :func:`copy_run`: a tiny ``llamalab train`` run's corpus,
-  config and a throw-away copy of a finished run;
+* :func:`llamalab_cli`: the command line in a new process;
+* :func:`write_corpus` / :func:`tiny_run_cfg` / :func:`copy_run` / :func:`rewrite_manifest`: a tiny
+  ``llamalab train`` run's corpus, config, a throw-away copy of a finished run, and a checkpoint manifest
+  recomputed after its files were changed;
 * :func:`wait_until` / :func:`free_port` / :func:`llamalab_serve`: a ``llamalab serve`` process on a free
   loopback port, up before the block runs and stopped after it.
 """
@@ -15,6 +17,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -111,6 +115,14 @@ def reference_greedy(model, ids: Sequence[int], n: int) -> list[int]:
     return seq[-n:]
 
 
+def llamalab_cli(*args: str, stdin: str | None = None, cwd: Path | None = None, prefix: Sequence[str] = (),
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m llamalab *args`` in a new process (after ``prefix``, e.g. an ``unshare`` wrapper), one
+    thread, text output captured."""
+    return subprocess.run([*prefix, sys.executable, "-m", "llamalab", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 # --------------------------------------------------------------------------- tiny training runs
 def write_corpus(d: Path, docs: int, chars: int) -> Path:
     """The openings (``chars`` characters) of the first ``docs`` Shakespeare plays, one file each, in ``d``."""
@@ -152,6 +164,14 @@ def copy_run(finished: tuple[Path, Path], tmp_path: Path, drop_final: bool = Fal
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(training.to_toml(dict(training.load_config(config), out_dir=str(runs))))
     return cfg, run
+
+
+def rewrite_manifest(ckpt: Path) -> None:
+    """Recompute manifest.json over the files now in a checkpoint (what an attacker would do)."""
+    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
+                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 0, "files": files}))
 
 
 # --------------------------------------------------------------------------- a served model

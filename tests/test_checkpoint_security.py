@@ -3,40 +3,30 @@ outside the run dir, finished runs and malformed manifests are handled, read-onl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from helpers import copy_run, rewrite_manifest, tiny_run_cfg, write_corpus
+from helpers import llamalab_cli as cli
 from llamalab import training as train
-from llamalab.data import corpora as data
 from llamalab.training.checkpoint import checkpoint_steps, verify_checkpoint
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for doc in data.load_documents("shakespeare")[:6]:
-        (d / f"{doc.doc_id}.txt").write_text(doc.text[:6000])
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"), docs=6, chars=6000)
 
 
-def tiny_cfg(corpus: Path, out: Path, name: str = "t", steps: int = 4) -> dict:
-    return {"name": name, "out_dir": str(out), "seed": 0,
-            "data": {"corpus": str(corpus), "vocab_size": 300, "cache_dir": str(out.parent / "cache"),
-                     "val_fraction": 0.1},
-            "model": {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "n_layers": 2, "n_heads": 4,
-                      "n_kv_heads": 2, "max_position_embeddings": 64},
-            "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "precision": "fp32"},
-            "eval": {"every": 0, "tokens": 256, "batch_size": 8}, "checkpoint": {"every": 2, "keep": 5},
-            "log": {"every": 1}, "sample": {"max_new_tokens": 4, "count": 1, "prompts": ["a"]}}
+def tiny_cfg(corpus: Path, out: Path) -> dict:
+    """A 4-step run with checkpoints at steps 2 and 4; the token cache beside the runs folder, not in it."""
+    return tiny_run_cfg(corpus, out, cache=out.parent / "cache", steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +40,12 @@ def finished(tmp_path_factory, corpus_dir) -> tuple[Path, Path]:
     return path, run
 
 
-def cli(*args: str, cwd: Path | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [*(prefix or []), sys.executable, "-m", "llamalab", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def one_error_line(res: subprocess.CompletedProcess) -> str:
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("llamalab train: error: ")
     return last
-
-
-def rewrite_manifest(ckpt: Path) -> None:
-    """Recompute manifest.json over the files now in a checkpoint (what an attacker would do)."""
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
-                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 0, "files": files}))
 
 
 class _Payload:
@@ -94,13 +70,7 @@ def poison(ckpt: Path, marker: Path) -> None:
 
 
 def test_pickle_payload_checkpoints_are_never_unpickled(tmp_path, finished):
-    config, src = finished
-    runs = tmp_path / "runs"
-    run = runs / "t"
-    shutil.copytree(src, run)
-    shutil.rmtree(run / "final")
-    cfg = dict(train.load_config(config), out_dir=str(runs))
-    (tmp_path / "cfg.toml").write_text(train.to_toml(cfg))
+    _, run = copy_run(finished, tmp_path, drop_final=True)
     marker = tmp_path / "PWNED"
     poison(run / "checkpoints" / "step_4", marker)
     assert "older pickle-based checkpoint format" in verify_checkpoint(run / "checkpoints" / "step_4")
@@ -172,11 +142,9 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, corpus_
 
 
 def test_resume_of_a_finished_run_says_complete_and_reexports_final(tmp_path, finished):
-    config, src = finished
-    runs = tmp_path / "runs"
-    shutil.copytree(src, runs / "t")
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    _, src = finished
+    cfg, run = copy_run(finished, tmp_path)
+    runs = run.parent
     res = cli("train", str(cfg), "--resume", "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"run {runs / 't'} is already complete (4 of 4 steps)" in res.stdout
@@ -229,12 +197,7 @@ def _read_only(run: Path) -> list[str] | None:
 
 
 def test_resume_on_a_read_only_run_dir_is_one_line_and_loses_nothing(tmp_path, finished):
-    config, src = finished
-    runs = tmp_path / "runs"
-    run = runs / "t"
-    shutil.copytree(src, run)
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
+    cfg, run = copy_run(finished, tmp_path)
     before = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     prefix = _read_only(run)
     if prefix is None:
@@ -254,10 +217,7 @@ def test_resume_on_a_read_only_run_dir_is_one_line_and_loses_nothing(tmp_path, f
 def test_well_formed_but_hostile_checkpoint_contents_are_refused(tmp_path, finished):
     from safetensors.torch import save_file
 
-    config, src = finished
-    runs = tmp_path / "runs"
-    run = runs / "t"
-    shutil.copytree(src, run)
+    cfg, run = copy_run(finished, tmp_path)
     step2, step4 = run / "checkpoints" / "step_2", run / "checkpoints" / "step_4"
     trainer = json.loads((step2 / "trainer.json").read_text())
     for bad, problem in (({"step": -1}, "trainer.json has no non-negative integer step"),
@@ -272,8 +232,6 @@ def test_well_formed_but_hostile_checkpoint_contents_are_refused(tmp_path, finis
     save_file({"embed_tokens.weight": torch.zeros(3, 3)}, str(step4 / "state" / "model.safetensors"))
     rewrite_manifest(step4)
     assert verify_checkpoint(step4) is None
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(train.to_toml(dict(train.load_config(config), out_dir=str(runs))))
     res = cli("train", str(cfg), "--resume", "--steps", "6", "--no-progress")
     assert one_error_line(res).startswith(f"llamalab train: error: checkpoint {step4} does not fit this model and "
                                           "optimizer: ")

@@ -16,12 +16,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,21 +26,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import copy_run, server_tiny, wait_until, write_corpus
+from helpers import copy_run, rewrite_manifest, server_tiny, wait_until, write_corpus
+from helpers import llamalab_cli as cli
 from llamalab import training as train
 from llamalab.config import LlamaConfig
 from llamalab.data import corpora as data
 from llamalab.errors import LlamalabError
 from llamalab.model.llama import Llama
 from llamalab.training.checkpoint import checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
-
-
-def rewrite_manifest(ckpt: Path) -> None:
-    """Recompute manifest.json over the files now in a checkpoint (what an attacker would do)."""
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
-                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 0, "files": files}))
 
 
 # --------------------------------------------------------------------------- the loop, in this process
@@ -207,11 +197,6 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
     path = root / "cfg.toml"
     path.write_text(train.to_toml(cfg))
     return path, run
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llamalab", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_path, finished):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_run_cfg as tiny_cfg
+from helpers import write_corpus
 from llamalab import training as train
 from llamalab.data import corpora as data
 from llamalab.errors import ConfigError
@@ -18,29 +20,12 @@ from llamalab.errors import ConfigError
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     """A small real corpus: the opening of 12 plays, one file each."""
-    d = tmp_path_factory.mktemp("corpus")
-    for doc in data.load_documents("shakespeare")[:12]:
-        (d / f"{doc.doc_id}.txt").write_text(doc.text[:12000])
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"), docs=12, chars=12000)
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-def tiny_cfg(corpus: Path, out: Path, cache: Path | None = None, **train_over) -> dict:
-    t = {"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
-         "precision": "fp32"}
-    t.update(train_over)
-    return {"name": "t", "out_dir": str(out), "seed": 0,
-            "data": {"corpus": str(corpus), "vocab_size": 300, "cache_dir": str(cache or out / "cache"),
-                     "val_fraction": 0.1},
-            "model": {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "n_layers": 2, "n_heads": 4,
-                      "n_kv_heads": 2, "max_position_embeddings": 64},
-            "train": t, "eval": {"every": 0, "tokens": 512, "batch_size": 8},
-            "checkpoint": {"every": 2, "keep": 5}, "log": {"every": 1},
-            "sample": {"max_new_tokens": 8, "count": 1}}
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
