@@ -85,7 +85,7 @@ class GenOptions:
     first_index: int = 0  # choice index of the first of the n sequences
 
 
-class _Seq:
+class _Choice:
     """One choice being generated in one cache row: its :class:`SequenceState` plus where it runs."""
 
     def __init__(self, job: Job, index: int, row: int, tok, device: torch.device | str = "cpu") -> None:
@@ -114,7 +114,7 @@ class Job:
         self.done = False
         self.prefilled = 0  # prompt tokens already in the cache
         self.rows: list[int] = []
-        self.seqs: list[_Seq] = []
+        self.seqs: list[_Choice] = []
         self.submitted_at = time.monotonic()
 
     def cancel(self) -> None:
@@ -150,7 +150,7 @@ class Engine:
         self._free = list(range(max_batch))
         self._queue: collections.deque[Job] = collections.deque()
         self._prefilling: list[Job] = []
-        self._running: list[_Seq] = []
+        self._running: list[_Choice] = []
         self._cond = threading.Condition()
         self._stop = False
         self._paused = False
@@ -263,7 +263,7 @@ class Engine:
         # prompt done: copy the row to the job's other rows, then every choice samples its first token
         for other in job.rows[1:]:
             self.cache.copy_row(row, other)
-        job.seqs = [_Seq(job, job.opts.first_index + i, r, self.tok, self.device) for i, r in enumerate(job.rows)]
+        job.seqs = [_Choice(job, job.opts.first_index + i, r, self.tok, self.device) for i, r in enumerate(job.rows)]
         for s in job.seqs:
             self.counts.reset(s.row, job.prompt_ids)
         with self._cond:
@@ -295,10 +295,10 @@ class Engine:
             seqs, logits = ok, torch.cat(outs)
         self._sample_and_emit(seqs, logits)
 
-    def _forward(self, seqs: list[_Seq]) -> torch.Tensor:
+    def _forward(self, seqs: list[_Choice]) -> torch.Tensor:
         return self.runner.decode([s.row for s in seqs], [s.next_input for s in seqs])
 
-    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, seqs: list[_Choice], logits: torch.Tensor) -> None:
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long, device=logits.device)
         try:
             out = sample(logits, [s.state.params for s in seqs], [s.state.generator for s in seqs], self.counts, rows)
@@ -330,7 +330,7 @@ class Engine:
                 log.exception("emitting a token failed")
                 self._fail(s.job, f"generation failed: {e}")
 
-    def _advance(self, s: _Seq, token: int, lp: TokenLogprob | None) -> None:
+    def _advance(self, s: _Choice, token: int, lp: TokenLogprob | None) -> None:
         job = s.job
         text, finished = s.state.accept(token)
         if not finished:
@@ -346,7 +346,7 @@ class Engine:
             job.done = True
 
     # ----------------------------------------------------------------- bookkeeping
-    def _free_row(self, s: _Seq) -> None:
+    def _free_row(self, s: _Choice) -> None:
         with self._cond:
             if s in self._running:
                 self._running.remove(s)
