@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("blocks", "packed"), default="blocks",
                    help="blocks (default): GGUF Q8_0 / Q4_1 / Q4_0 on llamalab's kernels; packed: PyTorch's "
                         "per-channel int8 / group-wise int4 kernels (the format before blocks)")
-    p.add_argument("--lm-head", action="store_true", help="also quantize the output head (int8 recommended)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also quantize the output head (int8 recommended: in Q8_0 it costs SmolLM2 +0.12%% "
+                        "perplexity and speeds decode ~1.5x; docs/quantization.md)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
