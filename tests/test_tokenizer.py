@@ -11,7 +11,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llamalab.errors import TokenizerError
-from llamalab.tokenization.tokenizer import Tokenizer, detect_pre, from_gguf_metadata, gguf_metadata, load_tokenizer
+from llamalab.tokenization.byte_bpe import detect_pre
+from llamalab.tokenization.gguf_vocab import from_gguf_metadata, gguf_metadata
+from llamalab.tokenization.tokenizer import Tokenizer, load_tokenizer
 
 SAMPLES = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -212,7 +214,7 @@ def test_pre_tokenizer_names_detected():
     """Export names the llama.cpp pre-tokenizer; Llama-3's own tokenizer.json spelling is recognised."""
     from tokenizers import models
 
-    from llamalab.tokenization.tokenizer import _pre_tokenizer
+    from llamalab.tokenization.byte_bpe import _pre_tokenizer
 
     for name in ("gpt-2", "smollm", "llama-bpe", "qwen2"):
         t = HFTokenizer(models.BPE())

@@ -270,7 +270,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     Q4_0 / Q4_1 matrices stay as blocks (:mod:`llamalab.quantization.blocks`), as llama.cpp runs them."""
     from llamalab.formats.hf import resolve_dtype
     from llamalab.model.llama import Llama
-    from llamalab.tokenization.tokenizer import from_gguf_metadata
+    from llamalab.tokenization.gguf_vocab import from_gguf_metadata
 
     g = read_gguf(path)
     try:
@@ -426,14 +426,12 @@ def save_gguf(model, tokenizer, path: str | Path, type: str = "f32", name: str |
     import gguf
 
     from llamalab.model.rope import compute_inv_freq
-    from llamalab.tokenization.tokenizer import gguf_metadata
+    from llamalab.tokenization.gguf_vocab import gguf_metadata
 
     kind = type.lower()
     if kind not in EXPORT_TYPES:
         raise ConfigError(f"unknown GGUF export type {type!r}; use one of {', '.join(EXPORT_TYPES)}")
     cfg: LlamaConfig = model.config
-    if cfg.norm_type != "rmsnorm":
-        raise ConfigError("GGUF export needs norm_type 'rmsnorm' (llama.cpp's llama architecture)")
     if cfg.quantization:
         raise ConfigError("GGUF export of a llamalab-quantized model is not supported; export the float model")
     path = Path(path)
