@@ -16,15 +16,10 @@ import llamalab
 from helpers import make_tokenizer
 from llamalab import Llama, LlamaConfig
 from llamalab.errors import ConfigError, WeightsError
-from llamalab.formats.gguf import (
-    _llama3_from_freqs,
-    dequantize,
-    load_gguf,
-    permute_qk,
-    read_gguf,
-    save_gguf,
-    unpermute_qk,
-)
+from llamalab.formats.gguf import load_gguf, save_gguf
+from llamalab.formats.gguf_config import llama3_from_freqs as _llama3_from_freqs
+from llamalab.formats.gguf_reader import read_gguf
+from llamalab.formats.gguf_tensors import dequantize, permute_qk, unpermute_qk
 from llamalab.tokenization.tokenizer import Tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "中文测试，你好世界。",

@@ -204,7 +204,8 @@ def test_adapter_of_bundled_smollm2_runs_from_the_cli(smollm2_path, tmp_path):
     from safetensors.torch import save_file
 
     from llamalab import Llama
-    from llamalab.formats.gguf import config_from_metadata, read_gguf
+    from llamalab.formats.gguf_config import config_from_metadata
+    from llamalab.formats.gguf_reader import read_gguf
     from llamalab.lora import _peft_key, lora_modules
 
     g = read_gguf(smollm2_path)

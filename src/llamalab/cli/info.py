@@ -60,7 +60,8 @@ def _safetensors_dtypes(files: list[Path]) -> Counter:
 def stored(path: Path) -> dict[str, Any] | None:
     """{"file_bytes", "dtypes": {dtype: elements}, "format"} for a GGUF file or an HF/run dir; None otherwise."""
     if path.is_file():
-        from llamalab.formats.gguf import _type_name, read_gguf
+        from llamalab.formats.gguf_reader import read_gguf
+        from llamalab.formats.gguf_tensors import type_name as _type_name
 
         g = read_gguf(path)
         try:

@@ -1,2 +1,3 @@
-"""Checkpoint formats: Hugging Face safetensors directories (hf.py) and GGUF files (gguf_reader.py: the container;
-gguf.py: the Llama mapping, dequantization and export)."""
+"""Checkpoint formats: files.py (the one atomic writer); Hugging Face safetensors directories (hf.py); GGUF files —
+gguf_reader.py (the container), gguf_tensors.py (names, types, dequantization, q/k layout), gguf_config.py (config
+from metadata), gguf.py (loading and export)."""
