@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_generate import make_tokenizer
+from helpers import make_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 GARBAGE = bytes(range(128, 256)) * 4 + b"\xff\xfe\x00\x01"
@@ -24,15 +24,9 @@ GARBAGE = bytes(range(128, 256)) * 4 + b"\xff\xfe\x00\x01"
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from llamalab import Llama, LlamaConfig
-
     root = tmp_path_factory.mktemp("badinput")
-    tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
-                      n_kv_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = Llama(cfg).eval()
+    tok = make_tokenizer(bos_token="<|endoftext|>")
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64)
     model.save_pretrained(root / "m")
     tok.save(root / "m")
     model.save_pretrained(root / "bf16", dtype=torch.bfloat16)

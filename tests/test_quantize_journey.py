@@ -5,24 +5,14 @@ multi-token prompt -> chat -> eval -> info; fine-tune -> every printed "next, tr
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WORDS = "user assistant system hello world what is the capital of france paris once upon a time there was a king"
-
-
-def _run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "llamalab", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd)
+from helpers import WORDS, save_chat_model
+from helpers import llamalab_cli as _run
 
 
 def _ok(r: subprocess.CompletedProcess) -> str:
@@ -33,27 +23,8 @@ def _ok(r: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer and a ChatML template, saved as an HF dir."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from llamalab import Llama, LlamaConfig
-    from llamalab.tokenization.tokenizer import Tokenizer
-
-    backend = HFTok(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([WORDS] * 5, trainer)
-    tok = Tokenizer.from_hf(backend, eos_token="<|im_end|>", chat_template=CHATML)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
-                      n_kv_heads=2, max_position_embeddings=128, rope_theta=1000.0, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny")
-    Llama(cfg).eval().save_pretrained(d)
-    tok.save(d)
-    (d.parent / "text.txt").write_text((WORDS + ".\n") * 20)
+    d = save_chat_model(tmp_path_factory.mktemp("tiny"))
+    (d.parent / "text.txt").write_text(("\n".join(WORDS) + "\n") * 4)
     return d
 
 

@@ -16,17 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WORDS = "user assistant what is the capital of france paris once upon a time"
-
-
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "llamalab", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd)
+from helpers import llamalab_cli as _run
+from helpers import save_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +28,8 @@ def chat_model(tmp_path_factory) -> Path:
 
 
 def _save_chat_model(d: Path, hidden: int, n_layers: int) -> Path:
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from llamalab import Llama, LlamaConfig
-    from llamalab.tokenization.tokenizer import Tokenizer
-
-    backend = HFTok(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([WORDS] * 5, trainer)
-    tok = Tokenizer.from_hf(backend, eos_token="<|im_end|>", chat_template=CHATML)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      n_layers=n_layers, n_heads=2,
-                      n_kv_heads=1, max_position_embeddings=64, rope_theta=1000.0, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    Llama(cfg).eval().save_pretrained(d)
-    tok.save(d)
-    return d
+    return save_chat_model(d, hidden_size=hidden, intermediate_size=2 * hidden, n_layers=n_layers, n_heads=2,
+                           n_kv_heads=1, max_position_embeddings=64)
 
 
 def test_finetune_resume_with_other_lora_options_names_the_misfit(chat_model, tmp_path):
