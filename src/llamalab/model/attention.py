@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.model.kv_cache import CacheStep, KVCache
-from llamalab.model.rope import apply_rope
+from llamalab.model.rope import rope_tables, rotate
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
 
@@ -46,17 +46,22 @@ class GroupedQueryAttention(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
         step: CacheStep | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """x (B, T, hidden); ``cos`` / ``signed_sin``: the call's RoPE tables (B, 1, T, head_dim) of
+        :func:`~llamalab.model.rope.rope_tables`, made once for all layers — or cos / sin (B, T, head_dim)
+        as :class:`~llamalab.model.rope.RotaryEmbedding` returns them, made into tables here."""
+        if cos.dim() == 3:
+            cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
         if step is not None:
             k, v = cache.write(step, self.layer_idx, k, v)

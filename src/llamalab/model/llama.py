@@ -36,9 +36,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor | None = None,
                 step: CacheStep | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, step=step, cache=cache)
+        """x (B, T, hidden); ``cos`` / ``signed_sin`` from :meth:`RotaryEmbedding.tables`."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -206,7 +207,7 @@ class Llama(nn.Module):
 
     def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 step: CacheStep | None, cache: KVCache | None) -> torch.Tensor:
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary.tables(position_ids)  # once per call, shared by every layer
         for layer in self.layers:
             h = layer(h, cos, sin, mask=mask, step=step, cache=cache)
         return h

@@ -147,16 +147,32 @@ def compute_inv_freq(
     return ROPE_INIT_FUNCTIONS[rope_type](head_dim, rope_theta, scaling, max_position_embeddings, seq_len, device)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, head_dim) -> the tables :func:`rotate` takes, (B, 1, T, head_dim), broadcast over heads:
+    cos, and sin with the sign of the rotation folded in (-sin on the first half, +sin on the second).
+    A forward computes them once and every layer shares them."""
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(1), signed_sin.unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, head_dim) by the tables of :func:`rope_tables`, in float32:
+
+        x'[:d/2] = x[:d/2]·cos − x[d/2:]·sin,   x'[d/2:] = x[d/2:]·cos + x[:d/2]·sin
+
+    i.e. x·cos + swap_halves(x)·signed_sin, where swapping the halves is a roll by d/2 (one op; the
+    sign lives in the table, so no negation or concatenation per layer)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if x.dtype == torch.float32:
+        return x * cos + x.roll(half, -1) * signed_sin
+    x32 = x.float()
+    return (x32 * cos + x32.roll(half, -1) * signed_sin).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, T, head_dim) by angles whose cos/sin (B, T, head_dim) are float32."""
-    x32 = x.float()
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    return rotate(x, *rope_tables(cos, sin))
 
 
 class RotaryEmbedding(nn.Module):
@@ -196,3 +212,7 @@ class RotaryEmbedding(nn.Module):
         if attention_scaling != 1.0:
             cos, sin = cos * attention_scaling, sin * attention_scaling
         return cos, sin
+
+    def tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> :func:`rope_tables` of their cos/sin: what each attention layer rotates by."""
+        return rope_tables(*self(position_ids))
