@@ -15,8 +15,9 @@ import torch
 import llamalab
 from helpers import reference_greedy
 from llamalab import Llama, LlamaConfig
-from llamalab.generation.generate import IncrementalDetokenizer, complete, stream
+from llamalab.generation.generate import complete, stream
 from llamalab.generation.runner import Runner
+from llamalab.generation.text import IncrementalDetokenizer
 from llamalab.model.attention import GroupedQueryAttention
 from llamalab.model.rope import apply_rope
 

@@ -14,9 +14,10 @@ import llamalab
 from helpers import reference_greedy
 from llamalab import Llama
 from llamalab.errors import LlamalabError
-from llamalab.generation.generate import IncrementalDetokenizer, StopStrings, complete, stream
+from llamalab.generation.generate import complete, stream
 from llamalab.generation.sampling import SamplingParams
 from llamalab.generation.speculative import early_exit_draft
+from llamalab.generation.text import IncrementalDetokenizer, StopStrings
 
 SONG = "Hello world! 床前明月光，疑是地上霜。 The end."
 

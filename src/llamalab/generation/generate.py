@@ -39,15 +39,13 @@ from llamalab.errors import LlamalabError
 from llamalab.generation.runner import PREFILL_CHUNK, Runner
 from llamalab.generation.sampling import SamplingParams, TokenCounts, sample
 from llamalab.generation.sequence import SequenceState
-from llamalab.generation.text import IncrementalDetokenizer, StopStrings
 
 if TYPE_CHECKING:  # annotations only (no import at run time)
     from llamalab.model.llama import Llama
     from llamalab.tokenization.protocol import TokenizerProtocol
 
 
-__all__ = ["Completion", "IncrementalDetokenizer", "Runner", "StopStrings", "complete", "generate", "stream",
-           "stream_batch"]
+__all__ = ["Completion", "complete", "generate", "stream", "stream_batch"]
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]] | torch.Tensor
 
