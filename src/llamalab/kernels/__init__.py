@@ -1,19 +1,23 @@
-"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), registered as torch ops.
+"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1) and for float linears at few
+activation rows, registered as torch ops.
 
 ``torch.ops.llamalab.q8_0_linear(x, qs, d)``, ``q4_0_linear(x, qs, d)`` and ``q4_1_linear(x, qs, d, m)``
 take an activation (..., K) of any float dtype and a weight in the layouts of :mod:`.reference`, and
 return y = x · Wᵀ (..., N) in x's dtype: the integer kernel below ``GEMM_ROWS`` rows, else a GEMM on
 the weight dequantized by ``torch.ops.llamalab.dequantize`` (bfloat16 where the CPU has bf16 dot
-products). Each has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as
-single calls.
+products). ``torch.ops.llamalab.dense_linear(x, w, bias=None)`` takes a float32 / bfloat16 /
+float16 weight (N, K) and multiplies it in float32 by up to ``DENSE_ROWS`` activation rows (decode),
+handing larger batches to ``F.linear``; :mod:`.dense` swaps a model's ``nn.Linear`` layers onto it.
+Each op has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as single calls.
 
-The C++ source (``blocks.cpp``, one translation unit) is compiled on first use with the system's C++
+The C++ sources (``blocks.cpp`` and ``dense.cpp``, one library) are compiled on first use with the system's C++
 compiler and cached under ``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by
 a hash of the source, the torch version, the compiler command and the CPU's flags; later processes
 just load the cached library. The instruction set is chosen at run time — AVX-512 VNNI, AVX-VNNI,
 AVX2 or portable scalar code — best first; ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or :func:`set_isa`
 forces one. Where there is no compiler, the build fails, or ``LLAMALAB_KERNELS=0``, the same ops are
-defined in Python as dequantize + ``F.linear`` (one debug log line says why), so nothing breaks.
+defined in Python as dequantize + ``F.linear`` (``dense_linear`` as ``F.linear``; one debug log line says
+why), so nothing breaks.
 """
 
 from __future__ import annotations
@@ -37,14 +41,19 @@ log = logging.getLogger(__name__)
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # index = the C++ Isa value
 SOURCE = Path(__file__).with_name("blocks.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"))
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
+_DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
 # From this many activation rows on, dequantizing the weight (C++, vectorised) and calling the GEMM is
 # faster than the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures):
 # 12 with a bf16 GEMM (AMX / AVX512-BF16), 24 with an fp32 one. Set by load().
 GEMM_ROWS = 24
+# Up to this many activation rows dense_linear runs its own kernel (the weight streamed once, fp32 FMAs), above
+# it torch's GEMM, per weight dtype (docs/kernels.md has the measured crossovers; torch's fp16 product is slow).
+DENSE_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 16}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "native": bool, "library": Path | None, "reason": str
@@ -75,7 +84,7 @@ def _compile_command(out: Path) -> list[str]:
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [str(s) for s in SOURCES] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in lib_dirs] + [f"-Wl,-rpath,{p}" for p in lib_dirs] + ["-lc10", "-ltorch_cpu"]
     return cmd
 
@@ -83,13 +92,14 @@ def _compile_command(out: Path) -> list[str]:
 def library_path() -> Path:
     """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet)."""
     probe = _compile_command(Path("OUT"))
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), " ".join(probe).encode(),
-                                     _cpu_flags().encode(), sys.platform.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), torch.__version__.encode(),
+                                     " ".join(probe).encode(), _cpu_flags().encode(),
+                                     sys.platform.encode()])).hexdigest()[:16]
     return cache_dir() / f"llamalab_blocks_{key}.so"
 
 
 def build(path: Path | None = None) -> Path:
-    """Compile blocks.cpp into `path` (default :func:`library_path`); atomic, so racing builds are safe."""
+    """Compile blocks.cpp + dense.cpp into `path` (default :func:`library_path`); atomic, so racing builds are safe."""
     path = path or library_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -122,6 +132,13 @@ def _define_python_fallback(reason: str) -> None:
         return dequantize(KINDS[kind], qs, d, m, dtype=torch.bfloat16 if bf16 else torch.float32)
 
     lib.impl("dequantize", dequantize_impl, "CompositeExplicitAutograd")
+    lib.define(_DENSE_SCHEMA)
+
+    def dense_impl(x, w, bias=None):
+        b = None if bias is None else bias.to(w.dtype)
+        return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
+
+    lib.impl("dense_linear", dense_impl, "CompositeExplicitAutograd")
     _python_lib = lib
     log.debug("llamalab kernels: using the pure-PyTorch fallback (%s)", reason)
 
@@ -137,6 +154,11 @@ def _register_fakes() -> None:
         return d.new_empty((qs.shape[0], d.shape[1] * 32), dtype=torch.bfloat16 if bf16 else torch.float32)
 
     torch.library.register_fake("llamalab::dequantize", dequantize_fake)
+
+    def dense_fake(x, w, bias=None):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    torch.library.register_fake("llamalab::dense_linear", dense_fake)
 
 
 def load() -> bool:
@@ -168,6 +190,8 @@ def load() -> bool:
         if native:
             GEMM_ROWS = 12 if gemm_bf16() else 24
             torch.ops.llamalab.configure(GEMM_ROWS, gemm_bf16())
+            torch.ops.llamalab.dense_configure(DENSE_ROWS[torch.float32], DENSE_ROWS[torch.bfloat16],
+                                               DENSE_ROWS[torch.float16])
             forced = os.environ.get("LLAMALAB_KERNEL_ISA")
             if forced:
                 set_isa(forced)
@@ -229,3 +253,9 @@ def block_linear(kind: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor,
     load()
     op = getattr(torch.ops.llamalab, f"{kind}_linear")
     return op(x, qs, d) if m is None else op(x, qs, d, m)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) · wᵀ (+ bias) through the ``llamalab::dense_linear`` op, in x's dtype."""
+    load()
+    return torch.ops.llamalab.dense_linear(x, w, bias)

@@ -758,6 +758,10 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
 
 }  // namespace
 
+namespace llamalab {
+int64_t current_isa() { return active_isa(); }  // the ISA dense.cpp dispatches on too
+}
+
 TORCH_LIBRARY(llamalab, lib) {
   lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");

@@ -1,0 +1,277 @@
+// llamalab dense linears on CPU for few activation rows: y = x · Wᵀ (+ b), W (N, K) in float32, bfloat16 or
+// float16, x (M, K) converted to float32, products and sums in float32.
+//
+// Decode (M = 1) is a matrix-vector product that reads every weight once: its speed is the speed at which
+// the weight streams from memory. Each weight row is read in address order (rows one after the other, as
+// the hardware prefetchers like it), loaded once and multiplied by up to 8 activation rows held in L1;
+// more activation rows go by chunks of 8 over the same (now cached) weight row. Weights are widened to
+// float32 exactly: bf16 by a 16-bit left shift, fp16 by vcvtph2ps (F16C / AVX-512F); one FMA per
+// product, so the only difference from a float32 GEMM is the order of the sums. AVX-512F (16 lanes,
+// masked tails), AVX2 + FMA + F16C (8 lanes, scalar tails) and portable scalar code, chosen at run time
+// from the ISA blocks.cpp dispatches on (AVX-512 VNNI -> AVX-512F, AVX2 / AVX-VNNI -> AVX2, scalar).
+// Above `g_dense_rows` activation rows (per weight dtype) the op hands over to at::linear: from there a
+// GEMM, which reuses each loaded activation over several weight rows, is faster.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LL_X86 1
+#else
+#define LL_X86 0
+#endif
+
+namespace llamalab {
+int64_t current_isa();  // blocks.cpp: 0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 VNNI
+}
+
+namespace {
+
+enum WType { F32, BF16, F16 };
+constexpr int MB = 8;        // activation rows per pass over a weight row
+// more activation rows than this (float32, bfloat16, float16 weights): at::linear; set by dense_configure
+int64_t g_dense_rows[3] = {8, 4, 16};
+
+int64_t dense_configure(int64_t rows_f32, int64_t rows_bf16, int64_t rows_f16) {
+  g_dense_rows[F32] = rows_f32;
+  g_dense_rows[BF16] = rows_bf16;
+  g_dense_rows[F16] = rows_f16;
+  return rows_f32;
+}
+
+// ------------------------------------------------------------------------------------------ scalar
+template <WType T>
+inline float wget(const void* w, int64_t i) {
+  if (T == F32) return ((const float*)w)[i];
+  if (T == BF16) {
+    const uint32_t u = (uint32_t)((const uint16_t*)w)[i] << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return (float)((const c10::Half*)w)[i];
+}
+
+template <WType T>
+void rows_scalar(const void* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, int64_t N,
+                 const float* bias, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t off = n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four partial sums (latency, not order, matters)
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        a0 += wget<T>(w, off + k) * xr[k];
+        a1 += wget<T>(w, off + k + 1) * xr[k + 1];
+        a2 += wget<T>(w, off + k + 2) * xr[k + 2];
+        a3 += wget<T>(w, off + k + 3) * xr[k + 3];
+      }
+      for (; k < K; ++k) a0 += wget<T>(w, off + k) * xr[k];
+      y[m * N + n] = (a0 + a1) + (a2 + a3) + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+#if LL_X86
+// ------------------------------------------------------------------------------------------ AVX2
+#define LL_DENSE_AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
+
+template <WType T>
+LL_DENSE_AVX2_ATTR inline __m256 load8(const void* w, int64_t k) {
+  if (T == F32) return _mm256_loadu_ps((const float*)w + k);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + k));
+  if (T == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+LL_DENSE_AVX2_ATTR inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// one weight row (K values) times MM activation rows (stride K) -> out[0..MM); U independent accumulators
+// per activation row hide the FMA latency when MM is small
+template <WType T, int MM>
+LL_DENSE_AVX2_ATTR inline void row_avx2(const void* wr, int64_t K, const float* x, float* out) {
+  constexpr int U = MM == 1 ? 4 : (MM <= 4 ? 2 : 1);
+  __m256 acc[U][MM];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MM; ++m) acc[u][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8<T>(wr, k + 8 * u);
+      for (int m = 0; m < MM; ++m)
+        acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = load8<T>(wr, k);
+    for (int m = 0; m < MM; ++m) acc[0][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+  }
+  for (int m = 0; m < MM; ++m) {
+    for (int u = 1; u < U; ++u) acc[0][m] = _mm256_add_ps(acc[0][m], acc[u][m]);
+    float s = hsum8(acc[0][m]);
+    for (int64_t j = k; j < K; ++j) s += wget<T>(wr, j) * x[m * K + j];
+    out[m] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ AVX-512F
+#define LL_DENSE_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2")))
+
+template <WType T>
+LL_DENSE_AVX512_ATTR inline __m512 load16(const void* w, int64_t k) {
+  if (T == F32) return _mm512_loadu_ps((const float*)w + k);
+  const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)w + k));
+  if (T == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+template <WType T>
+LL_DENSE_AVX512_ATTR inline __m512 load16_masked(const void* w, int64_t k, __mmask16 mask) {
+  if (T == F32) return _mm512_maskz_loadu_ps(mask, (const float*)w + k);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)w + k);
+  if (T == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+template <WType T, int MM>
+LL_DENSE_AVX512_ATTR inline void row_avx512(const void* wr, int64_t K, const float* x, float* out) {
+  constexpr int U = MM == 1 ? 4 : 2;  // 2·MM ≤ 16 accumulators of 32 registers
+  __m512 acc[U][MM];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MM; ++m) acc[u][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = load16<T>(wr, k + 16 * u);
+      for (int m = 0; m < MM; ++m)
+        acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[u][m]);
+    }
+  }
+  for (; k < K; k += 16) {  // the rest, 16 at a time, the last step masked (zeros past the row)
+    const __mmask16 mask = (__mmask16)_bzhi_u32(0xffffu, (unsigned)std::min<int64_t>(16, K - k));
+    const __m512 wv = load16_masked<T>(wr, k, mask);
+    for (int m = 0; m < MM; ++m)
+      acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
+  }
+  for (int m = 0; m < MM; ++m) {
+    for (int u = 1; u < U; ++u) acc[0][m] = _mm512_add_ps(acc[0][m], acc[u][m]);
+    out[m] = _mm512_reduce_add_ps(acc[0][m]);
+  }
+}
+
+// rows n0..n1 of W times all M activation rows; MM-row chunks dispatched to the template instances
+#define LL_DENSE_ROWS(NAME, ATTR, ROW)                                                                     \
+  template <WType T>                                                                                      \
+  ATTR void NAME(const void* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, int64_t N,  \
+                 const float* bias, float* y) {                                                           \
+    const int64_t esz = T == F32 ? 4 : 2;                                                                 \
+    float out[MB];                                                                                        \
+    for (int64_t n = n0; n < n1; ++n) {                                                                   \
+      const void* wr = (const char*)w + n * K * esz;                                                      \
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                            \
+        const float* xm = x + m0 * K;                                                                     \
+        const int64_t mm = std::min<int64_t>(MB, M - m0);                                                 \
+        switch (mm) {                                                                                     \
+          case 1: ROW<T, 1>(wr, K, xm, out); break;                                                       \
+          case 2: ROW<T, 2>(wr, K, xm, out); break;                                                       \
+          case 3: ROW<T, 3>(wr, K, xm, out); break;                                                       \
+          case 4: ROW<T, 4>(wr, K, xm, out); break;                                                       \
+          case 5: ROW<T, 5>(wr, K, xm, out); break;                                                       \
+          case 6: ROW<T, 6>(wr, K, xm, out); break;                                                       \
+          case 7: ROW<T, 7>(wr, K, xm, out); break;                                                       \
+          default: ROW<T, 8>(wr, K, xm, out); break;                                                      \
+        }                                                                                                 \
+        const float b = bias ? bias[n] : 0.f;                                                             \
+        for (int64_t m = 0; m < mm; ++m) y[(m0 + m) * N + n] = out[m] + b;                                \
+      }                                                                                                   \
+    }                                                                                                     \
+  }
+
+LL_DENSE_ROWS(rows_avx2, LL_DENSE_AVX2_ATTR, row_avx2)
+LL_DENSE_ROWS(rows_avx512, LL_DENSE_AVX512_ATTR, row_avx512)
+#endif
+
+template <WType T>
+void rows_any(int64_t isa, const void* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, int64_t N,
+              const float* bias, float* y) {
+#if LL_X86
+  if (isa == 3) return rows_avx512<T>(w, K, x, M, n0, n1, N, bias, y);
+  if (isa == 1 || isa == 2) return rows_avx2<T>(w, K, x, M, n0, n1, N, bias, y);
+#endif
+  rows_scalar<T>(w, K, x, M, n0, n1, N, bias, y);
+}
+
+// y = x · Wᵀ (+ bias) for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(w.dim() == 2, "llamalab dense_linear: w must be 2-D (N, K), got ", w.dim(), "-D");
+  const at::ScalarType wt = w.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf,
+              "llamalab dense_linear: w must be float32, bfloat16 or float16, got ", wt);
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "llamalab dense_linear: x must be a float tensor");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.size(1), "llamalab dense_linear: x's last dimension (",
+              x_in.dim() ? x_in.size(-1) : 0, ") must be w's K = ", w.size(1));
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "llamalab dense_linear: bias must be (N,) = (", N,
+                ",)");
+  }
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x_in.dim(); ++i) M *= x_in.size(i);
+  const WType wk = wt == at::kFloat ? F32 : (wt == at::kBFloat16 ? BF16 : F16);
+  if (M > g_dense_rows[wk] || !w.is_contiguous() || !x_in.device().is_cpu() || !w.device().is_cpu()) {
+    // a GEMM amortises the weight over many rows (and handles what the kernel does not)
+    const at::Tensor xw = x_in.to(wt);
+    return at::linear(xw, w, has_bias ? c10::optional<at::Tensor>(bias_in->to(wt)) : c10::nullopt)
+        .to(x_in.scalar_type());
+  }
+  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
+  // (a contiguous float32 activation, the decode case, is used as is)
+  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
+  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
+  at::Tensor bias;
+  if (has_bias) bias = bias_in->to(at::kFloat).contiguous();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const void* wp = w.data_ptr();
+  const int64_t isa = llamalab::current_isa();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * std::min<int64_t>(M, MB)));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    switch (wk) {
+      case F32: return rows_any<F32>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+      case BF16: return rows_any<BF16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+      case F16: return rows_any<F16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+    }
+  });
+  return plain ? y : y.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llamalab, lib) {
+  lib.def("dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  lib.def("dense_configure(int rows_f32, int rows_bf16, int rows_f16) -> int", &dense_configure);
+}
+
+TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
+  lib.impl("dense_linear", &dense_linear);
+}

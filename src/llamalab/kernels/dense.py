@@ -1,0 +1,69 @@
+"""Float linears on the dense kernel: :class:`DenseLinear` and :func:`use_dense_kernels`.
+
+At batch-1 decode a linear is a matrix-vector product whose speed is the speed of reading its weight;
+torch's own CPU product reads a float32 weight at a fraction of the memory bandwidth at one activation
+row, a bfloat16 one slower still. ``torch.ops.llamalab.dense_linear`` streams the weight once (fp32
+accumulation) for up to :data:`llamalab.kernels.DENSE_ROWS` rows.
+
+:class:`DenseLinear` *is* an ``nn.Linear`` (a subclass with no state of its own): same parameters,
+state-dict keys, hooks, LoRA wrapping, optimizers, save/load. Its forward takes the kernel only for
+inference — CPU tensors, no gradient wanted, the input's dtype the weight's, no autocast, few rows, the
+C++ kernels built — and is ``F.linear`` otherwise, so training a swapped model is training the plain one.
+:func:`use_dense_kernels` swaps a model's ``nn.Linear`` layers in place (by class, so tied weights stay
+tied); ``llamalab.load`` calls it for CPU models unless ``LLAMALAB_KERNELS=0``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamalab import kernels
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` whose inference forward on CPU runs ``llamalab::dense_linear`` at few activation rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype and w.dtype in _FLOATS
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                      or (self.bias is not None and self.bias.requires_grad)))
+                and not torch.is_autocast_enabled("cpu")
+                and x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features and _native()):
+            return torch.ops.llamalab.dense_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def _native() -> bool:
+    state = kernels._state  # (a dict lookup once loaded, which torch.compile can guard on)
+    return bool(state["native"]) if "native" in state else kernels.load()
+
+
+def use_dense_kernels(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of `model` a :class:`DenseLinear` (in place); returns how many were swapped.
+
+    Only layers whose weight is float32 / bfloat16 / float16 on the CPU are swapped (subclasses of
+    ``nn.Linear`` other than DenseLinear are left alone); nothing is swapped where the C++ kernels are not
+    available (``LLAMALAB_KERNELS=0``, no compiler), since the fallback would only be ``F.linear`` again."""
+    if not kernels.load():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in _FLOATS:
+            m.__class__ = DenseLinear
+            n += 1
+    return n
+
+
+def use_torch_linears(model: nn.Module) -> int:
+    """Undo :func:`use_dense_kernels`: every DenseLinear back to a plain ``nn.Linear`` (in place)."""
+    n = 0
+    for m in model.modules():
+        if type(m) is DenseLinear:
+            m.__class__ = nn.Linear
+            n += 1
+    return n
