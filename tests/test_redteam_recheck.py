@@ -26,14 +26,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import copy_run, rewrite_manifest, server_tiny, wait_until, write_corpus
+from helpers import copy_run, rewrite_manifest, server_tiny, train_finished, wait_until, write_corpus
 from helpers import llamalab_cli as cli
 from llamalab import training as train
 from llamalab.config import LlamaConfig
 from llamalab.data import corpora as data
 from llamalab.errors import LlamalabError
 from llamalab.model.llama import Llama
-from llamalab.training.checkpoint import checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
+from llamalab.training.callbacks import standard_callbacks
+from llamalab.training.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint, verify_checkpoint
 
 
 # --------------------------------------------------------------------------- the loop, in this process
@@ -50,10 +51,10 @@ def tiny_batches() -> data.Batches:
 
 
 def run_loop(run: Path, steps: int, resume: bool = False, batches=None):
-    cfg = train.LoopConfig(steps=steps, lr=1e-2, warmup_steps=1, precision="fp32", log_every=1, ckpt_every=1,
-                           keep_checkpoints=1)
+    cfg = train.LoopConfig(steps=steps, lr=1e-2, warmup_steps=1, precision="fp32", log_every=1, ckpt_every=1)
     model = tiny_model()
-    return model, train.train_loop(model, batches or tiny_batches(), cfg, run, resume=resume, progress=False)
+    return model, train.train_loop(model, batches or tiny_batches(), cfg, checkpointer=Checkpointer(run, keep=1),
+                                   resume=resume, callbacks=standard_callbacks(run, progress=False))
 
 
 def patch_optimizer(ckpt: Path, change) -> None:
@@ -193,10 +194,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
            "train": {"steps": 2, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "precision": "fp32"},
            "eval": {"every": 0, "tokens": 64, "batch_size": 4}, "checkpoint": {"every": 1, "keep": 2},
            "log": {"every": 1}, "sample": {"max_new_tokens": 2, "count": 1, "prompts": ["a"]}}
-    run = train.train(cfg, progress=False)
-    path = root / "cfg.toml"
-    path.write_text(train.to_toml(cfg))
-    return path, run
+    return train_finished(cfg, root)
 
 
 def test_resuming_a_run_dir_with_planted_symlinks_writes_nothing_outside_it(tmp_path, finished):

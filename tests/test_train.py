@@ -98,7 +98,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
         model = Llama(tiny_config)
         cfg = train.LoopConfig(steps=3, lr=1e-2, warmup_steps=1, grad_accum=accum, precision="fp32", log_every=1)
         batches = data.Batches(split, 8 // accum, 16, seed=0)
-        res = train.train_loop(model, batches, cfg, tmp_path / f"a{accum}", progress=False)
+        res = train.train_loop(model, batches, cfg)
         losses.append(res.losses)
         weights.append(model.state_dict())
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -2,21 +2,17 @@
 
 :func:`train` feeds seeded Shakespeare batches to :func:`llamalab.training.loop.train_loop` (next-token
 cross-entropy, AdamW with decay on matrices only, warm-up then cosine to 10% of the peak rate,
-clipping at 1.0, bf16 autocast where supported) and reads back the loss curves. The same seed gives
+clipping at 1.0, bf16 autocast where supported) and keeps the loss curves in memory
+(:class:`llamalab.training.callbacks.History`; no checkpoints, nothing on disk). The same seed gives
 the same initial weights *and* the same batches, so two runs that differ in one architectural choice
 (RMSNorm vs LayerNorm, MHA vs GQA) see identical data in identical order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +72,8 @@ def val_loss(model: Llama, corpus: ByteCorpus, seq_len: int, n_windows: int) -> 
 
 def train(model: Llama, corpus: ByteCorpus, budget: Budget, seed: int = 0, lr_scale: float = 1.0) -> TrainResult:
     """Train ``model`` in place with the project's loop (:func:`llamalab.training.loop.train_loop`, bf16 autocast
-    where the CPU has it) in a throw-away run dir; returns the loss curves and the wall time."""
+    where the CPU has it); returns the loss curves and the wall time."""
+    from llamalab.training.callbacks import History
     from llamalab.training.loop import LoopConfig, train_loop
 
     gen = torch.Generator().manual_seed(seed)
@@ -91,11 +88,9 @@ def train(model: Llama, corpus: ByteCorpus, budget: Budget, seed: int = 0, lr_sc
                      eval_every=budget.eval_every, log_every=1, seed=seed)
     result = TrainResult(model=model)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="llamalab-explain-") as run_dir, \
-            contextlib.redirect_stderr(io.StringIO()):
-        loop = train_loop(model, batches(), cfg, run_dir, progress=False,
-                          eval_fn=lambda m: {"val_loss": val_loss(m, corpus, budget.seq_len, budget.eval_windows)})
-        rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line]
+    history = History()
+    loop = train_loop(model, batches(), cfg, callbacks=[history],
+                      eval_fn=lambda m: {"val_loss": val_loss(m, corpus, budget.seq_len, budget.eval_windows)})
     result.seconds = time.perf_counter() - t0
     smooth = None
     for step, loss in enumerate(loop.losses, start=1):
@@ -103,7 +98,7 @@ def train(model: Llama, corpus: ByteCorpus, budget: Budget, seed: int = 0, lr_sc
         if step % budget.eval_every == 0 or step == budget.steps:
             result.steps.append(step)
             result.train_loss.append(smooth)
-    for row in rows:
+    for row in history.evals:
         if "val_loss" in row:
             result.val_steps.append(int(row["step"]))
             result.val_loss.append(float(row["val_loss"]))

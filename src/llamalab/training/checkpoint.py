@@ -368,7 +368,7 @@ def _misfit(e: BaseException) -> str:
 class Checkpointer:
     """Writes and reads the run's checkpoints (all ranks take part; rank 0 writes, renames and prunes)."""
 
-    def __init__(self, run_dir: Path, ctx: Any, tokenizer: Any = None, save_fn: Callable | None = None,
+    def __init__(self, run_dir: Path, ctx: Any = None, tokenizer: Any = None, save_fn: Callable | None = None,
                  keep: int = 2, model_config: Any = None, extra: dict | None = None) -> None:
         self.run_dir, self.ctx, self.tokenizer, self.save_fn = Path(run_dir), ctx, tokenizer, save_fn
         self.keep, self.model_config, self.extra = keep, model_config, extra or {}
@@ -436,8 +436,10 @@ class Checkpointer:
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
             info = dict(trainer_state, step=step, world=1 if ctx is None else ctx.world, **self.extra)
-            if self.model_config is not None:
-                info["model_config"] = self.model_config.to_hf_dict()
+            model_config = self.model_config if self.model_config is not None else getattr(
+                getattr(model, "module", model), "config", None)  # default: the model's own
+            if model_config is not None:
+                info["model_config"] = model_config.to_hf_dict()
             write_json_atomic(tmp / "trainer.json", info)
         del model_sd, optim_sd
         if ctx is not None:

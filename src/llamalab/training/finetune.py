@@ -5,8 +5,9 @@ The objective is the mean next-token cross-entropy over trained tokens,
 
     L = − Σ_t m_t log p(x_t | x_<t) / Σ_t m_t,       m_t = 1 on assistant tokens.
 
-Training reuses :func:`llamalab.training.loop.train_loop` (AdamW, warmup + cosine, clipping, bf16 autocast,
-checkpoints, exact resume, progress bar). LoRA saves PEFT adapters (:mod:`llamalab.lora`); full
+Training reuses :func:`llamalab.training.loop.train_loop` (AdamW, warmup + cosine, clipping, bf16 autocast),
+with a :class:`~llamalab.training.checkpoint.Checkpointer` (checkpoints, exact resume) and the standard
+callbacks (log.jsonl, progress bar, loss.png). LoRA saves PEFT adapters (:mod:`llamalab.lora`); full
 fine-tuning saves an HF directory. Run dir::
 
     out/final/       the adapter (PEFT layout) or the full model, + tokenizer: llamalab.load("out/final")
@@ -177,6 +178,8 @@ def finetune(model: Llama, tok: TokenizerProtocol, data: str | Path | Sequence[A
         save_adapter,
         trainable_parameters,
     )
+    from llamalab.training.callbacks import standard_callbacks
+    from llamalab.training.checkpoint import Checkpointer
     from llamalab.training.loop import LoopConfig, train_loop
 
     cfg = cfg or FinetuneConfig()
@@ -231,10 +234,10 @@ def finetune(model: Llama, tok: TokenizerProtocol, data: str | Path | Sequence[A
                       max_minutes=cfg.max_minutes, seed=cfg.seed)
     batches = SFTBatches(train_ex, cfg.batch_size, pad_id, packing=cfg.packing, seq_len=cfg.max_len, seed=cfg.seed)
     mean_len = cfg.max_len if cfg.packing else sum(len(e.ids) for e in train_ex) / len(train_ex)
-    result = train_loop(model, batches, loop, out_dir, tokenizer=tok, loss_fn=masked_loss, eval_fn=eval_fn,
-                        save_fn=save_fn, resume=resume, progress=progress,
-                        flops_per_token=flops_per_token(model, round(mean_len), cfg.method),
-                        extra_state={"finetune": _jsonable(asdict(cfg))})
+    checkpointer = Checkpointer(out_dir, tokenizer=tok, save_fn=save_fn, extra={"finetune": _jsonable(asdict(cfg))})
+    result = train_loop(model, batches, loop, loss_fn=masked_loss, eval_fn=eval_fn, checkpointer=checkpointer,
+                        resume=resume, flops_per_token=flops_per_token(model, round(mean_len), cfg.method),
+                        callbacks=standard_callbacks(out_dir, progress=progress))
     model.eval()
     final = out_dir / "final"
     _unlink_if_symlink(final)  # a link planted in a run dir must not redirect the export outside it

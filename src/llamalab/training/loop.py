@@ -12,24 +12,29 @@ which is ~400x slower on CPU), optional ``torch.compile``.
 
 Reusable core (fine-tuning builds on it)::
 
-    result = train_loop(model, batches, LoopConfig(steps=..., lr=...), run_dir,
-                         tokenizer=None,     # saved with each checkpoint (tok.save)
+    result = train_loop(model, batches, LoopConfig(steps=..., lr=...),
                          loss_fn=None,       # loss_fn(model, batch) -> scalar; default: LM loss on (x, y)
                          params=None,        # what to optimise (default: parameters with requires_grad)
                          eval_fn=None,       # eval_fn(model) -> {"val_loss": ..., ...}, every eval_every steps
-                         save_fn=None,       # save_fn(model, dir): the model part of a checkpoint
-                                             # (default: model.save_pretrained(dir), HF layout)
-                         resume=False,       # continue from the newest valid checkpoint in run_dir
+                         checkpointer=None,  # a Checkpointer(run_dir, ctx, tokenizer=, save_fn=, keep=,
+                                             # model_config=, extra=); None: no checkpoints
+                         resume=False,       # continue from the checkpointer's newest valid checkpoint
                                              # (or from this checkpoint dir, already verified)
                          ctx=None,           # llamalab.training.distributed.DistContext (None: single process)
-                         flops_per_token=None, tokens_per_step=None, progress=True)
+                         flops_per_token=None, tokens_per_step=None,
+                         callbacks=())       # llamalab.training.callbacks: log.jsonl, progress bar, loss.png...
     # -> LoopResult(step, losses, val, run_dir, last_checkpoint, interrupted)
+
+The loop itself writes nothing but the checkpointer's checkpoints, and prints only a resume, a time
+limit or an interrupt; what a run records and shows comes from its callbacks
+(:func:`llamalab.training.callbacks.standard_callbacks`: ``log.jsonl``, the progress bar and eval lines,
+``loss.png``), each told of every step, log step, evaluation, checkpoint, the end and an interrupt.
 
 ``batches`` is any iterator of micro-batches (``next()``); with ``state_dict()``/``load_state_dict()``
 (as :class:`llamalab.data.corpora.Batches` has) its position is checkpointed and resume is exact.
 Each optimiser step takes ``grad_accum`` micro-batches.
 
-Run dir::
+A ``llamalab train`` run dir (the recipe, with :func:`~llamalab.training.callbacks.standard_callbacks`)::
 
     run_dir/train_config.toml   the run's config (resume continues it)   log.jsonl  one JSON object a line
     run_dir/heldout.json        the validation split: corpus, val_fraction, token shards (what eval scores)
@@ -39,26 +44,25 @@ Run dir::
 
 A checkpoint is written into ``.tmp_step_N`` and renamed when complete (atomic); on resume each
 candidate's manifest is checked (sizes, hashes, format) and an unusable one is reported and skipped.
-Saved every ``ckpt_every`` steps, at the end, and on Ctrl-C / SIGTERM. ``train.max_minutes`` limits
+With a checkpointer, saved every ``ckpt_every`` steps, at the end, and on Ctrl-C / SIGTERM (the
+checkpointer's ``keep`` newest are kept). ``train.max_minutes`` limits
 the training time of one process (a resumed run gets the full budget again).
 
 Resume (``train(..., resume=True)``) starts from the run's own ``train_config.toml``: overrides may
 lengthen the run or change how it is logged, evaluated or checkpointed, but one that changes the model,
 the data or the tokenizer is an error, and the tokenizer comes from the checkpoint.
 
-Where things live: this module holds the loop; :mod:`llamalab.training.checkpoint` the checkpoint format,
-:mod:`llamalab.training.config` the TOML config (re-exported here), :mod:`llamalab.training.pretrain` the recipe.
+Where things live: this module holds the loop; :mod:`llamalab.training.callbacks` what a run records and shows,
+:mod:`llamalab.training.checkpoint` the checkpoint format, :mod:`llamalab.training.config` the TOML config,
+:mod:`llamalab.training.pretrain` the recipe.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,8 +73,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.formats.files import atomic_write
-from llamalab.training.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint, remove_path
+from llamalab.training.callbacks import Callback, TrainState
+from llamalab.training.callbacks import say as _say
+from llamalab.training.checkpoint import Checkpointer, checkpoint_steps, latest_valid_checkpoint
 from llamalab.training.precision import resolve_precision
 
 # =============================================================================================== loop config
@@ -92,7 +97,6 @@ class LoopConfig:
     compile: bool = False
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end (and on Ctrl-C)
-    keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 1337
     max_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
@@ -109,7 +113,7 @@ class LoopConfig:
 @dataclass
 class LoopResult:
     step: int
-    run_dir: Path
+    run_dir: Path | None  # the checkpointer's (None without one)
     losses: list[float] = field(default_factory=list)
     val: dict[str, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
@@ -218,59 +222,15 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _read_log(path: Path, upto_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # a torn last line, or anything else that is not a log row
-            continue
-        step = row.get("step", 0) if isinstance(row, dict) else None
-        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= upto_step:
-            rows.append(row)
-    return rows
-
-
-def plot_losses(log_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _read_log(log_path, 1 << 62)
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train loss", lw=1)
-    if va:
-        ax.plot(*zip(*va), "o-", label="val loss", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-
-
-def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: str | Path, *,
-               tokenizer: Any = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, *,
+               loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                params: list[nn.Parameter] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
-               save_fn: Callable[[nn.Module, Path], None] | None = None, resume: bool | Path = False, ctx: Any = None,
-               flops_per_token: float | None = None, tokens_per_step: int | None = None, progress: bool = True,
-               model_config: Any = None, extra_state: dict | None = None) -> LoopResult:
+               checkpointer: Checkpointer | None = None, resume: bool | Path = False, ctx: Any = None,
+               flops_per_token: float | None = None, tokens_per_step: int | None = None,
+               callbacks: Sequence[Callback] = ()) -> LoopResult:
     """Run ``cfg.steps`` optimiser steps of ``loss_fn`` over ``batches``; see the module docstring."""
-    from tqdm import tqdm
-
-    from llamalab.progress import progress_bar
     from llamalab.training.distributed import DistContext, no_grad_sync
 
-    run_dir = Path(run_dir)
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     is_main = ctx.is_main
     loss_fn = loss_fn or lm_loss
@@ -279,52 +239,48 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
     fsdp_mp = ctx.distributed and ctx.strategy == "fsdp"
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and not fsdp_mp
                 else nullcontext())
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    model_config = model_config if model_config is not None else getattr(
-        getattr(model, "module", model), "config", None)
+    say = _say if is_main else (lambda msg: None)
+    if resume and checkpointer is None:
+        raise LlamalabError("resume needs a checkpointer: train_loop(..., checkpointer=Checkpointer(run_dir))")
+    if checkpointer is not None and ctx.distributed and checkpointer.ctx is None:
+        raise LlamalabError("a distributed run needs its DistContext in the checkpointer: Checkpointer(run_dir, ctx)")
+    run_dir = checkpointer.run_dir if checkpointer is not None else None
     optimizer = make_optimizer(params, model, cfg)
-    ckpt = Checkpointer(run_dir, ctx, tokenizer, save_fn, cfg.keep_checkpoints, model_config, extra_state)
-    step = 0
-    tokens_seen = 0
-    elapsed = 0.0  # training time of every session of this run (recorded); the limit counts this session's
-    resumed_from: Path | None = None
+    state = TrainState(cfg=cfg, model=model, optimizer=optimizer, ctx=ctx, resuming=bool(resume))
     if resume:
+        assert checkpointer is not None and run_dir is not None
         found = resume if isinstance(resume, Path) else latest_valid_checkpoint(run_dir, say) if is_main else None
         found_s = ctx.broadcast_str(str(found) if found else "")
         if found_s:
-            resumed_from = Path(found_s)
-            state = ckpt.load(model, optimizer, resumed_from)
-            step, tokens_seen = int(state["step"]), int(state.get("tokens", 0) or 0)
-            elapsed = float(state.get("elapsed_s", 0.0) or 0.0)
-            if hasattr(batches, "load_state_dict") and isinstance(state.get("data"), dict):
+            state.resumed_from = Path(found_s)
+            saved = checkpointer.load(model, optimizer, state.resumed_from)
+            state.step, state.tokens = int(saved["step"]), int(saved.get("tokens", 0) or 0)
+            state.elapsed_s = float(saved.get("elapsed_s", 0.0) or 0.0)
+            if hasattr(batches, "load_state_dict") and isinstance(saved.get("data"), dict):
                 try:
-                    batches.load_state_dict(state["data"])
+                    batches.load_state_dict(saved["data"])
                 except (KeyError, TypeError, ValueError) as e:
                     raise LlamalabError(f"checkpoint {found_s} holds a data position this run cannot use "
                                         f"({type(e).__name__}: {e})") from None
-            say(f"resumed from {found_s} (step {step})")
+            say(f"resumed from {found_s} (step {state.step})")
         elif is_main and checkpoint_steps(run_dir):
             raise LlamalabError(f"no usable checkpoint in {run_dir / 'checkpoints'} to resume from")
-    log_path = run_dir / "log.jsonl"
-    if is_main:
-        kept = _read_log(log_path, step) if resume else []
-        tmp_log = log_path.with_name(log_path.name + ".tmp")
-        remove_path(tmp_log)  # never write through a symlink planted at the temporary name
-        tmp_log.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp_log, log_path)
+    state.last_checkpoint = state.resumed_from
     train_model = torch.compile(model) if cfg.compile else model
     peak = measured_peak_flops(device, precision) * ctx.world if flops_per_token else 0.0
 
-    def trainer_state() -> dict:
-        return {"tokens": tokens_seen, "elapsed_s": elapsed, "loop": asdict(cfg),
-                "data": batches.state_dict() if hasattr(batches, "state_dict") else None}
+    def emit(hook: str, *args: Any) -> None:
+        for cb in callbacks:
+            getattr(cb, hook)(state, *args)
 
-    def log(row: dict) -> None:
-        if is_main:
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+    def save_checkpoint() -> Path | None:
+        if checkpointer is None:
+            return state.last_checkpoint
+        state.last_checkpoint = checkpointer.save(model, optimizer, state.step, {
+            "tokens": state.tokens, "elapsed_s": state.elapsed_s, "loop": asdict(cfg),
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None})
+        emit("on_checkpoint", state.last_checkpoint)
+        return state.last_checkpoint
 
     def run_eval() -> dict:
         if eval_fn is None:
@@ -333,27 +289,21 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
         with torch.no_grad(), autocast:
             out = eval_fn(model)
         model.train()
-        log({"step": step, **out})
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in out.items())
-        say(f"step {step}: {parts}")
+        emit("on_eval", out)
         return out
 
-    result = LoopResult(step=step, run_dir=run_dir, last_checkpoint=resumed_from)
-    last_ckpt_step = step if resumed_from is not None else -1
-    bar = progress_bar(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    kill_at = os.environ.get("LLAMALAB_DEBUG_KILL_AT_STEP")  # test hook: SIGKILL this process at a step
-    kill_rank = int(os.environ.get("LLAMALAB_DEBUG_KILL_RANK", "-1"))
+    emit("on_train_start")
+    result = LoopResult(step=state.step, run_dir=run_dir, last_checkpoint=state.resumed_from)
+    last_ckpt_step = state.step if state.resumed_from is not None else -1
     model.train()
     t_window, tok_window = time.perf_counter(), 0
     t_session = time.perf_counter()
-    elapsed_before, session_tokens = elapsed, 0
+    elapsed_before, session_tokens = state.elapsed_s, 0
     try:
         with _Stopper():
-            while step < cfg.steps:
-                if kill_at is not None and int(kill_at) == step and kill_rank in (-1, ctx.rank):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                lr = cfg.lr_at(step)
+            while state.step < cfg.steps:
+                emit("on_step_start")
+                lr = cfg.lr_at(state.step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=device)
@@ -374,55 +324,50 @@ def train_loop(model: nn.Module, batches: Iterator, cfg: LoopConfig, run_dir: st
                     grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                state.step += 1
+                step = state.step
                 loss_val = ctx.all_reduce_mean(loss_sum / cfg.grad_accum)
                 if not math.isfinite(loss_val):
                     raise LlamalabError(f"loss became {loss_val} at step {step}: lower the learning rate")
                 step_tokens = tokens_per_step or step_tokens * ctx.world
-                tokens_seen += step_tokens
+                state.tokens += step_tokens
                 tok_window += step_tokens
                 session_tokens += step_tokens
                 session_s = time.perf_counter() - t_session
-                elapsed = elapsed_before + session_s
+                state.elapsed_s = elapsed_before + session_s
                 result.losses.append(loss_val)
+                metrics = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
                 if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
                     dt = time.perf_counter() - t_window
                     tps = tok_window / max(dt, 1e-9)
                     mfu = tps * flops_per_token / peak if peak else 0.0
-                    log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                         "tok_per_s": tps, "mfu": mfu, "elapsed_s": elapsed})
-                    bar.set_postfix_str(f"loss {loss_val:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}%",
-                                        refresh=False)
+                    emit("on_log", {**metrics, "tok_per_s": tps, "mfu": mfu, "elapsed_s": state.elapsed_s})
                     result.tokens_per_s = tps
                     t_window, tok_window = time.perf_counter(), 0
-                bar.update(1)
+                emit("on_step_end", {**metrics, "elapsed_s": state.elapsed_s})
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     result.val = run_eval()
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                    result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps and checkpointer is not None:
+                    result.last_checkpoint = save_checkpoint()
                     last_ckpt_step = step
                 if cfg.max_minutes and session_s > 60 * cfg.max_minutes:
                     say(f"time limit of {cfg.max_minutes} minutes reached at step {step}")
                     break
     except KeyboardInterrupt:
-        bar.close()
         result.interrupted = True
-        if step > 0 and step != last_ckpt_step:
-            say(f"interrupted at step {step}: writing a checkpoint (resume with --resume)")
-            result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
-        result.step = step
+        if state.step > 0 and state.step != last_ckpt_step and checkpointer is not None:
+            say(f"interrupted at step {state.step}: writing a checkpoint (resume with --resume)")
+            result.last_checkpoint = save_checkpoint()
+        result.step = state.step
+        emit("on_interrupt")
         raise
-    bar.close()
     result.val = run_eval() or result.val
-    if step != last_ckpt_step:
-        result.last_checkpoint = ckpt.save(model, optimizer, step, trainer_state())
-    if is_main and log_path.exists():
-        try:
-            plot_losses(log_path, run_dir / "loss.png")
-        except Exception as e:  # noqa: BLE001 - a plot must never lose a run
-            say(f"warning: could not draw the loss curve: {e}")
-    result.step = step
-    result.minutes = elapsed / 60
+    if state.step != last_ckpt_step and checkpointer is not None:
+        result.last_checkpoint = save_checkpoint()
+    result.step = state.step
+    result.minutes = state.elapsed_s / 60
     if session_tokens and not result.tokens_per_s:  # fewer steps than log_every: this session's average
         result.tokens_per_s = session_tokens / max(time.perf_counter() - t_session, 1e-9)
+    emit("on_train_end")
     return result
+

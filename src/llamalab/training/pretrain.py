@@ -30,7 +30,9 @@ from torch import nn
 
 from llamalab.errors import ConfigError, LlamalabError
 from llamalab.formats.files import atomic_write_text
+from llamalab.training.callbacks import standard_callbacks
 from llamalab.training.checkpoint import (
+    Checkpointer,
     checkpoint_steps,
     latest_valid_checkpoint,
     read_trainer_state,
@@ -390,14 +392,15 @@ def _train(cfg: dict, ctx: Any, run_dir: Path, resume: bool, overwrite: bool, pr
                       weight_decay=t["weight_decay"], beta1=t["beta1"], beta2=t["beta2"], grad_clip=t["grad_clip"],
                       grad_accum=t["grad_accum"], precision=precision, compile=t["compile"],
                       eval_every=cfg["eval"]["every"], ckpt_every=cfg["checkpoint"]["every"],
-                      keep_checkpoints=cfg["checkpoint"]["keep"], log_every=cfg["log"]["every"], seed=cfg["seed"],
-                      max_minutes=t["max_minutes"])
+                      log_every=cfg["log"]["every"], seed=cfg["seed"], max_minutes=t["max_minutes"])
     eval_fn = make_eval_fn(corpus, t["seq_len"], cfg["eval"]["batch_size"], cfg["eval"]["tokens"], ctx) \
         if corpus.val.n_tokens > t["seq_len"] else None
-    result = train_loop(wrapped, batches, loop, run_dir, tokenizer=tok, eval_fn=eval_fn,
+    checkpointer = Checkpointer(run_dir, ctx, tokenizer=tok, keep=cfg["checkpoint"]["keep"], model_config=mc,
+                                extra={"n_params": n_params})
+    result = train_loop(wrapped, batches, loop, eval_fn=eval_fn, checkpointer=checkpointer,
                         resume=resume_from if resume_from is not None else resume, ctx=ctx,
-                        flops_per_token=fpt, tokens_per_step=t["batch_size"] * t["seq_len"], progress=progress,
-                        model_config=mc, extra_state={"n_params": n_params})
+                        flops_per_token=fpt, tokens_per_step=t["batch_size"] * t["seq_len"],
+                        callbacks=standard_callbacks(run_dir, progress=progress))
     if ctx.is_main:
         if result.last_checkpoint is None:
             raise LlamalabError(f"no checkpoint was written in {run_dir}")
