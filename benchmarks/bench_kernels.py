@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import _report
 from llamalab import kernels
 from llamalab.quantization.blocks import BlockQuantLinear
 
@@ -218,18 +219,21 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true",
                     help="the ops alone, hot and streamed from memory, vs the machine's read bandwidth")
     ap.add_argument("--skip-model", action="store_true", help="no whole-model table")
+    _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"C++ kernels: {kernels.load()}, ISA {kernels.active_isa()} (available: {kernels.available_isas()}), "
-          f"torch {torch.__version__}, 1 thread")
-    for rows in [] if args.skip_layers else args.rows:
-        bench_layers(rows, args.rounds)
-    if args.stream:
-        bench_stream(args.rows, args.rounds)
-    if not args.skip_model:
-        bench_model(args.rounds)
-    if not args.skip_decode:
-        bench_decode(args.rounds, args.tokens)
+    with _report.capture() as out:  # the printed tables are the section
+        print(f"C++ kernels: {kernels.load()}, ISA {kernels.active_isa()} (available: {kernels.available_isas()}), "
+              f"torch {torch.__version__}, 1 thread")
+        for rows in [] if args.skip_layers else args.rows:
+            bench_layers(rows, args.rounds)
+        if args.stream:
+            bench_stream(args.rows, args.rounds)
+        if not args.skip_model:
+            bench_model(args.rounds)
+        if not args.skip_decode:
+            bench_decode(args.rounds, args.tokens)
+    _report.emit(args, "bench_kernels", "Kernels: quantized linears vs float (one thread)", out.getvalue().splitlines())
 
 
 if __name__ == "__main__":
