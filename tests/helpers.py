@@ -7,9 +7,9 @@
 * :func:`rand_llama` / :func:`reference_greedy`: the tokenizer-less random model the decode-path tests
   share, and the plain cache-free greedy loop their expectations come from;
 * :func:`llamalab_cli`: the command line in a new process;
-* :func:`write_corpus` / :func:`tiny_run_cfg` / :func:`copy_run` / :func:`rewrite_manifest`: a tiny
-  ``llamalab train`` run's corpus, config, a throw-away copy of a finished run, and a checkpoint manifest
-  recomputed after its files were changed;
+* :func:`write_corpus` / :func:`tiny_run_cfg` / :func:`train_finished` / :func:`copy_run` /
+  :func:`rewrite_manifest`: a tiny ``llamalab train`` run's corpus, config, the finished run, a throw-away
+  copy of it, and a checkpoint manifest recomputed after its files were changed;
 * :func:`wait_until` / :func:`free_port` / :func:`llamalab_serve`: a ``llamalab serve`` process on a free
   loopback port, up before the block runs and stopped after it.
 """
@@ -148,6 +148,16 @@ def tiny_run_cfg(corpus: Path, out: Path, cache: Path | None = None, name: str =
             "train": t, "eval": {"every": 0, "tokens": 512, "batch_size": 8},
             "checkpoint": {"every": 2, "keep": 5}, "log": {"every": 1},
             "sample": {"max_new_tokens": 8, "count": 1}}
+
+
+def train_finished(cfg: dict, root: Path) -> tuple[Path, Path]:
+    """(config file, run dir): ``cfg`` trained to the end in this process, its config saved as ``root/cfg.toml``."""
+    from llamalab import training
+
+    run = training.train(cfg, progress=False)
+    path = root / "cfg.toml"
+    path.write_text(training.to_toml(cfg))
+    return path, run
 
 
 def copy_run(finished: tuple[Path, Path], tmp_path: Path, drop_final: bool = False) -> tuple[Path, Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import copy_run, rewrite_manifest, tiny_run_cfg, write_corpus
+from helpers import copy_run, rewrite_manifest, tiny_run_cfg, train_finished, write_corpus
 from helpers import llamalab_cli as cli
 from llamalab import training as train
 from llamalab.training.checkpoint import checkpoint_steps, verify_checkpoint
@@ -34,10 +34,7 @@ def finished(tmp_path_factory, corpus_dir) -> tuple[Path, Path]:
     """(config file, run dir) of a finished 4-step run with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("sec")
     cfg = tiny_cfg(corpus_dir, root / "runs")
-    run = train.train(cfg, progress=False)
-    path = root / "cfg.toml"
-    path.write_text(train.to_toml(cfg))
-    return path, run
+    return train_finished(cfg, root)
 
 
 def one_error_line(res: subprocess.CompletedProcess) -> str:
