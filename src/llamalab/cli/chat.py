@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from llamalab.cli._args import check_text, read_stdin_line
@@ -20,6 +19,7 @@ from llamalab.cli.generate import (
     load_models,
     print_stats,
     sampling_params,
+    stream_to_stdout,
     warm_up,
 )
 
@@ -49,7 +49,6 @@ def _fit_history(tok: TokenizerProtocol, history: list[dict[str, str]], budget: 
 
 def run(args: argparse.Namespace) -> int:
     from llamalab.errors import LlamalabError
-    from llamalab.generation.generate import Completion, stream_batch
 
     params = sampling_params(args)
     model, tok, draft = load_models(args)
@@ -90,15 +89,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         history = _fit_history(tok, history, budget)
-        results: list[Completion] = []
-        t0 = time.perf_counter()
-        for _, piece in stream_batch(model, tok, [history], results=results, **kwargs):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        reply = results[0].text if results else ""
-        history.append({"role": "assistant", "content": reply})
-        if args.stats and results:
-            print_stats(results[0], time.perf_counter() - t0)
+        result, seconds = stream_to_stdout(model, tok, history, kwargs)
+        history.append({"role": "assistant", "content": result.text if result is not None else ""})
+        if args.stats and result is not None:
+            print_stats(result, seconds)
     return 0

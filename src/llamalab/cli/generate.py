@@ -150,8 +150,22 @@ def print_stats(result: Any, elapsed: float) -> None:
     print(msg + f"; finish: {result.finish_reason}]", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
+def stream_to_stdout(model: Any, tok: Any, prompt: Any, kwargs: dict[str, Any]) -> tuple[Any, float]:
+    """Stream one completion of `prompt` to stdout as it is generated (then a newline); returns the
+    completion (or None) and the seconds it took."""
     from llamalab.generation.generate import Completion, stream_batch
+
+    results: list[Completion] = []
+    t0 = time.perf_counter()
+    for _, piece in stream_batch(model, tok, [prompt], results=results, **kwargs):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return (results[0] if results else None), time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     prompt: Any = args.prompt
@@ -166,13 +180,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args, params, draft)
     if args.stats:
         warm_up(model, tok, prompt, kwargs)
-    results: list[Completion] = []
-    t0 = time.perf_counter()
-    for _, piece in stream_batch(model, tok, [prompt], results=results, **kwargs):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if args.stats and results:
-        print_stats(results[0], time.perf_counter() - t0)
+    result, seconds = stream_to_stdout(model, tok, prompt, kwargs)
+    if args.stats and result is not None:
+        print_stats(result, seconds)
     return 0
