@@ -208,3 +208,170 @@ def test_isa_forced_by_env(native):
     res = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "native True scalar" in res.stdout and "close True" in res.stdout
+
+
+# ----------------------------------------------------------------------------------- dense float linears
+# (N, K): N odd / below a tile, K below one vector, not a multiple of 8 or 16, a multiple plus a tail
+DENSE_SHAPES = [(13, 7), (37, 100), (5, 33), (64, 576), (3, 1), (9, 1041)]
+DENSE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def dense_rows_lifted(native):
+    """The kernel for every row count the tests use (the GEMM hand-over lifted), restored afterwards."""
+    torch.ops.llamalab.dense_configure(64, 64, 64)
+    yield
+    rows = kernels.DENSE_ROWS
+    torch.ops.llamalab.dense_configure(rows[torch.float32], rows[torch.bfloat16], rows[torch.float16])
+    kernels.set_isa(None)
+
+
+def _dense_exact(x, w, b=None):
+    """x · wᵀ (+ b) in float64 on the weight's own values, and Σ|x|·|w| (the scale of a summation-order error)."""
+    xd, wd = x.double(), w.double()
+    y = xd @ wd.t() + (0 if b is None else b.double())
+    return y, xd.abs() @ wd.abs().t()
+
+
+@pytest.mark.parametrize("wdtype", DENSE_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dense_op_equals_float64_on_every_isa(dense_rows_lifted, wdtype):
+    """fp32 products and sums: within ~1e-6 of the exact result relative to Σ|x·w| (only the order of the sums
+    differs), for activation rows 1..9, with and without a bias, on every ISA path of this CPU."""
+    gen = torch.Generator().manual_seed(7)
+    for n, k in DENSE_SHAPES:
+        w = torch.randn(n, k, generator=gen).to(wdtype)
+        b = torch.randn(n, generator=gen)
+        for m in range(1, 10):
+            x = torch.randn(m, k, generator=gen)
+            for bias in (None, b):
+                want, scale = _dense_exact(x, w, bias)
+                for isa in kernels.available_isas():
+                    kernels.set_isa(isa)
+                    got = kernels.dense_linear(x, w, bias)
+                    assert got.shape == (m, n) and got.dtype == torch.float32
+                    err = ((got.double() - want).abs() / (scale + 1)).max().item()
+                    assert err < 2e-6, f"{wdtype} {isa} {(m, n, k)} bias={bias is not None}: {err:.2e}"
+
+
+def test_dense_op_within_1e5_of_f_linear(native):
+    """float32 weights at the default hand-over: the kernel's rows and the GEMM's rows both match F.linear."""
+    gen = torch.Generator().manual_seed(8)
+    for n, k in [(37, 100), (129, 576), (11, 1536)]:
+        w = torch.randn(n, k, generator=gen)
+        for m in range(1, 10):
+            x = torch.randn(m, k, generator=gen)
+            want = torch.nn.functional.linear(x, w)
+            torch.testing.assert_close(kernels.dense_linear(x, w), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_dense_op_shapes_dtypes_and_hand_over(native):
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(21, 40, generator=gen)
+    x = torch.randn(2, 3, 40, generator=gen)  # leading dims kept, any float activation dtype, y in x's dtype
+    for dt in DENSE_DTYPES:
+        y = kernels.dense_linear(x.to(dt), w)
+        assert y.shape == (2, 3, 21) and y.dtype == dt
+        torch.testing.assert_close(y.float(), x.to(dt).float() @ w.t(), rtol=1e-2, atol=1e-2)
+    xt = torch.randn(40, 4, generator=gen).t()  # a non-contiguous activation
+    torch.testing.assert_close(kernels.dense_linear(xt, w), xt @ w.t(), rtol=1e-5, atol=1e-5)
+    assert kernels.dense_linear(torch.randn(0, 40), w).shape == (0, 21)
+    # K = 0: the bias alone
+    assert torch.equal(kernels.dense_linear(torch.randn(2, 0), torch.randn(3, 0), torch.ones(3)), torch.ones(2, 3))
+    big = torch.randn(kernels.DENSE_ROWS[torch.bfloat16] + 1, 40, generator=gen).bfloat16()  # -> the GEMM
+    wb = w.bfloat16()
+    assert torch.equal(kernels.dense_linear(big, wb), torch.nn.functional.linear(big, wb))
+    with pytest.raises(RuntimeError, match="must be w's K"):
+        kernels.dense_linear(torch.randn(1, 39), w)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        kernels.dense_linear(torch.randn(1, 40), w.double())
+
+
+def test_dense_op_compiles_into_one_graph(native):
+    from llamalab.kernels.dense import DenseLinear
+
+    layer = DenseLinear(64, 33).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fails on any graph break
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_llama(seed=0, tied=True):
+    from llamalab import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                      max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    return Llama(cfg)
+
+
+def test_dense_swap_keeps_parameters_and_takes_the_kernel(native, monkeypatch):
+    from llamalab.kernels.dense import DenseLinear, use_dense_kernels, use_torch_linears
+
+    model = _tiny_llama().eval()
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.inference_mode():
+        want = model(ids)
+    assert use_dense_kernels(model) == 2 * 7 + 1  # q k v o gate up down per block, and the head
+    assert list(model.state_dict()) == keys and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.lm_head, torch.nn.Linear) and type(model.lm_head) is DenseLinear
+    calls = []
+    real = torch.ops.llamalab.dense_linear
+    monkeypatch.setattr(torch.ops.llamalab, "dense_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        got = model(ids)
+    assert len(calls) == 15
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model(ids)  # grad enabled with parameters that want it: F.linear
+    assert not calls
+    assert use_torch_linears(model) == 15 and type(model.lm_head) is torch.nn.Linear
+
+
+def test_a_swapped_model_trains_like_the_plain_one(native):
+    from llamalab.kernels.dense import use_dense_kernels
+
+    plain, swapped = _tiny_llama(seed=3), _tiny_llama(seed=3)
+    assert use_dense_kernels(swapped) > 0
+    ids = torch.randint(0, 97, (2, 9))
+    for model in (plain, swapped):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+    for (name, a), (_, b) in zip(plain.named_parameters(), swapped.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(plain.lm_head.weight, _tiny_llama(seed=3).lm_head.weight)  # (the step did something)
+
+
+def test_load_swaps_and_matches_transformers(native, tmp_path):
+    """llamalab.load of an HF directory runs its linears on the dense kernel; logits stay within 1e-4 of
+    transformers' at decode-sized inputs (the kernel's rows)."""
+    transformers = pytest.importorskip("transformers")
+    import llamalab
+    from llamalab.kernels.dense import DenseLinear
+
+    _tiny_llama(seed=4, tied=False).save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model, _ = llamalab.load(tmp_path)
+    assert sum(type(m) is DenseLinear for m in model.modules()) == 15
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.inference_mode():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+_DENSE_CHILD = """
+import llamalab
+from llamalab.kernels.dense import DenseLinear
+m, _ = llamalab.load("llamalab-20m")
+print("swapped", sum(type(x) is DenseLinear for x in m.modules()))
+"""
+
+
+def test_load_respects_llamalab_kernels_0(native):
+    env = {**os.environ, "LLAMALAB_KERNELS": "0"}
+    res = subprocess.run([sys.executable, "-c", _DENSE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "swapped 0" in res.stdout
