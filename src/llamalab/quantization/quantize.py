@@ -30,7 +30,7 @@ the scale is inside the bound, not added to it):
   of ``−w*``, so elements beyond ``7.5 |d|`` on the side opposite ``w*`` are clamped; all others are
   within ``|d| / 2``.
 
-``tests/test_quantize.py`` checks these bounds on random weights and on SmolLM2's.
+``tests/test_quantize.py`` checks these bounds on random weights, and Q8_0's on all of SmolLM2's linears.
 
 **Packed (``layout="packed"``, and int4 with group size 64 / 128)** — PyTorch's packed CPU kernels:
 
