@@ -120,6 +120,38 @@ class Runner:
         return torch.cat(outs) if all_logits else outs[-1][-1]
 
     @torch.inference_mode()
+    def prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write several prompts (any lengths, ≥ 1 token each) into cache rows ``rows``, each after what
+        its row holds, in one forward call; logits of each prompt's last token (len(rows), V).
+
+        The batch is right-padded to the longest prompt (with each row's own last token) and every row's
+        length is then cut back to its own tokens: a padded token only ever sits after a row's real
+        tokens, where causal attention never looks, and is forgotten at once, so the cache holds no
+        padded slots and later decode steps stay on the unpadded (compiled) path. If the forward raises,
+        the rows are left as they were."""
+        if not rows or len(rows) != len(prompts) or min(len(p) for p in prompts) < 1:
+            raise ValueError("prefill_rows needs one non-empty prompt per row")
+        dev = self.model.device
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        x = torch.tensor([list(p) + [p[-1]] * (T - len(p)) for p in prompts], dtype=torch.long, device=dev)
+        r0 = rows[0]
+        sel = slice(r0, r0 + len(rows)) if list(rows) == list(range(r0, r0 + len(rows))) else \
+            torch.tensor(list(rows), dtype=torch.long, device=dev)
+        start = self.cache.lengths[torch.tensor(list(rows), dtype=torch.long, device=dev)].tolist()
+        try:
+            h = self.model.hidden_states(x, cache=self.cache, cache_rows=sel)
+        except BaseException:
+            for row, s in zip(rows, start):
+                self.cache.truncate(row, s)
+            raise
+        for row, s, n in zip(rows, start, lens):
+            if n < T:
+                self.cache.truncate(row, s + n)
+        last = h[torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev) - 1]  # (B, D)
+        return self.model.lm_head(self.model.norm(last[:, None]))[:, 0].float()
+
+    @torch.inference_mode()
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """One token per listed cache row -> logits (len(rows), V)."""
         dev = self.model.device
