@@ -198,3 +198,75 @@ def test_huge_nominal_context_allocates_only_what_is_used():
     assert len(out.token_ids) == 4
     with pytest.raises(ValueError, match="KV cache"):
         big.new_cache()  # the full nominal context (262 GB of cache) is refused, in one line
+
+
+def _run_engine(model, prompts, max_tokens=6, prefill_chunk=256, max_batch=4):
+    """Submit every prompt at once to a paused engine (so they arrive together), then let it run; each
+    prompt's events, and the shapes (rows, tokens) of every forward through the model's first layer."""
+    from llamalab.generation.sampling import SamplingParams
+    from llamalab.server.engine import Engine, GenOptions, Job
+
+    shapes = []
+    handle = model.layers[0].register_forward_hook(lambda m, a, out: shapes.append(tuple(a[0].shape[:2])))
+    engine = Engine(model, _Letters(), max_batch=max_batch, max_len=64, prefill_chunk=prefill_chunk)
+    events = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def sink(i):
+        def put(event):
+            events[i].append(event)
+            if getattr(event, "finish_reason", None) or not hasattr(event, "finish_reason"):
+                done[i].set()
+        return put
+
+    try:
+        engine.start()
+        engine.pause()
+        engine.submit([Job(p, SamplingParams(temperature=0.0), GenOptions(max_tokens=max_tokens), sink(i))
+                       for i, p in enumerate(prompts)])
+        engine.resume()
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+        handle.remove()
+    return events, shapes, engine
+
+
+def test_requests_arriving_together_are_prefilled_in_one_forward(model):
+    """Two prompts of different lengths queued together go through one prefill forward (2 rows, padded
+    to the longer), and each gets the tokens it gets alone; decode then runs both rows together."""
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    events, shapes, engine = _run_engine(model, prompts)
+    assert shapes[0] == (2, len(PROMPTS[0]))  # one prefill for both
+    assert shapes[1:] == [(2, 1)] * 5  # then one batched decode step per token
+    assert not engine.cache.has_padding  # the padding left nothing behind: decode stays unpadded
+    for p, ev in zip(prompts, events):
+        assert [t for d in ev for t in d.token_ids] == reference_greedy(model, p, 6)
+    alone, _, _ = _run_engine(model, [PROMPTS[2]])
+    assert [t for d in alone[0] for t in d.token_ids] == [t for d in events[1] for t in d.token_ids]
+
+
+def test_prefill_cap_counts_padding_and_chunks_a_long_prompt(model):
+    """With a cap of 8 prefill tokens per step: a 20-token prompt goes alone in chunks of 8; the short
+    prompts behind it join one forward only while rows × longest chunk fits the cap."""
+    long_p = list(range(30, 50))
+    prompts = [long_p, [3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    events, shapes, _ = _run_engine(model, prompts, max_tokens=3, prefill_chunk=8)
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills[:3] == [(1, 8), (1, 8), (2, 4)]  # long prompt's chunks, then its last 4 + [3, 4, 5]
+    assert all(b * t <= 8 for b, t in prefills)
+    for p, ev in zip(prompts, events):
+        assert [t for d in ev for t in d.token_ids] == reference_greedy(model, p, 3)
+
+
+def test_a_failing_prompt_in_a_batched_prefill_fails_only_itself(model):
+    """A token id outside the vocabulary makes the batched prefill raise; each prompt is then retried
+    alone, and only the bad one fails."""
+    from llamalab.server.engine import Failed
+
+    bad = [5, model.config.vocab_size + 7, 6]
+    events, shapes, engine = _run_engine(model, [PROMPTS[0], bad, PROMPTS[2]], max_tokens=4)
+    assert len(events[1]) == 1 and isinstance(events[1][0], Failed) and "prefill failed" in events[1][0].message
+    for i in (0, 2):
+        assert [t for d in events[i] for t in d.token_ids] == reference_greedy(model, PROMPTS[i], 4)
+    assert engine.cache.lengths.tolist() == [0, 0, 0, 0]  # every row freed

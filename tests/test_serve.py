@@ -304,19 +304,19 @@ def test_one_failing_request_does_not_hurt_others(tiny):
     poison = tok.token_to_id("<|im_start|>")
     with BackgroundServer(model, tok, MODEL, max_batch=4, max_len=CONTEXT) as srv:
         eng = srv.engine
-        forward, prefill = eng._forward, eng._prefill_chunk
+        forward, prefill = eng._forward, eng._prefill_batch
 
         def bad_forward(seqs):
             if any(s.job.prompt_ids[0] == poison for s in seqs):
                 raise RuntimeError("boom in decode")
             return forward(seqs)
 
-        def bad_prefill(job, budget):
-            if job.prompt_ids[:2] == [poison, poison]:
+        def bad_prefill(group):  # a batched prefill holding the poisoned prompt raises, as it does alone
+            if any(job.prompt_ids[:2] == [poison, poison] for job, _ in group):
                 raise RuntimeError("boom in prefill")
-            return prefill(job, budget)
+            return prefill(group)
 
-        eng._forward, eng._prefill_chunk = bad_forward, bad_prefill
+        eng._forward, eng._prefill_batch = bad_forward, bad_prefill
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         good = dict(model=MODEL, prompt="hello world", max_tokens=20, temperature=0,
                     logit_bias={str(i): -100 for i in tok.stop_token_ids})

@@ -4,10 +4,12 @@ One thread owns the model and a KV cache with ``max_batch`` rows (:meth:`Llama.n
 keeps its own fill length, so rows hold sequences of different lengths side by side. The thread loops:
 
 1. **admit** — queued jobs take free rows (a job with ``n`` choices takes ``n`` rows at once);
-2. **prefill** — up to ``prefill_chunk`` prompt tokens of admitted jobs go through the model, written
-   into their own rows (``model(ids, cache=cache, cache_rows=[row])``). A job's prompt is prefilled
-   once; for ``n > 1`` its cache row is then copied to the other ``n - 1`` rows. Long prompts are cut
-   into chunks so the running sequences keep decoding between chunks;
+2. **prefill** — the prompts of admitted jobs go through the model together, in one forward call over
+   their rows (:meth:`Runner.prefill_rows`: ragged, right-padded, each row written after its own
+   length), up to ``prefill_chunk`` tokens per step counting the padding. A job's prompt is prefilled
+   once; for ``n > 1`` its cache row is then copied to the other ``n - 1`` rows. A prompt longer than
+   ``prefill_chunk`` is cut into chunks, so the running sequences keep decoding between chunks. If the
+   batched call raises, each prompt is retried alone, and only the one that fails alone fails;
 3. **decode** — one token for every running sequence in a single batched forward call
    (``cache_rows`` = their rows, each appended after its own length), then each row samples with its
    own :class:`~llamalab.generation.sampling.SamplingParams`, generator and penalty counts, and hands
@@ -241,36 +243,81 @@ class Engine:
             self._prefilling.append(job)
 
     # ----------------------------------------------------------------- prefill
-    def _prefill_some(self) -> None:
-        budget = self.prefill_chunk
-        for job in list(self._prefilling):
-            if budget <= 0:
-                break
-            try:
-                budget -= self._prefill_chunk(job, budget)
-            except Exception as e:
-                log.exception("prefill failed")
-                self._fail(job, f"prefill failed: {e}")
+    def _prefill_group(self) -> list[tuple[Job, int]]:
+        """Which prefilling jobs take part in this step's prefill forward, and how many prompt tokens each.
 
-    def _prefill_chunk(self, job: Job, budget: int) -> int:
-        start = job.prefilled
-        chunk = job.prompt_ids[start:start + budget]
-        row = job.rows[0]
-        logits = self.runner.prefill(row, chunk, chunk=self.prefill_chunk)[None]
-        job.prefilled += len(chunk)
-        if job.prefilled < len(job.prompt_ids):
-            return len(chunk)
-        # prompt done: copy the row to the job's other rows, then every choice samples its first token
-        for other in job.rows[1:]:
-            self.cache.copy_row(row, other)
-        job.seqs = [_Choice(job, job.opts.first_index + i, r, self.tok, self.device) for i, r in enumerate(job.rows)]
-        for s in job.seqs:
-            self.counts.reset(s.row, job.prompt_ids)
-        with self._cond:
-            self._prefilling.remove(job)
-            self._running.extend(job.seqs)
-        self._sample_and_emit(job.seqs, logits.expand(len(job.seqs), -1))
-        return len(chunk)
+        The forward is right-padded to its longest chunk, so it costs ``len(group) × longest`` tokens;
+        that is held to ``prefill_chunk`` (the cap on prefill tokens per step). The oldest job always
+        goes: a prompt longer than the cap goes alone, ``prefill_chunk`` tokens at a time, so the
+        running sequences decode between its chunks. Younger jobs join when their whole remaining
+        prompt fits the cap alongside (a job that does not fit waits, ahead of the younger ones, for
+        the next step)."""
+        budget, room = self.prefill_chunk, self.cache.max_seq_len
+        group: list[Job] = []
+        longest = start = 0
+        for job in self._prefilling:
+            rem = len(job.prompt_ids) - job.prefilled
+            if not group:
+                group.append(job)
+                longest, start = min(rem, budget), job.prefilled
+                continue
+            t = max(longest, rem)
+            if rem > 0 and (len(group) + 1) * t <= budget and max(start, job.prefilled) + t <= room:
+                group.append(job)
+                longest, start = t, max(start, job.prefilled)
+        return [(job, min(len(job.prompt_ids) - job.prefilled, longest)) for job in group]
+
+    def _prefill_some(self) -> None:
+        group = self._prefill_group()
+        if not group:
+            return
+        try:
+            self._prefill_batch(group)
+        except Exception as e:
+            if len(group) == 1:
+                log.exception("prefill failed")
+                self._fail(group[0][0], f"prefill failed: {e}")
+                return
+            # find the prompt that breaks the batched forward; the others go on
+            log.exception("batched prefill failed; retrying row by row")
+            for job, n in group:
+                try:
+                    self._prefill_batch([(job, n)])
+                except Exception as e1:
+                    log.exception("prefill failed")
+                    self._fail(job, f"prefill failed: {e1}")
+
+    def _prefill_batch(self, group: list[tuple[Job, int]]) -> None:
+        """Prefill the next ``n`` prompt tokens of each job in one forward (``Runner.prefill_rows``); a job
+        whose prompt is then complete starts decoding. Raises (with the cache rows as they were) only if
+        the forward does."""
+        chunks = [job.prompt_ids[job.prefilled:job.prefilled + n] for job, n in group]
+        logits = self.runner.prefill_rows([job.rows[0] for job, _ in group], chunks)
+        seqs, picks = [], []
+        for i, ((job, _), chunk) in enumerate(zip(group, chunks)):
+            job.prefilled += len(chunk)
+            if job.prefilled < len(job.prompt_ids):
+                continue
+            try:
+                # prompt done: copy the row to the job's other rows, then every choice samples its first token
+                row = job.rows[0]
+                for other in job.rows[1:]:
+                    self.cache.copy_row(row, other)
+                job.seqs = [_Choice(job, job.opts.first_index + k, r, self.tok, self.device)
+                            for k, r in enumerate(job.rows)]
+                for s in job.seqs:
+                    self.counts.reset(s.row, job.prompt_ids)
+            except Exception as e:
+                log.exception("starting a job failed")
+                self._fail(job, f"prefill failed: {e}")
+                continue
+            with self._cond:
+                self._prefilling.remove(job)
+                self._running.extend(job.seqs)
+            seqs.extend(job.seqs)
+            picks.extend([i] * len(job.seqs))
+        if seqs:
+            self._sample_and_emit(seqs, logits[torch.tensor(picks, device=logits.device)])
 
     # ----------------------------------------------------------------- decode
     def _decode_step(self) -> None:
