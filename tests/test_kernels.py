@@ -253,6 +253,20 @@ def test_dense_op_equals_float64_on_every_isa(dense_rows_lifted, wdtype):
                     assert err < 2e-6, f"{wdtype} {isa} {(m, n, k)} bias={bias is not None}: {err:.2e}"
 
 
+def test_dense_rows_do_not_depend_on_their_batch(dense_rows_lifted):
+    """A row's sums run in the same order whatever the batch size: each row of a batch of 1..9 is bit for bit
+    the row alone (a server batch decodes what a single sequence would)."""
+    gen = torch.Generator().manual_seed(10)
+    for wdtype in DENSE_DTYPES:
+        w = torch.randn(23, 583, generator=gen).to(wdtype)
+        x = torch.randn(9, 583, generator=gen)
+        for isa in kernels.available_isas():
+            kernels.set_isa(isa)
+            alone = torch.cat([kernels.dense_linear(x[i:i + 1], w) for i in range(9)])
+            for m in range(2, 10):
+                assert torch.equal(kernels.dense_linear(x[:m], w), alone[:m]), f"{wdtype} {isa} rows={m}"
+
+
 def test_dense_op_within_1e5_of_f_linear(native):
     """float32 weights at the default hand-over: the kernel's rows and the GEMM's rows both match F.linear."""
     gen = torch.Generator().manual_seed(8)

@@ -3,8 +3,8 @@
 //
 // Decode (M = 1) is a matrix-vector product that reads every weight once: its speed is the speed at which
 // the weight streams from memory. Each weight row is read in address order (rows one after the other, as
-// the hardware prefetchers like it), loaded once and multiplied by up to 8 activation rows held in L1;
-// more activation rows go by chunks of 8 over the same (now cached) weight row. Weights are widened to
+// the hardware prefetchers like it), loaded once and multiplied by up to 8 activation rows held in L1
+// (4 on AVX2); more activation rows go by chunks over the same (now cached) weight row. Weights are widened to
 // float32 exactly: bf16 by a 16-bit left shift, fp16 by vcvtph2ps (F16C / AVX-512F); one FMA per
 // product, so the only difference from a float32 GEMM is the order of the sums. AVX-512F (16 lanes,
 // masked tails), AVX2 + FMA + F16C (8 lanes, scalar tails) and portable scalar code, chosen at run time
@@ -37,7 +37,7 @@ int64_t current_isa();  // blocks.cpp: 0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 V
 namespace {
 
 enum WType { F32, BF16, F16 };
-constexpr int MB = 8;        // activation rows per pass over a weight row
+constexpr int MB = 8;        // activation rows per pass over a weight row (AVX-512; 4 on AVX2, 16 registers)
 // more activation rows than this (float32, bfloat16, float16 weights): at::linear; set by dense_configure
 int64_t g_dense_rows[3] = {8, 4, 16};
 
@@ -101,11 +101,12 @@ LL_DENSE_AVX2_ATTR inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// one weight row (K values) times MM activation rows (stride K) -> out[0..MM); U independent accumulators
-// per activation row hide the FMA latency when MM is small
+// One weight row (K values) times MM activation rows (stride K) -> out[0..MM). Two accumulators per
+// activation row (the FMA latency), whatever MM: a row's sums are done in the same order at every batch
+// size, so a row's result does not depend on the rows it is batched with.
 template <WType T, int MM>
 LL_DENSE_AVX2_ATTR inline void row_avx2(const void* wr, int64_t K, const float* x, float* out) {
-  constexpr int U = MM == 1 ? 4 : (MM <= 4 ? 2 : 1);
+  constexpr int U = 2;
   __m256 acc[U][MM];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MM; ++m) acc[u][m] = _mm256_setzero_ps();
@@ -117,7 +118,7 @@ LL_DENSE_AVX2_ATTR inline void row_avx2(const void* wr, int64_t K, const float* 
         acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
     }
   }
-  for (; k + 8 <= K; k += 8) {
+  if (k + 8 <= K) {
     const __m256 wv = load8<T>(wr, k);
     for (int m = 0; m < MM; ++m) acc[0][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
   }
@@ -150,7 +151,7 @@ LL_DENSE_AVX512_ATTR inline __m512 load16_masked(const void* w, int64_t k, __mma
 
 template <WType T, int MM>
 LL_DENSE_AVX512_ATTR inline void row_avx512(const void* wr, int64_t K, const float* x, float* out) {
-  constexpr int U = MM == 1 ? 4 : 2;  // 2·MM ≤ 16 accumulators of 32 registers
+  constexpr int U = 2;  // as on AVX2 (the same order at every MM); 2·MM ≤ 16 accumulators of 32 registers
   __m512 acc[U][MM];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MM; ++m) acc[u][m] = _mm512_setzero_ps();
@@ -175,7 +176,7 @@ LL_DENSE_AVX512_ATTR inline void row_avx512(const void* wr, int64_t K, const flo
 }
 
 // rows n0..n1 of W times all M activation rows; MM-row chunks dispatched to the template instances
-#define LL_DENSE_ROWS(NAME, ATTR, ROW)                                                                     \
+#define LL_DENSE_ROWS(NAME, ATTR, ROW, CHUNK)                                                              \
   template <WType T>                                                                                      \
   ATTR void NAME(const void* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, int64_t N,  \
                  const float* bias, float* y) {                                                           \
@@ -183,18 +184,18 @@ LL_DENSE_AVX512_ATTR inline void row_avx512(const void* wr, int64_t K, const flo
     float out[MB];                                                                                        \
     for (int64_t n = n0; n < n1; ++n) {                                                                   \
       const void* wr = (const char*)w + n * K * esz;                                                      \
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                            \
+      for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {                                                         \
         const float* xm = x + m0 * K;                                                                     \
-        const int64_t mm = std::min<int64_t>(MB, M - m0);                                                 \
+        const int64_t mm = std::min<int64_t>(CHUNK, M - m0);                                              \
         switch (mm) {                                                                                     \
           case 1: ROW<T, 1>(wr, K, xm, out); break;                                                       \
           case 2: ROW<T, 2>(wr, K, xm, out); break;                                                       \
           case 3: ROW<T, 3>(wr, K, xm, out); break;                                                       \
           case 4: ROW<T, 4>(wr, K, xm, out); break;                                                       \
-          case 5: ROW<T, 5>(wr, K, xm, out); break;                                                       \
-          case 6: ROW<T, 6>(wr, K, xm, out); break;                                                       \
-          case 7: ROW<T, 7>(wr, K, xm, out); break;                                                       \
-          default: ROW<T, 8>(wr, K, xm, out); break;                                                      \
+          case 5: ROW<T, CHUNK < 5 ? 1 : 5>(wr, K, xm, out); break;                                       \
+          case 6: ROW<T, CHUNK < 6 ? 1 : 6>(wr, K, xm, out); break;                                       \
+          case 7: ROW<T, CHUNK < 7 ? 1 : 7>(wr, K, xm, out); break;                                       \
+          default: ROW<T, CHUNK < 8 ? 1 : 8>(wr, K, xm, out); break;                                      \
         }                                                                                                 \
         const float b = bias ? bias[n] : 0.f;                                                             \
         for (int64_t m = 0; m < mm; ++m) y[(m0 + m) * N + n] = out[m] + b;                                \
@@ -202,8 +203,8 @@ LL_DENSE_AVX512_ATTR inline void row_avx512(const void* wr, int64_t K, const flo
     }                                                                                                     \
   }
 
-LL_DENSE_ROWS(rows_avx2, LL_DENSE_AVX2_ATTR, row_avx2)
-LL_DENSE_ROWS(rows_avx512, LL_DENSE_AVX512_ATTR, row_avx512)
+LL_DENSE_ROWS(rows_avx2, LL_DENSE_AVX2_ATTR, row_avx2, 4)
+LL_DENSE_ROWS(rows_avx512, LL_DENSE_AVX512_ATTR, row_avx512, MB)
 #endif
 
 template <WType T>
