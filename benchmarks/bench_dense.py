@@ -9,6 +9,13 @@ rounds and, for the kernel, the weight GB/s. The activation has the weight's dty
 here is the kernel's; ``llamalab.kernels.DENSE_ROWS`` is where it hands over.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dense.py --rows 1 2 4 8 12 16 --rounds 7
+
+``--decode``: greedy decode tok/s of whole models instead (SmolLM2-135M-Instruct dequantized, the
+``gqa-125m`` preset; ``llamalab.generation.generate.complete``, eager), with the model's linears on the
+dense kernel and on ``F.linear`` (``use_dense_kernels`` / ``use_torch_linears`` on the same model,
+alternating within each round, in one process), medians over the rounds:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dense.py --decode --rounds 5
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--stream-mb", type=float, default=96.0)
+    ap.add_argument("--decode", action="store_true", help="whole-model decode tok/s, kernel vs F.linear")
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gqa-125m"])
+    ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
+    if args.decode:
+        return decode(args)
 
     from llamalab import kernels
 
@@ -61,6 +73,37 @@ def main() -> None:
                 a, b = statistics.median(ours), statistics.median(theirs)
                 print(f"{dname:<9} {label:<17} {m:>4} {a * 1e6:>9.0f} {nbytes / a / 1e9:>5.1f} {b * 1e6:>11.0f} "
                       f"{b / a:>7.2f}x", flush=True)
+
+
+def decode(args) -> None:
+    import llamalab
+    from llamalab.generation.generate import complete
+    from llamalab.kernels.dense import use_dense_kernels, use_torch_linears
+
+    print(f"threads {torch.get_num_threads()}; prompt 16 tokens, {args.new_tokens} new; decode tok/s, median of "
+          f"{args.rounds} rounds (each: dense kernel, then F.linear, same model)")
+    print(f"{'model':<13} {'dtype':<9} {'dense':>7} {'F.linear':>8} {'speed-up':>8}")
+    for name in args.models:
+        for dname in args.dtypes:
+            model, _ = llamalab.load("smollm2" if name == "smollm2-135m" else name, dtype=dname)
+            model.eval()
+            ours, theirs = [], []
+            use_dense_kernels(model)
+            _rate(complete, model, args.new_tokens)  # warm-up
+            for _ in range(args.rounds):
+                use_dense_kernels(model)
+                ours.append(_rate(complete, model, args.new_tokens))
+                use_torch_linears(model)
+                theirs.append(_rate(complete, model, args.new_tokens))
+            a, b = statistics.median(ours), statistics.median(theirs)
+            print(f"{name:<13} {dname:<9} {a:>7.1f} {b:>8.1f} {a / b:>7.2f}x", flush=True)
+
+
+def _rate(complete, model, n: int) -> float:
+    """Greedy decode tok/s of n new tokens after a 16-token prompt (stop tokens banned: always n)."""
+    ban = {int(i): -100.0 for i in model.config.stop_token_ids}
+    c = complete(model, None, [list(range(1, 17))], max_new_tokens=n, compile=False, logit_bias=ban)[0]
+    return c.stats["decode_steps"] / c.stats["decode_s"]
 
 
 def _time(fn) -> float:
