@@ -183,7 +183,9 @@ def test_quantized_model_logits_close_and_save_load_round_trip(tiny_model, tmp_p
     record = json.loads((tmp_path / "q" / "config.json").read_text())["llamalab_quantization"]
     blocks = kind.startswith("q")
     assert record["method"] == method and record["layout"] == ("blocks" if blocks else "packed")
-    assert record.get("kinds") == ([kind] if blocks else None)
+    # the blocks layout quantizes the output head too, always as Q8_0 (as llama.cpp's q8_0 / q4_0 files do)
+    assert record.get("kinds") == (sorted({kind, "q8_0"}) if blocks else None)
+    assert record["lm_head"] is blocks and (_kind(q.lm_head) == "q8_0" if blocks else type(q.lm_head) is torch.nn.Linear)
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         parts = {k.rsplit(".", 1)[1] for k in f.keys() if "mlp.up_proj" in k}
     assert parts == ({"qs", "d", "m"} if kind == "q4_1" else {"qs", "d"} if blocks else
@@ -285,10 +287,14 @@ def test_quantize_cli(tiny_model, tmp_path, capsys):
         assert f"{args[1]} as {kind.upper()} blocks" in capsys.readouterr().out
         m, _ = llamalab.load(out)
         assert {_kind(lay) for n, lay in m.named_modules() if n.endswith("_proj")} == {kind}
+        assert _kind(m.lm_head) == "q8_0"  # the head too, as Q8_0 whatever the blocks' kind (llama.cpp's choice)
+        layers = {kind: 14} if kind == "q8_0" else {kind: 14, "q8_0": 1}
+        layers["q8_0"] = layers.get("q8_0", 0) + (1 if kind == "q8_0" else 0)
         assert main(["info", str(out)]) == 0
-        assert f"{args[1]} linears ({kind.upper()} x14)" in capsys.readouterr().out
+        listed = ", ".join(f"{k.upper()} x{n}" for k, n in sorted(layers.items()))
+        assert f"{args[1]} linears ({listed})" in capsys.readouterr().out
         assert main(["info", str(out), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["quantized_layers"] == {kind: 14}
+        assert json.loads(capsys.readouterr().out)["quantized_layers"] == layers
     assert main(["quantize", "--model", str(tmp_path / "m"), "--to", "int8", "--layout", "packed",
                  "--out", str(tmp_path / "p8")]) == 0
     assert "int8 (packed, per channel)" in capsys.readouterr().out
@@ -339,7 +345,7 @@ def test_loaded_int8_buffers_are_aligned(tiny_model, tmp_path, layout):
     loaded, _ = llamalab.load(tmp_path / "q")
     packed = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
     blocks = [m for m in loaded.modules() if isinstance(m, BlockQuantLinear)]
-    assert len(packed if layout == "packed" else blocks) == 14
+    assert len(packed if layout == "packed" else blocks) == (14 if layout == "packed" else 15)  # + the Q8_0 head
     assert all(m.qweight.data_ptr() % 64 == 0 and m._kernel_ready for m in packed)
     assert all(m.qs.data_ptr() % 64 == 0 and m.d.data_ptr() % 64 == 0 for m in blocks)
 
@@ -369,7 +375,7 @@ def test_smollm2_int8_greedy_tokens_equal_float32_and_bounds_hold(smollm2):
     model, tok = smollm2
     q = quantize_model(copy.deepcopy(model), "int8")
     layers = {n: m for n, m in q.named_modules() if isinstance(m, BlockQuantLinear)}
-    assert len(layers) == 7 * model.config.n_layers and {m.kind for m in layers.values()} == {"q8_0"}
+    assert len(layers) == 7 * model.config.n_layers + 1 and {m.kind for m in layers.values()} == {"q8_0"}  # + head
     for name, layer in layers.items():
         w = model.get_submodule(name).weight.detach()
         err, d = _blocks(layer, w)

@@ -30,9 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("blocks", "packed"), default="blocks",
                    help="blocks (default): GGUF Q8_0 / Q4_1 / Q4_0 on llamalab's kernels; packed: PyTorch's "
                         "per-channel int8 / group-wise int4 kernels (the format before blocks)")
-    p.add_argument("--lm-head", action="store_true",
-                   help="also quantize the output head (int8 recommended: in Q8_0 it costs SmolLM2 +0.12%% "
-                        "perplexity and speeds decode ~1.5x; docs/quantization.md)")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--lm-head", dest="lm_head", action="store_true", default=None,
+                      help="quantize the output head (the default with --layout blocks: Q8_0, as llama.cpp's "
+                           "q8_0 / q4_0 files do; on SmolLM2 +0.12%% perplexity, ~1.5x faster decode)")
+    head.add_argument("--float-head", dest="lm_head", action="store_false",
+                      help="keep the output head in floating point (the default with --layout packed)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -52,7 +55,9 @@ def describe(quantization: dict) -> str:
     kinds = quantization.get("kinds") or []
     blocks = "/".join(k.upper() for k in kinds)
     if quantization.get("layout") == "blocks" and blocks:
-        return f"{method} as {blocks} blocks"
+        body = [k for k in kinds if k != "q8_0"] or ["q8_0"]  # the head is Q8_0 whatever the blocks' kind
+        head = ", output head Q8_0" if quantization.get("lm_head") else ", output head float"
+        return f"{method} as {'/'.join(k.upper() for k in body)} blocks{head}"
     group = quantization.get("group_size")
     packed = "packed, per channel" if method == "int8" else f"packed, group size {group}"
     return f"{method} ({packed}" + (f"; {blocks} blocks where the width allows)" if blocks else ")")
