@@ -109,7 +109,6 @@ def test_one_home_per_concern(package):
 
 def test_the_tokenizer_satisfies_the_protocol_the_library_takes():
     from helpers import make_tokenizer
-
     from llamalab.tokenization.protocol import TokenizerProtocol
 
     class NoDecode:  # missing a member the protocol names

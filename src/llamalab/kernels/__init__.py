@@ -47,9 +47,12 @@ _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
 _DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
-# From this many activation rows on, dequantizing the weight (C++, vectorised) and calling the GEMM is
-# faster than the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures):
-# 12 with a bf16 GEMM (AMX / AVX512-BF16), 24 with an fp32 one. Set by load().
+# From this many activation rows on, the weight is dequantized (C++, vectorised) and multiplied by a GEMM
+# instead of the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures).
+# Never below 17: a decode batch of up to 16 rows (the server's default --max-batch) stays on the integer
+# kernel, the arithmetic of a single row (int8 activations), so a batched greedy answer is the one-at-a-time
+# answer up to float rounding (~1e-5) — the GEMM path (float activations, bf16 where the CPU has it) differs
+# by ~0.5 in a logit and would flip near-ties. 17 with a bf16 GEMM (AMX / AVX512-BF16), 24 with fp32. Set by load().
 GEMM_ROWS = 24
 # Up to this many activation rows dense_linear runs its own kernel (the weight streamed once, fp32 FMAs), above
 # it torch's GEMM, per weight dtype (docs/kernels.md has the measured crossovers; torch's fp16 product is slow).
@@ -188,7 +191,7 @@ def load() -> bool:
         _register_fakes()
         _state.update(native=native, reason=reason)
         if native:
-            GEMM_ROWS = 12 if gemm_bf16() else 24
+            GEMM_ROWS = 17 if gemm_bf16() else 24
             torch.ops.llamalab.configure(GEMM_ROWS, gemm_bf16())
             torch.ops.llamalab.dense_configure(DENSE_ROWS[torch.float32], DENSE_ROWS[torch.bfloat16],
                                                DENSE_ROWS[torch.float16])
