@@ -12,8 +12,9 @@ are the two edge cases. The cache stores only the n_kv_heads heads; K/V are neve
 head: SDPA's ``enable_gqa`` handles the causal path, and masked paths use a grouped view of the
 queries, (B, n_kv_heads, n_rep·T, head_dim), against the un-repeated keys.
 
-Each attention layer knows its index in the model (``layer_idx``) and hands its new keys/values to
-the :class:`~llamalab.model.kv_cache.KVCache`, which owns every write (kv_cache.py).
+Each attention layer knows its index in the model (``layer_idx``); the model hands it that layer's
+tensors of the :class:`~llamalab.model.kv_cache.KVCache` (``KVCache.layer``), and it passes its new
+keys/values to :func:`~llamalab.model.kv_cache.write_layer`, which owns every write (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalab.model.kv_cache import CacheStep, KVCache
+from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
@@ -50,11 +51,14 @@ class GroupedQueryAttention(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         step: CacheStep | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x (B, T, hidden); ``cos`` / ``signed_sin``: the call's RoPE tables (B, 1, T, head_dim) of
         :func:`~llamalab.model.rope.rope_tables`, made once for all layers — or cos / sin (B, T, head_dim)
-        as :class:`~llamalab.model.rope.RotaryEmbedding` returns them, made into tables here."""
+        as :class:`~llamalab.model.rope.RotaryEmbedding` returns them, made into tables here.
+        ``step`` / ``kv``: a cache step and this layer's cache tensors (:meth:`KVCache.layer`; or ``cache``,
+        the whole cache, to take them from by this layer's index)."""
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
@@ -64,7 +68,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
         if step is not None:
-            k, v = cache.write(step, self.layer_idx, k, v)
+            k, v = write_layer(step, kv if kv is not None else cache.layer(self.layer_idx), k, v)
             mask = step.mask
             causal = False
         else:

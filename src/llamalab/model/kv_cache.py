@@ -11,8 +11,9 @@ A forward call over the cache goes in three moves, all made here:
 
 * :meth:`KVCache.plan` — where this call's tokens go (slots per row), their RoPE positions and the
   attention mask; computed once per call, shared by all layers (a :class:`CacheStep`);
-* :meth:`KVCache.write` — called by attention layer ``i`` (which knows its index) with its new keys
-  and values; returns the keys and values to attend over;
+* :func:`write_layer` — called by attention layer ``i`` with its new keys and values and its cache
+  tensors (:meth:`KVCache.layer` ``(i)``, handed over by the model); returns the keys and values to
+  attend over;
 * :meth:`KVCache.commit` — advance the rows' lengths once every layer has written.
 
 :meth:`KVCache.plan_decode` plans a one-token step over *every* row with shapes that depend only
@@ -49,6 +50,8 @@ class CacheStep:
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, True = may attend; None = attend to all kv_len
     position_ids: torch.Tensor  # (B, T) RoPE positions of the new tokens
     every_row: bool = False  # a plan_decode step: the batch is all cache rows, in order, over all slots
+    row_index: torch.Tensor | None = None  # (B,) the rows as indices
+    whole: bool = False  # rows is the slice of every cache row
 
 
 class KVCache:
@@ -84,6 +87,7 @@ class KVCache:
         self.scratch = max_seq_len if scratch_slot else None
         self.has_padding = False  # set once a padded token is written; enables the per-slot validity mask
         self._all_rows = torch.arange(batch_size, device=device)
+        self._every_row = slice(0, batch_size)
 
     @classmethod
     def from_config(cls, config, batch_size: int = 1, max_seq_len: int | None = None,
@@ -171,7 +175,7 @@ class KVCache:
             valid = self.valid[rows][:, :kv_len]
             mask = (((j[None, None, :] <= q_slot) & valid[:, None, :]) | (j[None, None, :] == q_slot))[:, None]
         return CacheStep(rows=rows, start=lo if uniform else None, slots=slots, kv_len=kv_len, mask=mask,
-                         position_ids=position_ids)
+                         position_ids=position_ids, row_index=row_idx, whole=rows == self._every_row)
 
     def plan_decode(self, rows: torch.Tensor) -> CacheStep:
         """Plan one token for every cache row over all slots (static shapes); only ``rows`` (unpadded,
@@ -189,29 +193,20 @@ class KVCache:
         mask = (self.valid | (j[None] == slots[:, None]))[:, None, None]  # (Bc, 1, 1, S+1); scratch attends itself
         position_ids = torch.where(active, lengths, 0)[:, None]
         return CacheStep(rows=self._all_rows, start=None, slots=slots[:, None], kv_len=self.max_seq_len + 1,
-                         mask=mask, position_ids=position_ids, every_row=True)
+                         mask=mask, position_ids=position_ids, every_row=True,
+                         row_index=self._all_rows, whole=True)
+
+    def layer(self, layer_idx: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s key and value tensors (B, Hkv, S, D): what its attention writes through
+        :func:`write_layer` (tensors, not an index, so one compiled block serves every layer)."""
+        if layer_idx is None:
+            raise ValueError("this attention layer has no layer index: it cannot use a KV cache")
+        return self.k_layers[layer_idx], self.v_layers[layer_idx]
 
     def write(self, step: CacheStep, layer_idx: int | None, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer ``layer_idx``'s new keys/values (B, Hkv, T, D); returns those to attend over."""
-        if layer_idx is None:
-            raise ValueError("this attention layer has no layer index: it cannot use a KV cache")
-        ck, cv = self.k_layers[layer_idx], self.v_layers[layer_idx]  # (Bc, Hkv, S, D)
-        T = k.shape[2]
-        if step.every_row:
-            r = step.rows[:, None]
-            ck[r, :, step.slots] = k.permute(0, 2, 1, 3).to(ck.dtype)
-            cv[r, :, step.slots] = v.permute(0, 2, 1, 3).to(cv.dtype)
-            return ck, cv
-        if isinstance(step.rows, slice) and step.start is not None:
-            ck[step.rows, :, step.start:step.start + T] = k
-            cv[step.rows, :, step.start:step.start + T] = v
-            return ck[step.rows, :, :step.kv_len], cv[step.rows, :, :step.kv_len]
-        rows = step.rows if isinstance(step.rows, torch.Tensor) else self._all_rows[step.rows]
-        r = rows[:, None].expand_as(step.slots)
-        ck[r, :, step.slots] = k.permute(0, 2, 1, 3).to(ck.dtype)
-        cv[r, :, step.slots] = v.permute(0, 2, 1, 3).to(cv.dtype)
-        return ck[rows, :, :step.kv_len], cv[rows, :, :step.kv_len]
+        return write_layer(step, self.layer(layer_idx), k, v)
 
     def commit(self, step: CacheStep, rows: torch.Tensor | None = None) -> None:
         """Advance the lengths of the rows a step wrote (of ``rows`` only, for a :meth:`plan_decode` step)."""
@@ -219,3 +214,27 @@ class KVCache:
             self.lengths[rows] += 1
         else:
             self.lengths[step.rows] += step.slots.shape[1]
+
+
+def write_layer(step: CacheStep, kv: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store one layer's new keys/values (B, Hkv, T, D) into its cache tensors ``kv`` (:meth:`KVCache.layer`)
+    where ``step`` says; returns the keys and values to attend over."""
+    ck, cv = kv  # (Bc, Hkv, S, D)
+    if step.every_row:
+        r = step.row_index[:, None]
+        ck[r, :, step.slots] = k.permute(0, 2, 1, 3).to(ck.dtype)
+        cv[r, :, step.slots] = v.permute(0, 2, 1, 3).to(cv.dtype)
+        return ck, cv
+    if step.start is not None and isinstance(step.rows, slice):
+        if not step.whole:  # (all rows: no row slice, one op fewer per tensor and layer)
+            ck, cv = ck[step.rows], cv[step.rows]
+        T = k.shape[2]
+        ck.narrow(2, step.start, T).copy_(k)
+        cv.narrow(2, step.start, T).copy_(v)
+        return ck.narrow(2, 0, step.kv_len), cv.narrow(2, 0, step.kv_len)
+    rows = step.row_index
+    r = rows[:, None].expand_as(step.slots)
+    ck[r, :, step.slots] = k.permute(0, 2, 1, 3).to(ck.dtype)
+    cv[r, :, step.slots] = v.permute(0, 2, 1, 3).to(cv.dtype)
+    return ck[rows, :, :step.kv_len], cv[rows, :, :step.kv_len]

@@ -37,9 +37,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor | None = None,
-                step: CacheStep | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, hidden); ``cos`` / ``signed_sin`` from :meth:`RotaryEmbedding.tables`."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, cache=cache)
+                step: CacheStep | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, hidden); ``cos`` / ``signed_sin`` from :meth:`RotaryEmbedding.tables`; ``kv``: this
+        layer's cache tensors (:meth:`KVCache.layer`) when ``step`` writes a cache."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, kv=kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,11 +168,13 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(h)).float()
 
     def forward_step(self, input_ids: torch.Tensor, cache: KVCache, step: CacheStep,
-                     last_only: bool = False) -> torch.Tensor:
+                     last_only: bool = False, block=None) -> torch.Tensor:
         """Logits (B, T or 1, vocab) float32 for tokens planned into ``cache`` by ``step``
         (:meth:`KVCache.plan` / :meth:`KVCache.plan_decode`); the caller commits. This is the decode
-        step that :mod:`llamalab.generation.runner` compiles whole."""
-        h = self._blocks(self.embed_tokens(input_ids), step.position_ids, step.mask, step, cache)
+        step that :mod:`llamalab.generation.runner` runs eagerly or compiles (whole, or per block:
+        ``block(layer, h, cos, signed_sin, mask, step, kv)`` then runs each layer, e.g. a compiled
+        ``Block.forward``; default: the layer itself)."""
+        h = self._blocks(self.embed_tokens(input_ids), step.position_ids, step.mask, step, cache, block)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h)).float()
@@ -206,10 +209,11 @@ class Llama(nn.Module):
         return self._blocks(h, position_ids, mask, None, None)
 
     def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                step: CacheStep | None, cache: KVCache | None) -> torch.Tensor:
+                step: CacheStep | None, cache: KVCache | None, block=None) -> torch.Tensor:
         cos, sin = self.rotary.tables(position_ids)  # once per call, shared by every layer
         for layer in self.layers:
-            h = layer(h, cos, sin, mask=mask, step=step, cache=cache)
+            kv = None if cache is None else cache.layer(layer.self_attn.layer_idx)
+            h = layer(h, cos, sin, mask, step, kv) if block is None else block(layer, h, cos, sin, mask, step, kv)
         return h
 
     # ----------------------------------------------------------------- weights
