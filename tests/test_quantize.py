@@ -185,7 +185,8 @@ def test_quantized_model_logits_close_and_save_load_round_trip(tiny_model, tmp_p
     assert record["method"] == method and record["layout"] == ("blocks" if blocks else "packed")
     # the blocks layout quantizes the output head too, always as Q8_0 (as llama.cpp's q8_0 / q4_0 files do)
     assert record.get("kinds") == (sorted({kind, "q8_0"}) if blocks else None)
-    assert record["lm_head"] is blocks and (_kind(q.lm_head) == "q8_0" if blocks else type(q.lm_head) is torch.nn.Linear)
+    assert record["lm_head"] is blocks
+    assert _kind(q.lm_head) == "q8_0" if blocks else type(q.lm_head) is torch.nn.Linear
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         parts = {k.rsplit(".", 1)[1] for k in f.keys() if "mlp.up_proj" in k}
     assert parts == ({"qs", "d", "m"} if kind == "q4_1" else {"qs", "d"} if blocks else
