@@ -286,6 +286,9 @@ def test_dense_op_shapes_dtypes_and_hand_over(native):
         y = kernels.dense_linear(x.to(dt), w)
         assert y.shape == (2, 3, 21) and y.dtype == dt
         torch.testing.assert_close(y.float(), x.to(dt).float() @ w.t(), rtol=1e-2, atol=1e-2)
+    for dt in (torch.bfloat16, torch.float16):  # 16-bit in and out: the fp32 result rounded as Tensor.to does
+        xs, ws = x[0].to(dt), w.to(dt)
+        assert torch.equal(kernels.dense_linear(xs, ws), kernels.dense_linear(xs.float(), ws).to(dt))
     xt = torch.randn(40, 4, generator=gen).t()  # a non-contiguous activation
     torch.testing.assert_close(kernels.dense_linear(xt, w), xt @ w.t(), rtol=1e-5, atol=1e-5)
     assert kernels.dense_linear(torch.randn(0, 40), w).shape == (0, 21)
@@ -325,7 +328,7 @@ def test_dense_swap_keeps_parameters_and_takes_the_kernel(native, monkeypatch):
 
     model = _tiny_llama().eval()
     keys = list(model.state_dict())
-    ids = torch.randint(0, 97, (1, 5))
+    ids = torch.randint(0, 97, (1, kernels.DENSE_ROWS[torch.float32]))  # rows the kernel takes
     with torch.inference_mode():
         want = model(ids)
     assert use_dense_kernels(model) == 2 * 7 + 1  # q k v o gate up down per block, and the head
@@ -360,7 +363,7 @@ def test_a_swapped_model_trains_like_the_plain_one(native):
     assert not torch.equal(plain.lm_head.weight, _tiny_llama(seed=3).lm_head.weight)  # (the step did something)
 
 
-def test_load_swaps_and_matches_transformers(native, tmp_path):
+def test_load_swaps_and_matches_transformers(native, tmp_path, monkeypatch):
     """llamalab.load of an HF directory runs its linears on the dense kernel; logits stay within 1e-4 of
     transformers' at decode-sized inputs (the kernel's rows)."""
     transformers = pytest.importorskip("transformers")
@@ -371,9 +374,13 @@ def test_load_swaps_and_matches_transformers(native, tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     model, _ = llamalab.load(tmp_path)
     assert sum(type(m) is DenseLinear for m in model.modules()) == 15
-    ids = torch.randint(0, 97, (1, 6))
+    ids = torch.randint(0, 97, (1, kernels.DENSE_ROWS[torch.float32]))
+    calls = []
+    real = torch.ops.llamalab.dense_linear
+    monkeypatch.setattr(torch.ops.llamalab, "dense_linear", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert len(calls) == 15
 
 
 _DENSE_CHILD = """

@@ -56,7 +56,7 @@ _DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
 GEMM_ROWS = 24
 # Up to this many activation rows dense_linear runs its own kernel (the weight streamed once, fp32 FMAs), above
 # it torch's GEMM, per weight dtype (docs/kernels.md has the measured crossovers; torch's fp16 product is slow).
-DENSE_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 16}
+DENSE_ROWS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 16}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "native": bool, "library": Path | None, "reason": str

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -39,7 +40,7 @@ namespace {
 enum WType { F32, BF16, F16 };
 constexpr int MB = 8;        // activation rows per pass over a weight row (AVX-512; 4 on AVX2, 16 registers)
 // more activation rows than this (float32, bfloat16, float16 weights): at::linear; set by dense_configure
-int64_t g_dense_rows[3] = {8, 4, 16};
+int64_t g_dense_rows[3] = {4, 4, 16};
 
 int64_t dense_configure(int64_t rows_f32, int64_t rows_bf16, int64_t rows_f16) {
   g_dense_rows[F32] = rows_f32;
@@ -243,16 +244,42 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
   }
   c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
   out_sizes.back() = N;
-  // (a contiguous float32 activation, the decode case, is used as is)
-  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
-  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty(out_sizes, x.options());
-  if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
+  // A contiguous float32 / bfloat16 / float16 activation (the decode case) is read, and y written, with no
+  // extra torch ops: 16-bit activations are widened into a per-thread buffer and the float32 result is
+  // rounded (to nearest even, as Tensor.to) into y. Anything else goes through a float32 copy.
+  const at::ScalarType xt = x_in.scalar_type();
+  const bool direct = x_in.is_contiguous() && (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf);
+  at::Tensor y = at::empty(out_sizes, x_in.options().dtype(direct ? xt : at::kFloat));
+  if (M == 0 || N == 0) return direct ? y : y.to(xt);
+  thread_local std::vector<float> xbuf, ybuf;
+  at::Tensor x;
+  const float* xp;
+  if (xt == at::kFloat && direct) {
+    xp = x_in.data_ptr<float>();
+  } else if (direct) {
+    xbuf.resize(std::max<size_t>(xbuf.size(), M * K));
+    if (xt == at::kBFloat16) {
+      const c10::BFloat16* src = x_in.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < M * K; ++i) xbuf[i] = (float)src[i];
+    } else {
+      const c10::Half* src = x_in.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < M * K; ++i) xbuf[i] = (float)src[i];
+    }
+    xp = xbuf.data();
+  } else {
+    x = x_in.to(at::kFloat).contiguous();
+    xp = x.data_ptr<float>();
+  }
+  float* yp;
+  if (y.scalar_type() == at::kFloat) {
+    yp = y.data_ptr<float>();
+  } else {
+    ybuf.resize(std::max<size_t>(ybuf.size(), M * N));
+    yp = ybuf.data();
+  }
   at::Tensor bias;
   if (has_bias) bias = bias_in->to(at::kFloat).contiguous();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const void* wp = w.data_ptr();
   const int64_t isa = llamalab::current_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * std::min<int64_t>(M, MB)));
@@ -263,7 +290,14 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
       case F16: return rows_any<F16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
     }
   });
-  return plain ? y : y.to(x_in.scalar_type());
+  if (y.scalar_type() == at::kBFloat16) {
+    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::BFloat16(yp[i]);
+  } else if (y.scalar_type() == at::kHalf) {
+    c10::Half* dst = y.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::Half(yp[i]);
+  }
+  return direct ? y : y.to(xt);
 }
 
 }  // namespace
