@@ -18,8 +18,8 @@ layer, attention and the head as one graph) over a static cache:
 
 ``compile="blocks"`` (``LLAMALAB_COMPILE=blocks``) compiles per block instead: one graph of
 ``Block.forward`` with dynamic shapes that every layer runs (each layer's weights and cache tensors
-are its arguments), over the eager step's cache and plan — about a sixth of the whole step's cold
-compile and warm start on CPU, ~13% faster than eager once loaded (:func:`compile_pays`).
+are its arguments), over the eager step's cache and plan — a fraction of the whole step's cold
+compile on CPU, 8-13% faster than eager once loaded (:func:`compile_pays`).
 
 Compiling is chosen by ``compile=`` (True / False / ``"whole"`` / ``"blocks"``), else the environment
 variable ``LLAMALAB_COMPILE`` (``0`` / ``1`` / ``blocks``), else :func:`compile_pays` — on where it was
@@ -51,9 +51,10 @@ CACHE_DIR = Path("~/.cache/llamalab").expanduser()
 def compile_pays(model: Llama) -> bool:
     """Where compiling the decode step was measured to pay by default (docs/generation.md has the
     figures): nowhere yet. On a 2-core CPU, SmolLM2's step compiled whole takes minutes cold and
-    12-40 s to load warm; compiled per block (``compile="blocks"``) it takes ~35 s cold and ~5-7 s
-    warm and then decodes ~13% faster than eager (11.5-12.0 against 13.2-14.1 ms of CPU per step),
-    which wins the warm start back only after some 2,500 tokens, far more than a typical generation."""
+    12-40 s to load warm. Compiled per block (``compile="blocks"``) it takes ~1 min cold and ~12 s warm
+    (torch.compile's import ~5 s, loading the cached graph ~7 s), then decodes 8-13% faster than eager
+    (median step 18.8-23.6 against 20.4-26.5 ms of CPU, interleaved in one process): a 64-token
+    generation takes ~1.4-3 s eagerly, so the warm start is won back only after thousands of tokens."""
     return False
 
 
@@ -133,7 +134,7 @@ class Runner:
         self.model = model
         self.mode = compile_mode(model, compile)
         self.compiled = self.mode != "eager"
-        self._block = compiled_block() if self.mode == "blocks" else None
+        self._block = None  # compile="blocks": the compiled Block.forward, made at the first decode step
         if self.mode == "whole":
             context = model.config.max_position_embeddings
             max_seq_len = max(max_seq_len, min(context, _next_pow2(max(max_seq_len, SEQ_BUCKET))))
@@ -212,9 +213,11 @@ class Runner:
             return logits[r]
         sel = slice(rows[0], rows[0] + 1) if len(rows) == 1 else \
             (slice(0, len(rows)) if rows == list(range(len(rows))) else r)
-        if self._block is not None and not has_hooks(self.model):
-            step = self.cache.plan(sel, len(rows), 1)
+        if self.mode == "blocks" and not has_hooks(self.model):
             t0 = time.perf_counter() if self.first_step_s is None else 0.0
+            if self._block is None:  # (importing torch.compile's machinery: seconds, counted in first_step_s)
+                self._block = compiled_block()
+            step = self.cache.plan(sel, len(rows), 1)
             logits = self.model.forward_step(t[:, None], self.cache, step, last_only=True, block=self._block)
             if self.first_step_s is None:
                 self.first_step_s = time.perf_counter() - t0
