@@ -24,7 +24,8 @@ compile on CPU, 8-13% faster than eager once loaded (:func:`compile_pays`).
 Compiling is chosen by ``compile=`` (True / False / ``"whole"`` / ``"blocks"``), else the environment
 variable ``LLAMALAB_COMPILE`` (``0`` / ``1`` / ``blocks``), else :func:`compile_pays` — on where it was
 measured to pay.
-Forward hooks on any module, or a padded batch, run the eager step (hooks then fire as usual).
+Forward hooks on any module run the eager step (hooks then fire as usual); so does a padded batch in
+the whole-step mode (the per-block mode plans it as the eager step does).
 Prefill (many tokens per row) always runs eagerly: its matrix products dominate and need no graph.
 """
 
