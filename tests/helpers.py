@@ -250,3 +250,22 @@ def llamalab_serve(model_dir: Path, log: Path, *args: str, env: dict[str, str] |
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def loop_model():
+    """A one-layer Llama for driving the training loop itself (seeded)."""
+    from llamalab.config import LlamaConfig
+    from llamalab.model.llama import Llama
+
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, n_layers=1, n_heads=2,
+                             n_kv_heads=1, max_position_embeddings=32))
+
+
+def loop_batches():
+    """Resumable batches (4 x 8 tokens) over 2,000 seeded random tokens, for :func:`loop_model`."""
+    from llamalab.data import corpora as data
+
+    split = data.Split("train", [torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(0))
+                                 .numpy().astype("uint16")], 2000, 2000, 2000, 1)
+    return data.Batches(split, 4, 8, seed=0)

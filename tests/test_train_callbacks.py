@@ -6,27 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from helpers import loop_batches as tiny_batches
+from helpers import loop_model as tiny_model
 from llamalab import training as train
-from llamalab.config import LlamaConfig
-from llamalab.data import corpora as data
 from llamalab.errors import LlamalabError
-from llamalab.model.llama import Llama
 from llamalab.training.callbacks import Callback, History, JsonlLog, KillAtStep, standard_callbacks
 from llamalab.training.checkpoint import Checkpointer
-
-
-def tiny_model() -> Llama:
-    torch.manual_seed(0)
-    return Llama(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, n_layers=1, n_heads=2,
-                             n_kv_heads=1, max_position_embeddings=32))
-
-
-def tiny_batches() -> data.Batches:
-    split = data.Split("train", [torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(0))
-                                 .numpy().astype("uint16")], 2000, 2000, 2000, 1)
-    return data.Batches(split, 4, 8, seed=0)
 
 
 def loop_cfg(**kw) -> train.LoopConfig:
