@@ -289,8 +289,8 @@ def test_quantize_cli(tiny_model, tmp_path, capsys):
         m, _ = llamalab.load(out)
         assert {_kind(lay) for n, lay in m.named_modules() if n.endswith("_proj")} == {kind}
         assert _kind(m.lm_head) == "q8_0"  # the head too, as Q8_0 whatever the blocks' kind (llama.cpp's choice)
-        layers = {kind: 14} if kind == "q8_0" else {kind: 14, "q8_0": 1}
-        layers["q8_0"] = layers.get("q8_0", 0) + (1 if kind == "q8_0" else 0)
+        layers = {kind: 14}
+        layers["q8_0"] = layers.get("q8_0", 0) + 1  # the head
         assert main(["info", str(out)]) == 0
         listed = ", ".join(f"{k.upper()} x{n}" for k, n in sorted(layers.items()))
         assert f"{args[1]} linears ({listed})" in capsys.readouterr().out

@@ -491,10 +491,8 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = DEF
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
                 continue
-            if name == "lm_head" and layout == "blocks" and module.in_features % BLOCK_SIZE == 0:
-                layer = BlockQuantLinear.from_float(module.weight, "q8_0").to(module.weight.device)
-            else:
-                layer = quantize_linear(module, method, group_size, symmetric, layout)
+            head_q8 = name == "lm_head" and layout == "blocks" and module.in_features % BLOCK_SIZE == 0
+            layer = quantize_linear(module, "int8" if head_q8 else method, group_size, symmetric, layout)
             if isinstance(layer, BlockQuantLinear):
                 kinds.add(layer.kind)
             else:
