@@ -199,8 +199,16 @@ class LlamaCpp:
         prefill = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(n - 1):
-            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+            self.llm.eval([int(np.argmax(last_logits(self.llm)))])
         return len(prompt) / prefill, (n - 1) / (time.perf_counter() - t)
+
+
+def last_logits(llm):
+    """The logits of the last evaluated token, read from llama.cpp's context (llama-cpp-python stores its
+    ``scores`` only with ``logits_all=True``; without it they are never written)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
 
 def cpu_has_amx() -> bool:
@@ -216,7 +224,9 @@ STARTUP = {
                  "print('FIRST', flush=True)"),
     "llama.cpp": ("import sys\nimport numpy\nimport llama_cpp\n"
                   "llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)\n"
-                  "llm.eval(llm.tokenize(b'Hello, who are you?'))\nint(numpy.argmax(llm.scores[llm.n_tokens - 1]))\n"
+                  "llm.eval(llm.tokenize(b'Hello, who are you?'))\n"
+                  "logits = numpy.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))\n"
+                  "int(numpy.argmax(logits))\n"
                   "print('FIRST', flush=True)"),
 }
 

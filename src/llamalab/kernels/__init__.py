@@ -23,6 +23,7 @@ why), so nothing breaks.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -41,7 +42,10 @@ log = logging.getLogger(__name__)
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # index = the C++ Isa value
 SOURCE = Path(__file__).with_name("blocks.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"))
+# the fused ops of the model's own forward (RMSNorm / SwiGLU; RoPE + cache write + decode attention): each a
+# C++ source beside a Python module of the same name holding its schemas, pure-PyTorch fallback and fakes
+FUSED = ("norm", "attention")
+SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"), *(Path(__file__).with_name(f"{n}.cpp") for n in FUSED))
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
@@ -142,6 +146,8 @@ def _define_python_fallback(reason: str) -> None:
         return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
 
     lib.impl("dense_linear", dense_impl, "CompositeExplicitAutograd")
+    for name in FUSED:
+        importlib.import_module(f"llamalab.kernels.{name}").define_fallback(lib)
     _python_lib = lib
     log.debug("llamalab kernels: using the pure-PyTorch fallback (%s)", reason)
 
@@ -162,6 +168,8 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     torch.library.register_fake("llamalab::dense_linear", dense_fake)
+    for name in FUSED:
+        importlib.import_module(f"llamalab.kernels.{name}").register_fakes()
 
 
 def load() -> bool:
@@ -199,6 +207,12 @@ def load() -> bool:
             if forced:
                 set_isa(forced)
         return native
+
+
+def ready() -> bool:
+    """True if this process has already loaded the C++ kernels (never builds or loads them): the model's
+    forward takes its fused CPU ops only then, so building a model never starts a compiler."""
+    return bool(_state.get("native"))
 
 
 def native() -> bool:
