@@ -215,6 +215,23 @@ def ready() -> bool:
     return bool(_state.get("native"))
 
 
+_fused = os.environ.get("LLAMALAB_FUSED", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def fused() -> bool:
+    """Whether the model's forward may use the fused CPU ops (norm / SwiGLU, decode attention): the C++
+    kernels are loaded in this process and neither ``LLAMALAB_FUSED=0`` nor :func:`set_fused` turned them
+    off. The unfused path is the same math in plain PyTorch ops (for debugging, and the reference)."""
+    return _fused and bool(_state.get("native"))
+
+
+def set_fused(on: bool) -> bool:
+    """Turn the fused ops on or off for this process (A/B measurements, debugging); returns the old value."""
+    global _fused
+    old, _fused = _fused, bool(on)
+    return old
+
+
 def native() -> bool:
     """True if the C++ kernels are built and loaded (loads them if needed)."""
     return load()
