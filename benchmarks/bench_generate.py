@@ -16,6 +16,8 @@ Rows:
   ``keep_quantized=True``), each eager (``compile=False``) and, with ``--compile``, with the decode
   step compiled whole (the first step's time — compiling cold or loading the cached graph warm — is
   printed, excluded from tok/s);
+* ``default, fused ops off``: the default path with the forward's fused CPU ops (RMSNorm, SwiGLU, RoPE + cache
+  write + decode attention) switched off (``LLAMALAB_FUSED=0``): the same forward in plain PyTorch ops;
 * ``transformers`` (fp32 ``generate`` on the same weights);
 * ``llama.cpp`` (llama-cpp-python, when installed): the shipped Q4_1 file for SmolLM2, and f32 / bf16 /
   f16 / q8_0 / q4_0 GGUFs of the same weights (written by ``llamalab.weights.gguf.save_gguf``; q8_0 /
@@ -116,12 +118,14 @@ WIDTH = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 class Llamalab:
-    """``complete`` on a loaded model: ``compile`` None (the default path), False (eager) or True."""
+    """``complete`` on a loaded model: ``compile`` None (the default path), False (eager) or True;
+    ``fused=False``: with the forward's fused CPU ops switched off (``llamalab.kernels.set_fused``)."""
 
-    def __init__(self, model, name: str, kind: str, compile: bool | None) -> None:
+    def __init__(self, model, name: str, kind: str, compile: bool | None, fused: bool = True) -> None:
         from llamalab.generation.generate import complete
 
         self.model, self.compile, self.complete, self.name, self.kind = model, compile, complete, name, kind
+        self.fused = fused
         self.ban = {int(i): -100.0 for i in model.config.stop_token_ids}
         self.bytes = decode_bytes(model)
         t = time.perf_counter()  # the first call: compiling (cold) or loading the cached graph (warm)
@@ -130,7 +134,14 @@ class Llamalab:
         self.warmup_s = time.perf_counter() - t
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float]:
-        c = self.complete(self.model, None, [prompt], max_new_tokens=n, compile=self.compile, logit_bias=self.ban)[0]
+        from llamalab import kernels
+
+        was = kernels.set_fused(self.fused)
+        try:
+            c = self.complete(self.model, None, [prompt], max_new_tokens=n, compile=self.compile,
+                              logit_bias=self.ban)[0]
+        finally:
+            kernels.set_fused(was)
         assert len(c.token_ids) == n, c.finish_reason
         return len(prompt) / c.stats["prefill_s"], c.stats["decode_steps"] / c.stats["decode_s"]
 
@@ -292,6 +303,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads (1)")
     ap.add_argument("--compile", action="store_true", help="add a compiled-step row per precision")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-unfused", action="store_true",
+                    help="skip the default path's row with the fused CPU ops switched off")
     ap.add_argument("--llama-cpp-types", nargs="*", default=["f32", "bf16", "f16", "q8_0", "q4_0"],
                     help="GGUF types for llama.cpp of the model's own weights (f32 bf16 f16 q8_0 q4_0)")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up timing")
@@ -313,8 +326,10 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     for name in args.models:
         default, tok = load_model(name, None)
-        engines: list = [Llamalab(default, "default: load + generate",
-                                  "q4_1" if name == "smollm2-135m" else WIDTH.get(default.dtype, "?"), None)]
+        default_kind = "q4_1" if name == "smollm2-135m" else WIDTH.get(default.dtype, "?")
+        engines: list = [Llamalab(default, "default: load + generate", default_kind, None)]
+        if not args.no_unfused:
+            engines.append(Llamalab(default, "default, fused ops off (LLAMALAB_FUSED=0)", default_kind, None, False))
         for label, kind, model in precisions(name, args.precisions):
             engines.append(Llamalab(model, label, kind, False))
             if args.compile:
