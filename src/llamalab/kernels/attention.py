@@ -1,14 +1,61 @@
-"""Fused CPU ops (attention) of the model's forward: schemas, pure-PyTorch fallback and fake implementations.
-(Placeholder: no ops yet.)"""
+"""Fused CPU op (attention) of the model's forward: its schema, pure-PyTorch fallback and fake implementation.
+
+``torch.ops.llamalab.decode_attention(q, k, v, cos, signed_sin, cache_k, cache_v, row0, start)`` is one decode
+step of one attention layer for B rows of one new token each — RoPE, the KV-cache append and grouped-query
+attention in one call (attention.cpp has the kernel):
+
+* q (B, H, 1, D), k / v (B, KV, 1, D): the token's projections, H a multiple of KV;
+* cos / signed_sin (B or 1, 1, 1, D) float32: the tables of ``llamalab.model.rope.rope_tables``, with which
+  rot(x) = x·cos + roll(x, D/2)·signed_sin (float32, rounded to x's dtype);
+* cache_k / cache_v (Bc, KV, S, D): one layer's cache tensors; the call's row b is cache row row0 + b.
+
+It writes rot(k) and v into slot ``start`` of rows row0..row0+B (exactly what ``kv_cache.write_layer`` writes
+for such a step) and returns, for each query head h with kv head g = h // (H / KV),
+
+    softmax(rot(q_h) · K_g[0..start]ᵀ / sqrt(D)) · V_g[0..start]
+
+as (B, 1, H·D) in q's dtype (the heads side by side, as o_proj takes them); scores, softmax and sums in
+float32. q, k, v and the cache share one dtype (float32, bfloat16 or float16).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+SCHEMA = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, Tensor(a!) cache_k, "
+          "Tensor(b!) cache_v, int row0, int start) -> Tensor")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + roll(x, D/2)·signed_sin in float32, in x's dtype (rope.rotate's arithmetic)."""
+    x32 = x.float()
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                               signed_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, row0: int,
+                               start: int) -> torch.Tensor:
+    """The op in plain PyTorch: rotate, write into the cache, SDPA over slots 0..start (the fallback)."""
+    B, H, _, D = q.shape
+    ck, cv = cache_k.narrow(0, row0, B), cache_v.narrow(0, row0, B)
+    ck.narrow(2, start, 1).copy_(_rotate(k, cos, signed_sin))
+    cv.narrow(2, start, 1).copy_(v)
+    out = F.scaled_dot_product_attention(_rotate(q, cos, signed_sin), ck.narrow(2, 0, start + 1),
+                                         cv.narrow(2, 0, start + 1), enable_gqa=H != k.shape[1])
+    return out.transpose(1, 2).reshape(B, 1, H * D)
 
 
 def define_fallback(lib: torch.library.Library) -> None:
     """Define this module's ops in Python on ``lib`` (the C++ library could not be built or loaded)."""
+    lib.define(SCHEMA)
+    lib.impl("decode_attention", decode_attention_reference, "CompositeExplicitAutograd")
 
 
 def register_fakes() -> None:
     """Register the fake (meta) implementations of this module's ops (torch.compile keeps them as calls)."""
+
+    def decode_attention_fake(q, k, v, cos, signed_sin, cache_k, cache_v, row0, start):
+        return q.new_empty((q.shape[0], 1, q.shape[1] * q.shape[3]))
+
+    torch.library.register_fake("llamalab::decode_attention", decode_attention_fake)

@@ -15,6 +15,12 @@ queries, (B, n_kv_heads, n_rep·T, head_dim), against the un-repeated keys.
 Each attention layer knows its index in the model (``layer_idx``); the model hands it that layer's
 tensors of the :class:`~llamalab.model.kv_cache.KVCache` (``KVCache.layer``), and it passes its new
 keys/values to :func:`~llamalab.model.kv_cache.write_layer`, which owns every write (kv_cache.py).
+
+Eager CPU decode of one token per row into a uniform cache step (no mask, a slice of rows, one write slot)
+takes one fused op instead, ``llamalab::decode_attention`` (kernels/attention.py): RoPE, the cache write
+that write_layer would make and the attention above in one call, returning (B, 1, H·D) for o_proj. It is
+used only when :func:`llamalab.kernels.fused` says so and nothing needs autograd or a compiled graph; the
+plain path below is the same math (``LLAMALAB_FUSED=0`` / ``kernels.set_fused(False)`` to compare).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab import kernels
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
 
@@ -65,10 +72,16 @@ class GroupedQueryAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if step is not None:
+            kv = kv if kv is not None else cache.layer(self.layer_idx)
+            if T == 1 and _fused_decode(step, q, k, v, kv[0], cos):
+                out = torch.ops.llamalab.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1], step.rows.start,
+                                                          step.start)
+                return self.o_proj(out)
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
         if step is not None:
-            k, v = write_layer(step, kv if kv is not None else cache.layer(self.layer_idx), k, v)
+            k, v = write_layer(step, kv, k, v)
             mask = step.mask
             causal = False
         else:
@@ -93,3 +106,20 @@ class GroupedQueryAttention(nn.Module):
             mask = mask.reshape(mask.shape[0], 1, self.n_rep * T, S)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         return out.view(B, H, T, D)
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_decode(step: CacheStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                  cos: torch.Tensor) -> bool:
+    """Whether a one-token step may take ``llamalab::decode_attention``: eager (not traced), fused ops on,
+    one uniform write slot for a plain slice of rows (``rows.start`` .. +B) with no mask, CPU tensors of one
+    dtype, float32 RoPE tables, and no autograd. Everything else takes the unfused path."""
+    rows = step.rows
+    return (not torch.compiler.is_compiling() and kernels.fused() and step.start is not None
+            and isinstance(rows, slice) and step.mask is None and not step.every_row
+            and rows.start is not None and rows.start >= 0 and rows.step in (None, 1)
+            and q.device.type == "cpu" and cache_k.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == cache_k.dtype and q.dtype in _FUSED_DTYPES
+            and cos.dtype == torch.float32 and not (q.requires_grad or k.requires_grad or v.requires_grad))
