@@ -242,8 +242,21 @@ def test_keep_quantized_q8_0(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python is not installed (opt-in interop check)")
+def _llama_cpp_importable() -> bool:
+    """llama-cpp-python installed *and* its shared library found (built with LLAMA_BUILD=OFF, the library
+    comes from LLAMA_CPP_LIB_PATH; without it the import raises at load time, not ImportError)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to load the library means: not available here
+        return False
+    return True
+
+
+needs_llama_cpp = pytest.mark.skipif(not _llama_cpp_importable(),
+                                     reason="llama-cpp-python or its shared library is not available "
+                                            "(opt-in interop check)")
 
 
 def _llama_cpp_logits(path: Path, ids: list[int]) -> tuple[torch.Tensor, object]:
