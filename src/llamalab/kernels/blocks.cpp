@@ -88,7 +88,7 @@ int64_t set_isa(int64_t isa) {
 // Software prefetch of the streamed weight at batch 1 (rows_avx512 / the 256-bit rows), chosen from the CPU:
 // on Intel each 64-byte weight step also prefetches the bytes PF_L1 ahead into L1 (T0) and PF_L2 ahead into
 // L2 (T1), and the scales as far ahead as the weight (T0). On an Intel Xeon (AVX-512 VNNI, AMX) this read a
-// streamed weight 20-30% faster (256-bit paths 30-45%) than the hardware prefetchers alone (docs/kernels.md
+// streamed weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone (docs/kernels.md
 // has the figures); on AMD Zen 4 software prefetches were found to get in the hardware prefetchers' way, so
 // other CPUs keep the plain loads. Non-temporal prefetches (NTA, so the weight does not evict L2) and
 // CLDEMOTE behind the reads were tried too: both made the kernels slower than they saved elsewhere. The
@@ -326,7 +326,7 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
 // interleaving the 4 rows of a tile left a streamed weight at a third of it. Software prefetches (T0, 0.5 to
 // 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while on an Intel Xeon a T0 prefetch 1 KB ahead
-// plus a T1 prefetch 4 KB ahead reads a streamed weight 20-30% faster: they are used on Intel CPUs only
+// plus a T1 prefetch 4 KB ahead reads a streamed weight 17-28% faster: they are used on Intel CPUs only
 // (PF, prefetch_weights). Prefetches change no arithmetic: the results are bit-identical either way.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
