@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                # per layer shape + the whole SmolLM2 set + decode tok/s
     python benchmarks/bench_kernels.py --rows 1 8 32  # also batched products (prefill / serving batches)
     python benchmarks/bench_kernels.py --stream --rows 1 4 16 --skip-layers --skip-decode  # kernels vs memory
+    python benchmarks/bench_kernels.py --step --skip-layers --skip-model --skip-decode     # one decode step
 
 ``--stream``: the ops alone (``torch.ops.llamalab.*_linear``, no Python layer) per layer shape and kind,
 hot (one weight, in cache) and streamed (copies of the weight cycled, ~3x the last-level cache, as a
@@ -15,8 +16,13 @@ Per layer: each SmolLM2-135M linear shape, as Q8_0 / Q4_0 / Q4_1 blocks through 
 against fp32 ``F.linear``, ``torch._weight_int8pack_mm`` (per-channel int8, bf16 activations) and
 ``torch._weight_int4pack_mm_for_cpu`` (group 32, bf16 activations). Whole model: every linear of the
 shipped ``SmolLM2-135M-Instruct.Q4_1.gguf`` once (what one decoded token multiplies), the file's own
-blocks (Q4_1 layers, Q8_0 head) vs the same weights as fp32. Decode: ``llamalab.load("smollm2")`` +
-greedy ``generate`` of 64 tokens, blocks kept vs dequantized to float32, and llama.cpp on the same file
+blocks (Q4_1 layers, Q8_0 head) vs the same weights as fp32. ``--step``: one batch-1 decode step of
+``llamalab.load("smollm2")`` (eager ``complete``, a 128-token prompt, 48 new tokens, stop tokens banned so
+every run decodes all 48): wall ms per decode step, the thread's CPU ms per decode step (prefill included),
+and the same model's 211 ``BlockQuantLinear`` modules called back to back on a random (1, in_features)
+input (thread CPU time, fastest of 5 passes per round): the linears' share of a step, in weight GB/s.
+Decode: ``llamalab.load("smollm2")`` + greedy ``generate`` of 64 tokens, blocks kept vs dequantized to
+float32, and llama.cpp on the same file
 when ``llama-cpp-python`` is installed. Rounds are interleaved; each round keeps the fastest of its
 repetitions (the machine may be shared), and the figures are medians over rounds.
 """
@@ -40,13 +46,16 @@ SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x57
 
 
 def timed(fn, reps: int, clock=time.perf_counter) -> float:
-    """The fastest of `reps` calls: on a shared machine the minimum is what the code itself costs."""
+    """The fastest of `reps` calls: on a shared machine the minimum is what the code itself costs. (A zero
+    reading, which the thread CPU clock gave now and then on a shared virtual machine, is not a time.)"""
     fn()
     best = float("inf")
     for _ in range(reps):
         t = clock()
         fn()
-        best = min(best, clock() - t)
+        dt = clock() - t
+        if dt > 0:
+            best = min(best, dt)
     return best
 
 
@@ -209,6 +218,42 @@ def bench_decode(rounds: int, tokens: int) -> None:
         print(f"| {name} | {statistics.median(rs):.1f} |")
 
 
+def bench_step(rounds: int) -> None:
+    import llamalab
+    from llamalab.generation.generate import complete
+
+    model, _ = llamalab.load("smollm2")
+    ban = {int(i): -100.0 for i in model.config.stop_token_ids}
+    prompt = list(range(5, 133))
+    mods = [mod for mod in model.modules() if isinstance(mod, BlockQuantLinear)]
+    xs = [torch.randn(1, mod.in_features) for mod in mods]
+    nbytes = sum(mod.weight_nbytes for mod in mods)
+
+    def step() -> tuple[float, float]:
+        t = time.thread_time()
+        c = complete(model, None, [prompt], max_new_tokens=48, compile=False, logit_bias=ban)[0]
+        steps = c.stats["decode_steps"]
+        return c.stats["decode_s"] / steps, (time.thread_time() - t) / steps
+
+    def linears() -> None:
+        with torch.no_grad():
+            for mod, x in zip(mods, xs):
+                mod(x)
+
+    step()
+    wall, cpu, lin = [], [], []
+    for _ in range(rounds):
+        w, c = step()
+        wall.append(w)
+        cpu.append(c)
+        lin.append(timed(linears, 5, time.thread_time))
+    lw, lc, ll = statistics.median(wall), statistics.median(cpu), statistics.median(lin)
+    print("\n### one decode step of llamalab.load('smollm2'), eager, batch 1 (medians over rounds)\n")
+    print("| ms per step (wall) | CPU ms per step (incl. prefill) | its 211 linears back to back, ms | weight GB/s |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {lw * 1e3:.2f} | {lc * 1e3:.2f} | {ll * 1e3:.2f} | {nbytes / ll / 1e9:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
@@ -219,6 +264,8 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true",
                     help="the ops alone, hot and streamed from memory, vs the machine's read bandwidth")
     ap.add_argument("--skip-model", action="store_true", help="no whole-model table")
+    ap.add_argument("--step", action="store_true",
+                    help="one decode step of llamalab.load('smollm2') and its 211 linears alone")
     _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -231,6 +278,8 @@ def main() -> None:
             bench_stream(args.rows, args.rounds)
         if not args.skip_model:
             bench_model(args.rounds)
+        if args.step:
+            bench_step(args.rounds)
         if not args.skip_decode:
             bench_decode(args.rounds, args.tokens)
     _report.emit(args, "bench_kernels", "Kernels: quantized linears vs float (one thread)", out.getvalue().splitlines())

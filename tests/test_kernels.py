@@ -210,6 +210,56 @@ def test_isa_forced_by_env(native):
     assert "native True scalar" in res.stdout and "close True" in res.stdout
 
 
+# A weight (and its scales) whose last byte is the last byte of a readable page, the next page unmapped for
+# reading: the kernels' loads must stay inside the arrays, while their software prefetches (on Intel, up to
+# 4 KB past the current step) run past the end, which must not fault.
+_GUARD_CHILD = r"""
+import ctypes, mmap
+import torch
+from llamalab import kernels
+from llamalab.kernels.reference import block_linear_reference
+assert kernels.load()
+libc, page, keep = ctypes.CDLL(None), mmap.PAGESIZE, []
+
+def guarded(t):
+    n = t.numel() * t.element_size()
+    size = (n + page - 1) // page * page
+    mm = mmap.mmap(-1, size + page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    assert libc.mprotect(ctypes.c_void_p(addr + size), ctypes.c_size_t(page), 0) == 0
+    out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=size - n).view(t.shape)
+    out.copy_(t)
+    keep.append(mm)
+    return out
+
+gen = torch.Generator().manual_seed(3)
+for kind in ("q8_0", "q4_0", "q4_1"):
+    for n, k in [(13, 544), (8, 512), (1, 32)]:
+        if kind == "q8_0":
+            qs = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        else:
+            qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+        d = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half()
+        m = (torch.randn(n, k // 32, generator=gen) * 0.05).half() if kind == "q4_1" else None
+        gq, gd, gm = guarded(qs), guarded(d), guarded(m) if m is not None else None
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=gen)
+            want = block_linear_reference(kind, x, qs, d, m)
+            for isa in kernels.available_isas():
+                kernels.set_isa(isa)
+                got = kernels.block_linear(kind, x, gq, gd, gm)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+print("guard ok", kernels.available_isas())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
+def test_weights_ending_at_an_unreadable_page(native):
+    res = subprocess.run([sys.executable, "-c", _GUARD_CHILD], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    assert "guard ok" in res.stdout
+
+
 # ----------------------------------------------------------------------------------- dense float linears
 # (N, K): N odd / below a tile, K below one vector, not a multiple of 8 or 16, a multiple plus a tail
 DENSE_SHAPES = [(13, 7), (37, 100), (5, 33), (64, 576), (3, 1), (9, 1041)]
