@@ -23,7 +23,7 @@ from llamalab.config import LlamaConfig
 from llamalab.model.attention import GroupedQueryAttention
 from llamalab.model.kv_cache import CacheStep, KVCache
 from llamalab.model.mlp import SwiGLU
-from llamalab.model.rmsnorm import RMSNorm
+from llamalab.model.rmsnorm import RMSNorm, fused_ok
 from llamalab.model.rope import RotaryEmbedding
 
 
@@ -39,9 +39,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor | None = None,
                 step: CacheStep | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, hidden); ``cos`` / ``signed_sin`` from :meth:`RotaryEmbedding.tables`; ``kv``: this
-        layer's cache tensors (:meth:`KVCache.layer`) when ``step`` writes a cache."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, kv=kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        layer's cache tensors (:meth:`KVCache.layer`) when ``step`` writes a cache. Where the fused CPU ops
+        apply (:func:`~llamalab.model.rmsnorm.fused_ok`) the residual add and the second norm are one call of
+        ``llamalab::add_rms_norm``, the same math."""
+        h = self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, kv=kv)
+        norm = self.post_attention_layernorm
+        if type(norm) is RMSNorm and fused_ok(x, norm.weight, h):
+            # x + h and its norm in one pass (llamalab::add_rms_norm: the same math as the two lines below)
+            x, normed = torch.ops.llamalab.add_rms_norm(x, h, norm.weight, norm.eps)
+            return x + self.mlp(normed)
+        x = x + h
+        return x + self.mlp(norm(x))
 
 
 class Llama(nn.Module):

@@ -6,6 +6,10 @@ Three bias-free projections: gate and up map hidden_size → intermediate_size, 
 gate branch, passed through SiLU ("swish"), multiplies the up branch element-wise. Llama uses
 intermediate_size ≈ 8/3 · hidden_size (rounded to a multiple of 256) so that the three matrices
 cost about as much as a classic 4× two-matrix MLP.
+
+In eager CPU inference (no autograd, not traced by torch.compile) with :func:`llamalab.kernels.fused` on,
+``SiLU(gate) ⊙ up`` is one call of the C++ op ``llamalab::silu_mul`` (kernels/norm.py): the same math, with
+torch's rounding of each step for bfloat16 / float16; ``kernels.set_fused(False)`` runs the plain ops.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llamalab import kernels
 
 
 class SwiGLU(nn.Module):
@@ -23,4 +29,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if (not torch.compiler.is_compiling() and kernels.fused() and gate.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+            return self.down_proj(torch.ops.llamalab.silu_mul(gate, up))  # the same math in one C++ call
+        return self.down_proj(F.silu(gate) * up)

@@ -8,6 +8,10 @@ block (pre-norm) and once more before the output head. The statistics are comput
 whatever the model's dtype: the mean of squares of bf16 activations loses too much precision.
 ``eps`` comes from the checkpoint's config (``rms_norm_eps``: 1e-5 for Llama 2/3, 1e-6 for some).
 
+In eager CPU inference (no autograd, not traced by torch.compile) with :func:`llamalab.kernels.fused` on, the
+forward is one call of the C++ op ``llamalab::rms_norm`` (kernels/norm.py): the same math as below, the
+rounding steps included; ``kernels.set_fused(False)`` / ``LLAMALAB_FUSED=0`` run the plain ops instead.
+
 Properties (tested): scaling the input by any c > 0 leaves the output unchanged (up to eps), and the
 output of a unit-gain RMSNorm has root-mean-square 1.
 """
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -26,6 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ok(x, self.weight):  # one C++ call, the same math as below
+            return torch.ops.llamalab.rms_norm(x, self.weight, self.eps)
         # F.rms_norm computes x * rsqrt(mean(x²) + eps) [* g] in float32 in one call (fewer eager ops than
         # spelling it out; the same arithmetic). Other dtypes: normalise in float32, round to the model's
         # dtype, then apply the gain — Hugging Face's order, so bf16 results round the same way.
@@ -35,3 +43,13 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def fused_ok(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Whether a norm of ``x`` (and ``more``: a residual added first) may take a fused op: eager (not traced),
+    fused ops on, CPU tensors, and no autograd (grad mode off, or no tensor requires grad: training keeps
+    the differentiable ops)."""
+    return (not torch.compiler.is_compiling() and kernels.fused() and x.device.type == "cpu"
+            and weight.device.type == "cpu" and all(t.device.type == "cpu" for t in more)
+            and not (torch.is_grad_enabled()
+                     and (x.requires_grad or weight.requires_grad or any(t.requires_grad for t in more))))
