@@ -6,6 +6,10 @@ llamalab.generate), and training still differentiable while they are on."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,3 +275,25 @@ def test_saved_model_load_generate(native, tmp_path):
     finally:
         kernels.set_fused(old)
     assert on == off and len(on) > 0
+
+
+_FALLBACK_CHILD = """
+import torch, torch.nn.functional as F
+from llamalab import kernels
+from llamalab.kernels.norm import rms_norm_reference
+print("native", kernels.load(), "fused", kernels.fused())
+x, w = torch.randn(3, 5, 33).bfloat16(), torch.randn(33).bfloat16()
+ok = torch.equal(torch.ops.llamalab.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
+s, y = torch.ops.llamalab.add_rms_norm(x, x, w, 1e-5)
+ok = ok and torch.equal(s, x + x) and torch.equal(y, rms_norm_reference(x + x, w, 1e-5))
+ok = ok and torch.equal(torch.ops.llamalab.silu_mul(x, x), F.silu(x) * x)
+print("same", ok)
+"""
+
+
+def test_fallback_process_without_the_cpp_build(tmp_path):
+    """LLAMALAB_KERNELS=0: the ops exist as the Python fallback (the plain expressions) and fused() is off."""
+    env = {**os.environ, "LLAMALAB_KERNELS": "0", "LLAMALAB_KERNEL_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "native False fused False" in res.stdout and "same True" in res.stdout
