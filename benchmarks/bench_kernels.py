@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --rows 1 8 32  # also batched products (prefill / serving batches)
     python benchmarks/bench_kernels.py --stream --rows 1 4 16 --skip-layers --skip-decode  # kernels vs memory
     python benchmarks/bench_kernels.py --step --skip-layers --skip-model --skip-decode     # one decode step
+    python benchmarks/bench_kernels.py --norm --skip-layers --skip-model --skip-decode     # fused norm ops
 
 ``--stream``: the ops alone (``torch.ops.llamalab.*_linear``, no Python layer) per layer shape and kind,
 hot (one weight, in cache) and streamed (copies of the weight cycled, ~3x the last-level cache, as a
@@ -21,6 +22,10 @@ blocks (Q4_1 layers, Q8_0 head) vs the same weights as fp32. ``--step``: one bat
 every run decodes all 48): wall ms per decode step, the thread's CPU ms per decode step (prefill included),
 and the same model's 211 ``BlockQuantLinear`` modules called back to back on a random (1, in_features)
 input (thread CPU time, fastest of 5 passes per round): the linears' share of a step, in weight GB/s.
+``--norm``: the fused norm ops of the forward (``llamalab::rms_norm``, ``add_rms_norm``, ``silu_mul``, kernels/norm.py)
+at SmolLM2's decode shapes (one row of 576 / 1536) against the plain PyTorch expressions they replace (RMSNorm's
+``F.rms_norm`` path, ``x + r`` then it, ``F.silu(g) * u``), float32 and bfloat16, µs per call in cache (fastest
+of 2000 calls per round).
 Decode: ``llamalab.load("smollm2")`` + greedy ``generate`` of 64 tokens, blocks kept vs dequantized to
 float32, and llama.cpp on the same file
 when ``llama-cpp-python`` is installed. Rounds are interleaved; each round keeps the fastest of its
@@ -254,6 +259,34 @@ def bench_step(rounds: int) -> None:
     print(f"| {lw * 1e3:.2f} | {lc * 1e3:.2f} | {ll * 1e3:.2f} | {nbytes / ll / 1e9:.1f} |")
 
 
+def norm_cases(dt: torch.dtype) -> dict[str, tuple]:
+    """name -> (fused op call, the plain PyTorch expression it replaces) on one decode row of dtype ``dt``."""
+    from llamalab.kernels.norm import add_rms_norm_reference, rms_norm_reference
+
+    ops = torch.ops.llamalab
+    x, r, w = torch.randn(1, 1, 576).to(dt), torch.randn(1, 1, 576).to(dt), torch.randn(576).to(dt)
+    g, u = torch.randn(1, 1, 1536).to(dt), torch.randn(1, 1, 1536).to(dt)
+    return {"rms_norm 576": (lambda: ops.rms_norm(x, w, 1e-5), lambda: rms_norm_reference(x, w, 1e-5)),
+            "add_rms_norm 576": (lambda: ops.add_rms_norm(x, r, w, 1e-5),
+                                 lambda: add_rms_norm_reference(x, r, w, 1e-5)),
+            "silu_mul 1536": (lambda: ops.silu_mul(g, u), lambda: F.silu(g) * u)}
+
+
+def bench_norm(rounds: int) -> None:
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for dt in (torch.float32, torch.bfloat16):
+            with torch.inference_mode():
+                for name, (fused, plain) in norm_cases(dt).items():
+                    rows.setdefault((name, str(dt).removeprefix("torch.")), []).append(
+                        (timed(fused, 2000), timed(plain, 2000)))
+    print("\n### fused norm ops vs the plain PyTorch ops, one row, in cache, µs per call (medians over rounds)\n")
+    print("| op | dtype | fused | plain | speed-up |\n|---|---|---:|---:|---:|")
+    for (name, dt), rs in rows.items():
+        f, p = statistics.median(a for a, _ in rs) * 1e6, statistics.median(b for _, b in rs) * 1e6
+        print(f"| {name} | {dt} | {f:.2f} | {p:.2f} | {p / f:.1f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
@@ -266,6 +299,7 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true", help="no whole-model table")
     ap.add_argument("--step", action="store_true",
                     help="one decode step of llamalab.load('smollm2') and its 211 linears alone")
+    ap.add_argument("--norm", action="store_true", help="the fused norm ops vs the plain PyTorch ops they replace")
     _report.add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -280,6 +314,8 @@ def main() -> None:
             bench_model(args.rounds)
         if args.step:
             bench_step(args.rounds)
+        if args.norm:
+            bench_norm(args.rounds)
         if not args.skip_decode:
             bench_decode(args.rounds, args.tokens)
     _report.emit(args, "bench_kernels", "Kernels: quantized linears vs float (one thread)", out.getvalue().splitlines())
