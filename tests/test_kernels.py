@@ -78,6 +78,88 @@ def test_batch_rows_1_to_17_and_odd_block_counts(native, kind):
         kernels.set_isa(None)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_rows_are_bit_identical_to_each_row_alone(native, kind):
+    """Every row of a batch of M = 1..16 activation rows (below GEMM_ROWS: the integer kernel) is bit for bit
+    that row multiplied alone, on every ISA path: the batched kernels sum each output in the batch-1 order.
+    N not a multiple of the 4-row tile (a tile's leftover rows too), K = 32 · odd (partial block groups)."""
+    assert kernels.GEMM_ROWS > 16
+    gen = torch.Generator().manual_seed(11)
+    for n, k in [(13, 32), (9, 160), (6, 544), (5, 1056), (37, 672)]:
+        qs, d, mins = random_blocks(kind, n, k, gen)
+        # rows of different scales, so their int8 blocks' scales differ too
+        x = torch.randn(16, k, generator=gen) * (torch.rand(16, 1, generator=gen) * 4 + 0.1)
+        for isa in kernels.available_isas():
+            kernels.set_isa(isa)
+            alone = torch.cat([kernels.block_linear(kind, x[i:i + 1], qs, d, mins) for i in range(16)])
+            for m in range(2, 17):
+                got = kernels.block_linear(kind, x[:m], qs, d, mins)
+                assert torch.equal(got, alone[:m]), f"{kind} {isa} {(m, n, k)}"
+                assert torch.equal(kernels.block_linear(kind, x[16 - m:].view(m, 1, k), qs, d, mins)[:, 0],
+                                   alone[16 - m:]), f"{kind} {isa} {(m, n, k)} (the last rows, 3-d)"
+    kernels.set_isa(None)
+
+
+def _decode_batched_and_alone(model, prompts, steps):
+    """Greedy-decode `prompts` together in one Runner and each alone in its own: logits per step, both ways."""
+    from llamalab.generation.runner import Runner
+
+    batched = Runner(model, len(prompts), 64, compile=False)
+    alone = [Runner(model, 1, 64, compile=False) for _ in prompts]
+    for i, p in enumerate(prompts):
+        batched.prefill(i, p)
+        alone[i].prefill(0, p)
+    toks, out = [p[-1] for p in prompts], []
+    for _ in range(steps):
+        lb = batched.decode(list(range(len(prompts))), toks)
+        la = torch.stack([alone[i].decode([0], [t])[0] for i, t in enumerate(toks)])
+        out.append((lb, la))
+        toks = lb.argmax(-1).tolist()
+    return out
+
+
+def _assert_batched_decode_is_alone(model, fused, rows):
+    from llamalab.quantization.blocks import BlockQuantLinear
+
+    assert sum(isinstance(mod, BlockQuantLinear) for mod in model.modules()) > 0
+    gen = torch.Generator().manual_seed(12)
+    # prompts of one length: every decode step is a plain slice of cache rows, one write slot
+    prompts = [torch.randint(0, model.config.vocab_size, (6,), generator=gen).tolist() for _ in range(rows)]
+    old = kernels.set_fused(fused)
+    try:
+        for step, (lb, la) in enumerate(_decode_batched_and_alone(model, prompts, 4)):
+            assert torch.equal(lb, la), f"step {step}: max |batched - alone| {(lb - la).abs().max().item():.3g}"
+    finally:
+        kernels.set_fused(old)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantized_model_decodes_a_batch_as_each_row_alone(native, method, fused):
+    """A model quantized to GGUF blocks (int4: Q4_1 layers, int8: Q8_0; the head Q8_0), 2-4 rows decoded in one
+    Runner: every step's logits are bit for bit each row's logits decoded alone."""
+    from llamalab.quantization.quantize import quantize_model
+
+    model = quantize_model(_tiny_llama(seed=5).eval(), method)
+    for rows in (2, 3, 4):
+        _assert_batched_decode_is_alone(model, fused, rows)
+
+
+@pytest.fixture(scope="module")
+def smollm2_blocks(native):
+    """llamalab.load("smollm2") as users get it: the GGUF's blocks kept (the session fixture is float32)."""
+    import llamalab
+
+    return llamalab.load("smollm2")[0]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_smollm2_decodes_a_batch_as_each_row_alone(smollm2_blocks, fused):
+    """The shipped SmolLM2 GGUF (Q4_1 blocks, Q8_0 head): 4 rows decoded together give each row's logits
+    exactly (before the batched kernel summed in the batch-1 order they differed by up to ~1 in a logit)."""
+    _assert_batched_decode_is_alone(smollm2_blocks, fused, 4)
+
+
 def test_best_isa_follows_cpu_flags(native):
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     best = kernels.best_isa()

@@ -10,6 +10,10 @@
 // One translation unit; each instruction set is a function compiled with a target attribute and chosen
 // at run time (set_isa), so one build serves every x86-64 CPU. Rows of W are split over threads with
 // at::parallel_for; each weight row is read once per call and multiplied by all activation rows.
+// Below the GEMM threshold (g_gemm_rows) every output element is summed in one order whatever the number of
+// activation rows, on every ISA: a row of a batch is bit for bit the row alone (a batched greedy decode is
+// the one-at-a-time decode). AVX-512: cols_avx512 repeats rows_avx512's arithmetic; the other paths run the
+// batch-1 kernel once per activation row.
 //
 // Weight layout (as in the GGUF file, scales split out): Q8_0 qs int8 (N, K); Q4_x qs uint8 (N, K/2)
 // where byte j of a block holds element j (low nibble) and element j + 16 (high nibble); d, m fp16
@@ -416,30 +420,31 @@ LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw
     _mm_storeu_ps(out, hsum512x4(acc[0], acc[1], acc[2], acc[3]));
     return;
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  const __m512 z = _mm512_setzero_ps();  // a tile's leftover rows: the same sum as an element of a full tile
+  for (int r = 0; r < R; ++r) out[r] = _mm_cvtss_f32(hsum512x4(acc[r], z, z, z));
 }
 
-// Several activation rows (batch > 1) times one weight row: the same math as rows_avx512, each weight step
-// loaded and unpacked once and used for all MR rows; the correction OFF · c · xs goes straight into each
-// row's accumulator (both are summed over all lanes at the end).
+// Several activation rows (batch > 1) times one weight row: each output element computed exactly as
+// rows_avx512 computes it (the same per-lane FMAs in the same order, the correction in its own accumulator
+// and added at the end as acc = corr · OFF + a, the lanes summed by hsum512x4), so a row of a batch is bit for
+// bit the row alone; each weight step is loaded and unpacked once and used for all MR rows.
 template <Kind KIND, int MR>
 LL_AVX512_ATTR void cols_avx512(const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* x,
                                 float* out) {
   using S = K512<KIND>;
-  __m512 acc[MR];
+  __m512 acc[MR], corr[MR];
 #pragma GCC unroll 8
-  for (int j = 0; j < MR; ++j) acc[j] = _mm512_setzero_ps();
+  for (int j = 0; j < MR; ++j) acc[j] = corr[j] = _mm512_setzero_ps();
   const __m512i idx0 = S::lane_block(), next = _mm512_set1_epi32(S::G);
   for (int64_t b0 = 0; b0 < nb; b0 += 16) {
     const __mmask16 gm = (__mmask16)_bzhi_u32(0xffffu, (unsigned)std::min<int64_t>(16, nb - b0));
     const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, dw + b0));
-    const __m512 c = _mm512_mul_ps(KIND == Q4_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, mw + b0)) : d,
-                                   _mm512_set1_ps(S::OFF));
+    const __m512 c = KIND == Q4_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, mw + b0)) : d;
     __m512 sc[MR];  // dw·dx of the group's 16 blocks, per activation row
 #pragma GCC unroll 8
     for (int j = 0; j < MR; ++j) {
       sc[j] = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(gm, x[j].d + b0));
-      acc[j] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(gm, x[j].s + b0), acc[j]);
+      corr[j] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(gm, x[j].s + b0), corr[j]);
     }
     __m512i idx = idx0;
 #pragma GCC unroll 8
@@ -456,9 +461,21 @@ LL_AVX512_ATTR void cols_avx512(const uint8_t* w, const uint16_t* dw, const uint
       idx = _mm512_add_epi32(idx, next);
     }
   }
-  int j = 0;
-  for (; j + 4 <= MR; j += 4) _mm_storeu_ps(out + j, hsum512x4(acc[j], acc[j + 1], acc[j + 2], acc[j + 3]));
-  for (; j < MR; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+#pragma GCC unroll 8
+  for (int j = 0; j < MR; ++j) acc[j] = _mm512_fmadd_ps(corr[j], _mm512_set1_ps(S::OFF), acc[j]);
+  // each element of hsum512x4 is its own argument's sum, in one fixed order: rows of 4 at once, the rest padded
+  const __m512 z = _mm512_setzero_ps();
+  float tmp[4];
+  for (int j = 0; j < MR; j += 4) {
+    const __m128 s = hsum512x4(acc[j], j + 1 < MR ? acc[j + 1] : z, j + 2 < MR ? acc[j + 2] : z,
+                               j + 3 < MR ? acc[j + 3] : z);
+    if (j + 4 <= MR) {
+      _mm_storeu_ps(out + j, s);
+    } else {
+      _mm_storeu_ps(tmp, s);
+      for (int i = 0; j + i < MR; ++i) out[j + i] = tmp[i];
+    }
+  }
 }
 
 // Output rows [t0·4, t1·4) of y (M, N) on AVX-512: batch 1 four weight rows at a time (PF: with software
@@ -773,6 +790,8 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
     return plain ? y : y.to(x_in.scalar_type());
   }
 #endif
+  // AVX2 / AVX-VNNI / scalar: each activation row through the batch-1 kernel of the tile (the weight tile
+  // re-read from cache), so a row's sums do not depend on the batch
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     float out[R];
     for (int64_t t = t0; t < t1; ++t) {
