@@ -21,6 +21,14 @@
 // vectorised for AVX-512F (16 lanes, masked tails), AVX2 + FMA + F16C (8 lanes) or portable code (8-lane
 // arrays the compiler vectorises), chosen at run time from the ISA blocks.cpp dispatches on. exp is a
 // Cephes-style polynomial on the vector paths (within ~2 ulp; std::exp on the portable path).
+//
+// llamalab::decode_attention_rows(q, k, v, cos, signed_sin, cache_k, cache_v, rows, slots) -> (B, 1, H·D)
+//
+// is the same step for rows of different lengths (continuous batching): rows / slots (B,) int64, batch row b
+// writes into cache row rows[b] (any order, each row once) at slot slots[b] and attends to its slots
+// 0..slots[b] — the formulas above with row0+b -> rows[b] and start -> slots[b] — which is what write_layer
+// writes for a ragged step and what its causal-by-length mask lets SDPA see. Both ops run the same task per
+// (row, kv head), so a row's output does not depend on the batch it is in (bit for bit).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -402,7 +410,8 @@ inline void rotate_row(const T* x, const float* c, const float* sn, int64_t D, T
 }
 
 struct Args {
-  int64_t B, H, KV, D, L, row0, start, isa;
+  int64_t B, H, KV, D, row0, start, isa;
+  const int64_t *rows, *slots;  // decode_attention_rows: row b is cache row rows[b] at slot slots[b] (else null)
   const void *q, *k, *v;
   int64_t qs0, qs1, ks0, ks1, vs0, vs1;  // element strides of q / k / v over (row, head); the last dim is dense
   const float *cos, *sin;
@@ -414,15 +423,20 @@ struct Args {
 };
 
 // row b, kv head g: append its key / value to the cache, then attention for its n_rep query heads
+// (What a task computes depends only on its own row's inputs and cache row, never on B, the other rows or the
+// thread that runs it: a row's output is bit-identical whether it is decoded alone or in any batch, through
+// either op.)
 template <typename T>
 void task(const Args& a, int64_t b, int64_t g) {
-  const int64_t D = a.D, R = a.H / a.KV, L = a.L;
+  const int64_t row = a.rows ? a.rows[b] : a.row0 + b;
+  const int64_t start = a.slots ? a.slots[b] : a.start;
+  const int64_t D = a.D, R = a.H / a.KV, L = start + 1;
   const float* c = a.cos + b * a.cs0;
   const float* sn = a.sin + b * a.ss0;
-  T* ckr = (T*)a.ck + (a.row0 + b) * a.kcs0 + g * a.kcs1;
-  T* cvr = (T*)a.cv + (a.row0 + b) * a.vcs0 + g * a.vcs1;
-  rotate_row<T>((const T*)a.k + b * a.ks0 + g * a.ks1, c, sn, D, ckr + a.start * a.kcs2);
-  std::memcpy(cvr + a.start * a.vcs2, (const T*)a.v + b * a.vs0 + g * a.vs1, D * sizeof(T));
+  T* ckr = (T*)a.ck + row * a.kcs0 + g * a.kcs1;
+  T* cvr = (T*)a.cv + row * a.vcs0 + g * a.vcs1;
+  rotate_row<T>((const T*)a.k + b * a.ks0 + g * a.ks1, c, sn, D, ckr + start * a.kcs2);
+  std::memcpy(cvr + start * a.vcs2, (const T*)a.v + b * a.vs0 + g * a.vs1, D * sizeof(T));
 
   thread_local std::vector<T> qrot;
   thread_local std::vector<float> qf, s, o;
@@ -449,10 +463,12 @@ void task(const Args& a, int64_t b, int64_t g) {
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& cache_k,
-                            const at::Tensor& cache_v, int64_t row0, int64_t start) {
-  const char* op = "llamalab decode_attention: ";
+// Both ops: check the arguments, then one task per (row, kv head). `rows` / `slots` null: the uniform op (rows
+// row0.., slot start); else the (B,) int64 row and slot of each batch row, checked here.
+at::Tensor run(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+               const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& cache_k,
+               const at::Tensor& cache_v, int64_t row0, int64_t start, const at::Tensor* rows_in,
+               const at::Tensor* slots_in) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, op, "q, k, v must be 4-D (B, heads, 1, D)");
   const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), KV = k_in.size(1);
   TORCH_CHECK(q_in.size(2) == 1 && k_in.size(2) == 1 && v_in.size(2) == 1, op, "one new token per row (T = 1)");
@@ -470,10 +486,35 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
                   cache_k.size(3) == D,
               op, "the cache tensors must be (rows, KV, slots, D) = (*, ", KV, ", *, ", D, "), got ", cache_k.sizes(),
               " and ", cache_v.sizes());
-  TORCH_CHECK(row0 >= 0 && row0 + B <= cache_k.size(0), op, "cache rows ", row0, "..", row0 + B,
-              " out of range (", cache_k.size(0), " rows)");
-  TORCH_CHECK(start >= 0 && start < cache_k.size(2), op, "slot ", start, " out of range (", cache_k.size(2),
-              " slots)");
+  at::Tensor rows, slots;  // the per-row form's indices, contiguous
+  int64_t max_start = start;
+  if (rows_in == nullptr) {
+    TORCH_CHECK(row0 >= 0 && row0 + B <= cache_k.size(0), op, "cache rows ", row0, "..", row0 + B,
+                " out of range (", cache_k.size(0), " rows)");
+    TORCH_CHECK(start >= 0 && start < cache_k.size(2), op, "slot ", start, " out of range (", cache_k.size(2),
+                " slots)");
+  } else {
+    for (const at::Tensor* t : {rows_in, slots_in})
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == at::kLong && t->device().is_cpu(), op,
+                  "rows and slots must be (B,) = (", B, ",) int64 CPU tensors, got ", t->sizes(), " ",
+                  t->scalar_type());
+    rows = rows_in->contiguous();
+    slots = slots_in->contiguous();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    max_start = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(rp[b] >= 0 && rp[b] < cache_k.size(0), op, "cache row ", rp[b], " out of range (",
+                  cache_k.size(0), " rows)");
+      TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_k.size(2), op, "slot ", sp[b], " out of range (", cache_k.size(2),
+                  " slots)");
+      max_start = std::max(max_start, sp[b]);
+    }
+    std::vector<int64_t> sorted(rp, rp + B);  // two batch rows writing one cache row would race
+    std::sort(sorted.begin(), sorted.end());
+    TORCH_CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), op,
+                "each cache row may appear once in rows");
+  }
   TORCH_CHECK(cache_k.stride(3) == 1 && cache_v.stride(3) == 1 && cache_k.stride(2) == cache_v.stride(2), op,
               "the cache tensors must be dense along head_dim, with the same slot stride");
   for (const at::Tensor* t : {&q_in, &k_in, &v_in, &cos_in, &sin_in, &cache_k, &cache_v})
@@ -494,7 +535,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   if (B == 0 || H == 0) return out;
 
   Args a;
-  a.B = B, a.H = H, a.KV = KV, a.D = D, a.L = start + 1, a.row0 = row0, a.start = start;
+  a.B = B, a.H = H, a.KV = KV, a.D = D, a.row0 = row0, a.start = start;
+  a.rows = rows_in ? rows.data_ptr<int64_t>() : nullptr;
+  a.slots = rows_in ? slots.data_ptr<int64_t>() : nullptr;
   a.isa = llamalab::current_isa();
   a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr();
   a.qs0 = q.stride(0), a.qs1 = q.stride(1), a.ks0 = k.stride(0), a.ks1 = k.stride(1);
@@ -508,7 +551,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   a.scale = 1.f / std::sqrt((float)D);
 
   // one task per (row, kv head); a task reads L keys and values of D and does H/KV heads' worth of products
-  const int64_t work = std::max<int64_t>(1, a.L * D * (H / KV + 1));
+  const int64_t work = std::max<int64_t>(1, (max_start + 1) * D * (H / KV + 1));
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
   at::parallel_for(0, B * KV, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -523,14 +566,30 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return out;
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t row0,
+                            int64_t start) {
+  return run("llamalab decode_attention: ", q, k, v, cos, sin, cache_k, cache_v, row0, start, nullptr, nullptr);
+}
+
+at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
+                                 const at::Tensor& cache_v, const at::Tensor& rows, const at::Tensor& slots) {
+  return run("llamalab decode_attention_rows: ", q, k, v, cos, sin, cache_k, cache_v, 0, 0, &rows, &slots);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llamalab, lib) {
   lib.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, Tensor(a!) cache_k, "
       "Tensor(b!) cache_v, int row0, int start) -> Tensor");
+  lib.def(
+      "decode_attention_rows(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, Tensor(a!) cache_k, "
+      "Tensor(b!) cache_v, Tensor rows, Tensor slots) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_attention_rows", &decode_attention_rows);
 }

@@ -16,6 +16,13 @@ for such a step) and returns, for each query head h with kv head g = h // (H / K
 
 as (B, 1, H·D) in q's dtype (the heads side by side, as o_proj takes them); scores, softmax and sums in
 float32. q, k, v and the cache share one dtype (float32, bfloat16 or float16).
+
+``torch.ops.llamalab.decode_attention_rows(q, k, v, cos, signed_sin, cache_k, cache_v, rows, slots)`` is the
+same step for rows of different lengths (continuous batching): ``rows`` / ``slots`` (B,) int64, batch row b
+writes rot(k) / v into cache row ``rows[b]`` (any order, each row once) at slot ``slots[b]`` and attends to
+that row's slots 0..slots[b] — what ``write_layer`` writes for a ragged step and what its causal-by-length
+mask (``CacheStep.lengths_only``) lets attention see. Both ops run the same per-(row, kv head) computation, so a
+row's output is bit-identical whatever batch it is decoded in.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch.nn.functional as F
 
 SCHEMA = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, Tensor(a!) cache_k, "
           "Tensor(b!) cache_v, int row0, int start) -> Tensor")
+ROWS_SCHEMA = ("decode_attention_rows(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, Tensor(a!) cache_k, "
+               "Tensor(b!) cache_v, Tensor rows, Tensor slots) -> Tensor")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -46,10 +55,27 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(1, 2).reshape(B, 1, H * D)
 
 
+def decode_attention_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                    signed_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                                    rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The per-row op in plain PyTorch: rotate, write row b into (rows[b], slots[b]), SDPA over slots
+    0..slots[b] of each row (a mask j <= slots[b] over the longest row's slots) (the fallback)."""
+    B, H, _, D = q.shape
+    cache_k[rows, :, slots] = _rotate(k, cos, signed_sin)[:, :, 0]
+    cache_v[rows, :, slots] = v[:, :, 0]
+    L = int(slots.max()) + 1 if B else 1
+    mask = (torch.arange(L, device=q.device)[None] <= slots[:, None])[:, None, None]  # (B, 1, 1, L)
+    out = F.scaled_dot_product_attention(_rotate(q, cos, signed_sin), cache_k[rows, :, :L], cache_v[rows, :, :L],
+                                         attn_mask=mask, enable_gqa=H != k.shape[1])
+    return out.transpose(1, 2).reshape(B, 1, H * D)
+
+
 def define_fallback(lib: torch.library.Library) -> None:
     """Define this module's ops in Python on ``lib`` (the C++ library could not be built or loaded)."""
     lib.define(SCHEMA)
     lib.impl("decode_attention", decode_attention_reference, "CompositeExplicitAutograd")
+    lib.define(ROWS_SCHEMA)
+    lib.impl("decode_attention_rows", decode_attention_rows_reference, "CompositeExplicitAutograd")
 
 
 def register_fakes() -> None:
@@ -59,3 +85,8 @@ def register_fakes() -> None:
         return q.new_empty((q.shape[0], 1, q.shape[1] * q.shape[3]))
 
     torch.library.register_fake("llamalab::decode_attention", decode_attention_fake)
+
+    def decode_attention_rows_fake(q, k, v, cos, signed_sin, cache_k, cache_v, rows, slots):
+        return q.new_empty((q.shape[0], 1, q.shape[1] * q.shape[3]))
+
+    torch.library.register_fake("llamalab::decode_attention_rows", decode_attention_rows_fake)

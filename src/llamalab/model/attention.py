@@ -18,7 +18,10 @@ keys/values to :func:`~llamalab.model.kv_cache.write_layer`, which owns every wr
 
 Eager CPU decode of one token per row into a uniform cache step (no mask, a slice of rows, one write slot)
 takes one fused op instead, ``llamalab::decode_attention`` (kernels/attention.py): RoPE, the cache write
-that write_layer would make and the attention above in one call, returning (B, 1, H·D) for o_proj. It is
+that write_layer would make and the attention above in one call, returning (B, 1, H·D) for o_proj. Rows of
+different lengths (continuous batching; rows a slice or index tensor) whose mask is only causal by length
+(no padding in the cache: ``CacheStep.lengths_only``) take its per-row sibling ``decode_attention_rows``,
+which runs the same per-row arithmetic, so a row decodes bit-identically alone or in any batch. It is
 used only when :func:`llamalab.kernels.fused` says so and nothing needs autograd or a compiled graph; the
 plain path below is the same math (``LLAMALAB_FUSED=0`` / ``kernels.set_fused(False)`` to compare).
 """
@@ -75,8 +78,12 @@ class GroupedQueryAttention(nn.Module):
         if step is not None:
             kv = kv if kv is not None else cache.layer(self.layer_idx)
             if T == 1 and _fused_decode(step, q, k, v, kv[0], cos):
-                out = torch.ops.llamalab.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1], step.rows.start,
-                                                          step.start)
+                if _uniform_slice(step):
+                    out = torch.ops.llamalab.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1],
+                                                              step.rows.start, step.start)
+                else:  # rows of different lengths (or given as indices): each row its own cache row and slot
+                    out = torch.ops.llamalab.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1],
+                                                                   step.row_index, step.slots[:, 0])
                 return self.o_proj(out)
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
@@ -111,15 +118,24 @@ class GroupedQueryAttention(nn.Module):
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _uniform_slice(step: CacheStep) -> bool:
+    """One uniform write slot for a plain slice of rows (``rows.start`` .. +B) with no mask: the step
+    ``llamalab::decode_attention`` takes as (row0, start)."""
+    rows = step.rows
+    return (step.start is not None and step.mask is None and isinstance(rows, slice) and rows.start is not None
+            and rows.start >= 0 and rows.step in (None, 1))
+
+
 def _fused_decode(step: CacheStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                   cos: torch.Tensor) -> bool:
-    """Whether a one-token step may take ``llamalab::decode_attention``: eager (not traced), fused ops on,
-    one uniform write slot for a plain slice of rows (``rows.start`` .. +B) with no mask, CPU tensors of one
-    dtype, float32 RoPE tables, and no autograd. Everything else takes the unfused path."""
-    rows = step.rows
-    return (not torch.compiler.is_compiling() and kernels.fused() and step.start is not None
-            and isinstance(rows, slice) and step.mask is None and not step.every_row
-            and rows.start is not None and rows.start >= 0 and rows.step in (None, 1)
+    """Whether a one-token step may take a fused decode op: eager (not traced), fused ops on, not a
+    plan_decode step (every row, scratch slot), and either a uniform unmasked slice step
+    (``decode_attention``) or any step whose mask is only causal by length — no padded slot in the cache
+    (``step.lengths_only``), rows a slice or an index tensor, of equal or different lengths
+    (``decode_attention_rows``); CPU tensors of one dtype, float32 RoPE tables, and no autograd.
+    Everything else takes the unfused path."""
+    return (not torch.compiler.is_compiling() and kernels.fused() and not step.every_row
+            and (_uniform_slice(step) or (step.lengths_only and step.row_index is not None))
             and q.device.type == "cpu" and cache_k.device.type == "cpu"
             and q.dtype == k.dtype == v.dtype == cache_k.dtype and q.dtype in _FUSED_DTYPES
             and cos.dtype == torch.float32 and not (q.requires_grad or k.requires_grad or v.requires_grad))

@@ -52,6 +52,9 @@ class CacheStep:
     every_row: bool = False  # a plan_decode step: the batch is all cache rows, in order, over all slots
     row_index: torch.Tensor | None = None  # (B,) the rows as indices
     whole: bool = False  # rows is the slice of every cache row
+    # a plan() step over a cache with no padded slot: each new token at slot s of its row attends to exactly
+    # slots 0..s of that row (the mask, if any, is causal by length and nothing else)
+    lengths_only: bool = False
 
 
 class KVCache:
@@ -175,7 +178,8 @@ class KVCache:
             valid = self.valid[rows][:, :kv_len]
             mask = (((j[None, None, :] <= q_slot) & valid[:, None, :]) | (j[None, None, :] == q_slot))[:, None]
         return CacheStep(rows=rows, start=lo if uniform else None, slots=slots, kv_len=kv_len, mask=mask,
-                         position_ids=position_ids, row_index=row_idx, whole=rows == self._every_row)
+                         position_ids=position_ids, row_index=row_idx, whole=rows == self._every_row,
+                         lengths_only=not self.has_padding)
 
     def plan_decode(self, rows: torch.Tensor) -> CacheStep:
         """Plan one token for every cache row over all slots (static shapes); only ``rows`` (unpadded,
