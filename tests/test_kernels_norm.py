@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -52,7 +53,9 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
     if want.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max().clamp_min(1e-30)))
     else:
-        assert ulps_apart(got, want) <= 1, (got - want).abs().max()
+        # the normalised value and its product with the gain are each rounded to 16 bits: a float32 tie
+        # in the first rounding can become 2 ulps after the second (seen in float16)
+        assert ulps_apart(got, want) <= 2, (got - want).abs().max()
         # most elements identical: an off-by-one is a float32 rounding tie, not a different formula
         assert (got != want).float().mean() < 0.02
 
@@ -60,7 +63,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_matches_plain(native, shape, dtype):
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))  # same every run
     x = (torch.randn(shape, generator=gen) * 3 + 0.5).to(dtype)
     w = (torch.randn(shape[-1], generator=gen) + 1).to(dtype)
     want = knorm.rms_norm_reference(x, w, 1e-5)

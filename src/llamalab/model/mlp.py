@@ -7,7 +7,7 @@ gate branch, passed through SiLU ("swish"), multiplies the up branch element-wis
 intermediate_size ≈ 8/3 · hidden_size (rounded to a multiple of 256) so that the three matrices
 cost about as much as a classic 4× two-matrix MLP.
 
-In eager CPU inference (no autograd, not traced by torch.compile) with :func:`llamalab.kernels.fused` on,
+In eager CPU inference (grad mode off, not traced by torch.compile) with :func:`llamalab.kernels.fused` on,
 ``SiLU(gate) ⊙ up`` is one call of the C++ op ``llamalab::silu_mul`` (kernels/norm.py): the same math, with
 torch's rounding of each step for bfloat16 / float16; ``kernels.set_fused(False)`` runs the plain ops.
 """
@@ -30,7 +30,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if (not torch.compiler.is_compiling() and kernels.fused() and gate.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.fused() \
+                and gate.device.type == "cpu":
             return self.down_proj(torch.ops.llamalab.silu_mul(gate, up))  # the same math in one C++ call
         return self.down_proj(F.silu(gate) * up)

@@ -8,7 +8,7 @@ block (pre-norm) and once more before the output head. The statistics are comput
 whatever the model's dtype: the mean of squares of bf16 activations loses too much precision.
 ``eps`` comes from the checkpoint's config (``rms_norm_eps``: 1e-5 for Llama 2/3, 1e-6 for some).
 
-In eager CPU inference (no autograd, not traced by torch.compile) with :func:`llamalab.kernels.fused` on, the
+In eager CPU inference (grad mode off, not traced by torch.compile) with :func:`llamalab.kernels.fused` on, the
 forward is one call of the C++ op ``llamalab::rms_norm`` (kernels/norm.py): the same math as below, the
 rounding steps included; ``kernels.set_fused(False)`` / ``LLAMALAB_FUSED=0`` run the plain ops instead.
 
@@ -47,9 +47,9 @@ class RMSNorm(nn.Module):
 
 def fused_ok(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> bool:
     """Whether a norm of ``x`` (and ``more``: a residual added first) may take a fused op: eager (not traced),
-    fused ops on, CPU tensors, and no autograd (grad mode off, or no tensor requires grad: training keeps
-    the differentiable ops)."""
-    return (not torch.compiler.is_compiling() and kernels.fused() and x.device.type == "cpu"
-            and weight.device.type == "cpu" and all(t.device.type == "cpu" for t in more)
-            and not (torch.is_grad_enabled()
-                     and (x.requires_grad or weight.requires_grad or any(t.requires_grad for t in more))))
+    fused ops on, CPU tensors, and grad mode off (``torch.no_grad`` / ``torch.inference_mode``, as generation,
+    evaluation and serving run). With grad mode on the plain ops run, whether or not anything requires grad,
+    so a forward under autograd is the same arithmetic before and after parameters are frozen or adapters
+    added."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.fused()
+            and x.device.type == "cpu" and weight.device.type == "cpu" and all(t.device.type == "cpu" for t in more))
