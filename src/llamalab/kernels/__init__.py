@@ -1,5 +1,7 @@
-"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1) and for float linears at few
-activation rows, registered as torch ops.
+"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), for float linears at few
+activation rows, and the model's fused CPU ops (:mod:`.norm`: RMSNorm, add + RMSNorm, SwiGLU;
+:mod:`.attention`: RoPE + cache write + decode attention; taken by the modules when :func:`fused`),
+registered as torch ops.
 
 ``torch.ops.llamalab.q8_0_linear(x, qs, d)``, ``q4_0_linear(x, qs, d)`` and ``q4_1_linear(x, qs, d, m)``
 take an activation (..., K) of any float dtype and a weight in the layouts of :mod:`.reference`, and
@@ -10,14 +12,14 @@ float16 weight (N, K) and multiplies it in float32 by up to ``DENSE_ROWS`` activ
 handing larger batches to ``F.linear``; :mod:`.dense` swaps a model's ``nn.Linear`` layers onto it.
 Each op has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as single calls.
 
-The C++ sources (``blocks.cpp`` and ``dense.cpp``, one library) are compiled on first use with the system's C++
-compiler and cached under ``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by
-a hash of the source, the torch version, the compiler command and the CPU's flags; later processes
-just load the cached library. The instruction set is chosen at run time — AVX-512 VNNI, AVX-VNNI,
-AVX2 or portable scalar code — best first; ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or :func:`set_isa`
-forces one. Where there is no compiler, the build fails, or ``LLAMALAB_KERNELS=0``, the same ops are
-defined in Python as dequantize + ``F.linear`` (``dense_linear`` as ``F.linear``; one debug log line says
-why), so nothing breaks.
+The C++ sources (``blocks.cpp``, ``dense.cpp``, ``norm.cpp``, ``attention.cpp``; one library) are compiled on
+first use with the system's C++ compiler and cached under ``~/.cache/llamalab/kernels``
+(``LLAMALAB_KERNEL_CACHE`` overrides), keyed by a hash of the sources, the torch version, the compiler command
+and the CPU's flags; later processes just load the cached library. The instruction set is chosen at run time —
+AVX-512 VNNI, AVX-VNNI, AVX2 or portable scalar code — best first; ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or
+:func:`set_isa` forces one. Where there is no compiler, the build fails, or ``LLAMALAB_KERNELS=0``, the same
+ops are defined in Python as dequantize + ``F.linear`` (``dense_linear`` as ``F.linear``; one debug log line
+says why), so nothing breaks.
 """
 
 from __future__ import annotations
