@@ -67,3 +67,15 @@ def tiny_tok():
 def rand_model():
     """The tokenizer-less random Llama of the decode-path tests (helpers.rand_llama), one per module."""
     return helpers.rand_llama()
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The C++ kernels loaded (a test module that needs them skips where they cannot be built); afterwards the
+    best instruction set again, whatever a test forced."""
+    from llamalab import kernels
+
+    if not kernels.load():
+        pytest.skip(f"C++ kernels unavailable here ({kernels._state.get('reason')}); the fallback is tested below")
+    yield
+    kernels.set_isa(None)

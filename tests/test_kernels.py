@@ -29,14 +29,6 @@ def random_blocks(kind: str, n: int, k: int, gen: torch.Generator):
     return qs, d, m
 
 
-@pytest.fixture(scope="module")
-def native():
-    if not kernels.load():
-        pytest.skip(f"C++ kernels unavailable here ({kernels._state.get('reason')}); the fallback is tested below")
-    yield
-    kernels.set_isa(None)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_op_equals_reference_on_every_isa(native, kind):
     gen = torch.Generator().manual_seed(0)

@@ -29,14 +29,6 @@ from llamalab.model.kv_cache import KVCache, write_layer
 from llamalab.model.rope import RotaryEmbedding, rotate
 
 
-@pytest.fixture(scope="module")
-def native():
-    if not kernels.load():
-        pytest.skip(f"C++ kernels unavailable here ({kernels._state.get('reason')}); the fallback is tested below")
-    yield
-    kernels.set_isa(None)
-
-
 @pytest.fixture
 def fused_switch(native):
     """Set the fused-ops switch in a test; restored afterwards."""

@@ -23,14 +23,6 @@ SHAPES = [(7,), (1, 1, 33), (3, 5, 577), (2, 576), (4, 1536), (1, 1, 1), (2, 3, 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def native():
-    if not kernels.load():
-        pytest.skip(f"C++ kernels unavailable here ({kernels._state.get('reason')}); the fallback is tested below")
-    yield
-    kernels.set_isa(None)
-
-
 def isas() -> list[str]:
     return kernels.available_isas() if kernels.load() else []
 
