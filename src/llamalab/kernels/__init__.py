@@ -228,6 +228,16 @@ def fused() -> bool:
     return _fused and bool(_state.get("native"))
 
 
+def fused_for(*tensors: torch.Tensor) -> bool:
+    """Whether a module may run a fused op on ``tensors`` now: :func:`fused`, grad mode off
+    (``torch.no_grad`` / ``torch.inference_mode``, as generation, evaluation and serving run), not traced by
+    ``torch.compile`` (a compiled graph keeps the plain ops), and every tensor on the CPU. With grad mode on
+    the plain ops run whether or not anything requires grad, so a forward under autograd is the same
+    arithmetic before and after parameters are frozen or adapters added."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused()
+            and all(t.device.type == "cpu" for t in tensors))
+
+
 def set_fused(on: bool) -> bool:
     """Turn the fused ops on or off for this process (A/B measurements, debugging); returns the old value."""
     global _fused

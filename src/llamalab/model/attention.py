@@ -132,11 +132,10 @@ def _fused_decode(step: CacheStep, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     plan_decode step (every row, scratch slot), and either a uniform unmasked slice step
     (``decode_attention``) or any step whose mask is only causal by length — no padded slot in the cache
     (``step.lengths_only``), rows a slice or an index tensor, of equal or different lengths
-    (``decode_attention_rows``); CPU tensors of one dtype, float32 RoPE tables, and grad mode off (as
-    for the fused norms: :func:`~llamalab.model.rmsnorm.fused_ok`). Everything else takes the unfused path."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.fused()
-            and not step.every_row
+    (``decode_attention_rows``); tensors of one dtype, float32 RoPE tables, and
+    :func:`llamalab.kernels.fused_for` (fused ops on, CPU, grad mode off, not compiled). Everything else
+    takes the unfused path."""
+    return (kernels.fused_for(q, cache_k) and not step.every_row
             and (_uniform_slice(step) or (step.lengths_only and step.row_index is not None))
-            and q.device.type == "cpu" and cache_k.device.type == "cpu"
             and q.dtype == k.dtype == v.dtype == cache_k.dtype and q.dtype in _FUSED_DTYPES
             and cos.dtype == torch.float32)

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llamalab import kernels
 from llamalab.config import LlamaConfig
 from llamalab.model.attention import GroupedQueryAttention
 from llamalab.model.kv_cache import CacheStep, KVCache
 from llamalab.model.mlp import SwiGLU
-from llamalab.model.rmsnorm import RMSNorm, fused_ok
+from llamalab.model.rmsnorm import RMSNorm
 from llamalab.model.rope import RotaryEmbedding
 
 
@@ -40,11 +41,11 @@ class Block(nn.Module):
                 step: CacheStep | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, hidden); ``cos`` / ``signed_sin`` from :meth:`RotaryEmbedding.tables`; ``kv``: this
         layer's cache tensors (:meth:`KVCache.layer`) when ``step`` writes a cache. Where the fused CPU ops
-        apply (:func:`~llamalab.model.rmsnorm.fused_ok`) the residual add and the second norm are one call of
+        apply (:func:`llamalab.kernels.fused_for`) the residual add and the second norm are one call of
         ``llamalab::add_rms_norm``, the same math."""
         h = self.self_attn(self.input_layernorm(x), cos, signed_sin, mask=mask, step=step, kv=kv)
         norm = self.post_attention_layernorm
-        if type(norm) is RMSNorm and fused_ok(x, norm.weight, h):
+        if type(norm) is RMSNorm and kernels.fused_for(x, norm.weight, h):
             # x + h and its norm in one pass (llamalab::add_rms_norm: the same math as the two lines below)
             x, normed = torch.ops.llamalab.add_rms_norm(x, h, norm.weight, norm.eps)
             return x + self.mlp(normed)

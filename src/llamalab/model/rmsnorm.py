@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ok(x, self.weight):  # one C++ call, the same math as below
+        if kernels.fused_for(x, self.weight):  # one C++ call, the same math as below
             return torch.ops.llamalab.rms_norm(x, self.weight, self.eps)
         # F.rms_norm computes x * rsqrt(mean(x²) + eps) [* g] in float32 in one call (fewer eager ops than
         # spelling it out; the same arithmetic). Other dtypes: normalise in float32, round to the model's
@@ -44,12 +44,3 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
-
-def fused_ok(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> bool:
-    """Whether a norm of ``x`` (and ``more``: a residual added first) may take a fused op: eager (not traced),
-    fused ops on, CPU tensors, and grad mode off (``torch.no_grad`` / ``torch.inference_mode``, as generation,
-    evaluation and serving run). With grad mode on the plain ops run, whether or not anything requires grad,
-    so a forward under autograd is the same arithmetic before and after parameters are frozen or adapters
-    added."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kernels.fused()
-            and x.device.type == "cpu" and weight.device.type == "cpu" and all(t.device.type == "cpu" for t in more))
