@@ -48,7 +48,6 @@ SOURCE = Path(__file__).with_name("blocks.cpp")
 # C++ source beside a Python module of the same name holding its schemas, pure-PyTorch fallback and fakes
 FUSED = ("norm", "attention")
 SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"), *(Path(__file__).with_name(f"{n}.cpp") for n in FUSED))
-HEADERS = (Path(__file__).with_name("vexp.h"),)  # included by the sources: part of the cache key
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
@@ -102,7 +101,7 @@ def _compile_command(out: Path) -> list[str]:
 def library_path() -> Path:
     """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet)."""
     probe = _compile_command(Path("OUT"))
-    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), torch.__version__.encode(),
                                      " ".join(probe).encode(), _cpu_flags().encode(),
                                      sys.platform.encode()])).hexdigest()[:16]
     return cache_dir() / f"llamalab_blocks_{key}.so"

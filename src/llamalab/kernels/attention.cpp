@@ -19,7 +19,7 @@
 // task does its n_rep = H/KV query heads (up to 4 at a time) in one pass over the keys and one over the
 // values, so every cached key/value row is read once per task. The dot products, exponentials and sums are
 // vectorised for AVX-512F (16 lanes, masked tails), AVX2 + FMA + F16C (8 lanes) or portable code (8-lane
-// arrays the compiler vectorises), chosen at run time from the ISA blocks.cpp dispatches on. exp is vexp.h's
+// arrays the compiler vectorises), chosen at run time from the ISA blocks.cpp dispatches on. exp is a
 // Cephes-style polynomial on the vector paths (within ~2 ulp; std::exp on the portable path).
 //
 // llamalab::decode_attention_rows(q, k, v, cos, signed_sin, cache_k, cache_v, rows, slots) -> (B, 1, H·D)
@@ -35,8 +35,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include "vexp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -127,6 +125,13 @@ struct VP {
 };
 
 #if LL_X86
+// exp(x) = 2^n · e^r, n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by Cephes' expf polynomial;
+// x clamped to [-87.3, 88] (the softmax only takes x <= 0: below -87.3 the result is ~1e-38, not 0)
+#define LL_EXP_CONSTS                                                                                          \
+  constexpr float lo = -87.33654f, hi = 88.0f, log2e = 1.44269504088896341f, c1 = 0.693359375f,               \
+                  c2 = -2.12194440e-4f, p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f, \
+                  p3 = 4.1665795894e-2f, p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
+
 // ------------------------------------------------------------------------------------------ AVX2
 #define LL_ATT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LL_ATT_AVX2_INL __attribute__((target("avx2,fma,f16c"), always_inline))
@@ -167,7 +172,23 @@ struct V256 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  LL_ATT_AVX2_INL static inline reg exp(reg x) { return llamalab::vexp::exp8(x); }
+  LL_ATT_AVX2_INL static inline reg exp(reg x) {
+    LL_EXP_CONSTS
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT |
+                                                                                 _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c1), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c2), r);
+    __m256 p = _mm256_set1_ps(p0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p5));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
   LL_ATT_AVX2_INL static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
   LL_ATT_AVX2_INL static inline void store_part(float* p, reg a, int n) {
     float tmp[W];
@@ -208,7 +229,23 @@ struct V512 {
   LL_ATT_AVX512_INL static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   LL_ATT_AVX512_INL static inline float sum(reg a) { return _mm512_reduce_add_ps(a); }
   LL_ATT_AVX512_INL static inline float hmax(reg a) { return _mm512_reduce_max_ps(a); }
-  LL_ATT_AVX512_INL static inline reg exp(reg x) { return llamalab::vexp::exp16(x); }
+  LL_ATT_AVX512_INL static inline reg exp(reg x) {
+    LL_EXP_CONSTS
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(log2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c1), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c2), r);
+    __m512 p = _mm512_set1_ps(p0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p5));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  }
   LL_ATT_AVX512_INL static inline void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
   LL_ATT_AVX512_INL static inline void store_part(float* p, reg a, int n) {
     _mm512_mask_storeu_ps(p, first(n), a);

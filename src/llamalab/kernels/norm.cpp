@@ -21,7 +21,7 @@
 // The rows are vectorised for AVX-512F/BW (16 lanes, masked tails), AVX2 + FMA + F16C (8 lanes) or portable
 // scalar code, chosen at run time from the ISA blocks.cpp dispatches on (llamalab::current_isa, which
 // LLAMALAB_KERNEL_ISA / set_isa force). The sum of squares is accumulated in float32 lanes (its order differs
-// from torch's, within float32 rounding). exp on the vector paths is vexp.h's Cephes-style polynomial (≤ 2 ulp);
+// from torch's, within float32 rounding). exp on the vector paths is a Cephes-style polynomial (≤ 2 ulp);
 // the portable path uses std::exp. Unsupported dtype mixes / shapes go through the same math in ATen ops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,8 +33,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include "vexp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -171,7 +169,26 @@ LL_NORM_AVX2 inline __m256 round_through8(__m256 v) {
   }
 }
 
-using llamalab::vexp::exp8;  // vexp.h: the kernels' one vectorised exp
+// exp(x): x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by a degree-7 polynomial (Cephes expf), times 2^n applied as
+// 2^(n/2) · 2^(n - n/2) (each factor a normal float for n in [-150, 128]: overflow to inf, underflow to 0)
+LL_NORM_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_cvtps_epi32(fx), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
+}
 
 template <class T>
 LL_NORM_AVX2 float sumsq_avx2(const T* x, int64_t n) {
@@ -270,7 +287,22 @@ LL_NORM_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
 }
 
-using llamalab::vexp::exp16;
+// exp(x) as exp8, with 2^n applied by scalef (overflow to inf and underflow to 0 as exp does)
+LL_NORM_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);
+}
 
 template <class T>
 LL_NORM_AVX512 float sumsq_avx512(const T* x, int64_t n) {
