@@ -11,8 +11,8 @@ one thread each (each repeat starting one engine later), and the table shows med
 Rows:
 
 * ``default``: ``llamalab.load(name)`` + ``llamalab.generate``, nothing opt-in — what a user gets;
-* one per precision: ``float32``, ``bfloat16`` (``load(..., dtype=)``), ``int8`` / ``int4``
-  (``llamalab.quantization.quantize.quantize_model`` of the float32 model), ``gguf blocks`` (SmolLM2 only:
+* one per precision: ``float32``, ``bfloat16`` (``load(..., dtype=)``), ``int8`` / ``int4`` /
+  ``int4 symmetric`` (``llamalab.quantization.quantize.quantize_model`` of the float32 model), ``gguf blocks`` (SmolLM2 only:
   ``keep_quantized=True``), each eager (``compile=False``) and, with ``--compile``, with the decode
   step compiled whole (the first step's time — compiling cold or loading the cached graph warm — is
   printed, excluded from tok/s);
@@ -20,12 +20,13 @@ Rows:
   write + decode attention) switched off (``LLAMALAB_FUSED=0``): the same forward in plain PyTorch ops;
 * ``transformers`` (fp32 ``generate`` on the same weights);
 * ``llama.cpp`` (llama-cpp-python, when installed): the shipped Q4_1 file for SmolLM2, and f32 / bf16 /
-  f16 / q8_0 / q4_0 GGUFs of the same weights (written by ``llamalab.weights.gguf.save_gguf``; q8_0 /
-  q4_0 by llama.cpp's own quantizer from the f32 one).
+  f16 / q8_0 / q4_0 / q4_1 GGUFs of the same weights (written by ``llamalab.weights.gguf.save_gguf``; q8_0 /
+  q4_0 / q4_1 by llama.cpp's own quantizer from the f32 one).
 
-The last columns compare each row with the llama.cpp row named there (weights of the same kind:
-float32 / f32, bfloat16 / bf16, int8 / q8_0, int4 / q4_0, gguf blocks and the default path / the
-shipped Q4_1 file).
+The last columns compare each row with the llama.cpp row of the same block format named there:
+float32 / f32, bfloat16 / bf16, int8 (Q8_0) / q8_0, int4 (Q4_1, llamalab's default int4) / q4_1,
+int4 symmetric (Q4_0) / q4_0, gguf blocks and the default path / the shipped Q4_1 file. Every quantized
+row, llamalab's and llama.cpp's, keeps the output matrix at Q8_0.
 
 Start-up (SmolLM2, unless ``--no-startup``): seconds from process start to the first generated token
 — ``python -c "import llamalab; load('smollm2'); generate(..., max_new_tokens=1)"`` against
@@ -88,13 +89,15 @@ def precisions(name: str, only: list[str] | None):
     """(label, kind, model) for each precision row, built one at a time."""
     from llamalab.quantization.quantize import quantize_model
 
-    for label in only or ["float32", "bfloat16", "int8", "int4", "gguf blocks"]:
+    for label in only or ["float32", "bfloat16", "int8", "int4", "int4 symmetric", "gguf blocks"]:
         if label in ("float32", "bfloat16"):
             yield label, WIDTH[getattr(torch, label)], load_model(name, label)[0]
-        elif label in ("int8", "int4"):
-            yield label, {"int8": "q8_0", "int4": "q4_0"}[label], quantize_model(load_model(name, "float32")[0], label)
+        elif label in ("int8", "int4"):  # Q8_0 / Q4_1 blocks (int4's default is asymmetric), the head Q8_0
+            yield label, {"int8": "q8_0", "int4": "q4_1"}[label], quantize_model(load_model(name, "float32")[0], label)
+        elif label == "int4 symmetric":  # Q4_0 blocks, the head Q8_0: llama.cpp's q4_0 layout
+            yield label, "q4_0", quantize_model(load_model(name, "float32")[0], "int4", symmetric=True)
         elif label == "gguf blocks" and name == "smollm2-135m":
-            yield label, "q4_1", load_model(name, None, keep_quantized=True)[0]
+            yield label, FILE_KIND, load_model(name, None, keep_quantized=True)[0]
 
 
 def filler_tokenizer(vocab_size: int):
@@ -115,6 +118,7 @@ def filler_tokenizer(vocab_size: int):
 
 
 WIDTH = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+FILE_KIND = "q4_1 file"  # the shipped SmolLM2 Q4_1 GGUF as it is (its llama.cpp row is named after the kind)
 
 
 class Llamalab:
@@ -188,7 +192,8 @@ class LlamaCpp:
             src = save_gguf(model, tok, workdir / "model-src-f32.gguf", type="f32")
             path = workdir / f"model-{kind}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+                            "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[kind]
             params.nthread = threads
             if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), params) != 0:
                 raise RuntimeError(f"llama.cpp could not quantize to {kind}")
@@ -199,7 +204,7 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                                    n_batch=1 if one else 512, n_ubatch=1 if one else 512, verbose=False)
         self.prefill_note = " (prefill 1 token/batch)" if one else ""
-        self.name, self.kind = f"llama.cpp {kind}", kind
+        self.name, self.kind = ("llama.cpp, the shipped Q4_1 file" if kind == FILE_KIND else f"llama.cpp {kind}"), kind
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float]:
         import numpy as np
@@ -299,7 +304,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gqa-125m"])
     ap.add_argument("--precisions", nargs="*", default=None,
-                    help="precision rows (default: float32 bfloat16 int8 int4 'gguf blocks')")
+                    help="precision rows (default: float32 bfloat16 int8 int4 'int4 symmetric' 'gguf blocks')")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
@@ -308,8 +313,8 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-unfused", action="store_true",
                     help="skip the default path's row with the fused CPU ops switched off")
-    ap.add_argument("--llama-cpp-types", nargs="*", default=["f32", "bf16", "f16", "q8_0", "q4_0"],
-                    help="GGUF types for llama.cpp of the model's own weights (f32 bf16 f16 q8_0 q4_0)")
+    ap.add_argument("--llama-cpp-types", nargs="*", default=["f32", "bf16", "f16", "q8_0", "q4_0", "q4_1"],
+                    help="GGUF types for llama.cpp of the model's own weights (f32 bf16 f16 q8_0 q4_0 q4_1)")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up timing")
     _report.add_args(ap)
     args = ap.parse_args()
@@ -329,7 +334,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     for name in args.models:
         default, tok = load_model(name, None)
-        default_kind = "q4_1" if name == "smollm2-135m" else WIDTH.get(default.dtype, "?")
+        default_kind = FILE_KIND if name == "smollm2-135m" else WIDTH.get(default.dtype, "?")
         engines: list = [Llamalab(default, "default: load + generate", default_kind, None)]
         if not args.no_unfused:
             engines.append(Llamalab(default, "default, fused ops off (LLAMALAB_FUSED=0)", default_kind, None, False))
@@ -344,7 +349,7 @@ def main() -> None:
             if name == "smollm2-135m":
                 from llamalab.bundled import smollm2_path
 
-                engines.append(LlamaCpp(None, None, "q4_1", args.threads, workdir, path=smollm2_path()))
+                engines.append(LlamaCpp(None, None, FILE_KIND, args.threads, workdir, path=smollm2_path()))
             engines += [LlamaCpp(f32, tok, k, args.threads, workdir) for k in args.llama_cpp_types]
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, f32.config.vocab_size, (args.prompt_len,), generator=g).tolist()
