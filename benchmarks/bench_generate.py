@@ -12,10 +12,10 @@ Rows:
 
 * ``default``: ``llamalab.load(name)`` + ``llamalab.generate``, nothing opt-in — what a user gets;
 * one per precision: ``float32``, ``bfloat16`` (``load(..., dtype=)``), ``int8`` / ``int4`` /
-  ``int4 symmetric`` (``llamalab.quantization.quantize.quantize_model`` of the float32 model), ``gguf blocks`` (SmolLM2 only:
-  ``keep_quantized=True``), each eager (``compile=False``) and, with ``--compile``, with the decode
-  step compiled whole (the first step's time — compiling cold or loading the cached graph warm — is
-  printed, excluded from tok/s);
+  ``int4 symmetric`` (``llamalab.quantization.quantize.quantize_model`` of the float32 model),
+  ``gguf blocks`` (SmolLM2 only: ``keep_quantized=True``), each eager (``compile=False``) and, with
+  ``--compile``, with the decode step compiled whole (the first step's time — compiling cold or loading
+  the cached graph warm — is printed, excluded from tok/s);
 * ``default, fused ops off``: the default path with the forward's fused CPU ops (RMSNorm, SwiGLU, RoPE + cache
   write + decode attention) switched off (``LLAMALAB_FUSED=0``): the same forward in plain PyTorch ops;
 * ``transformers`` (fp32 ``generate`` on the same weights);
@@ -67,11 +67,13 @@ def measure_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights (parameters and buffers, shared ones once) one decode step reads; an untied
-    embedding is read one row per token and not counted."""
+    """Bytes of weights (parameters and buffers, shared ones once) one decode step reads. The embedding is
+    read one row per token and counted only where it is the output head's matrix too (tied and not
+    quantized apart: a quantized model's head is its own Q8_0 copy)."""
+    head_is_embedding = getattr(model.lm_head, "weight", None) is model.embed_tokens.weight
     total, seen = 0, set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or ("embed_tokens" in name and not model.config.tie_word_embeddings):
+        if id(t) in seen or ("embed_tokens" in name and not head_is_embedding):
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -370,7 +372,7 @@ def main() -> None:
     cpp = {(r["model"], r["kind"]): r for r in rows if r["cpp"]}
     hf = {r["model"]: r["dec"] for r in rows if r["hf"]}
     hdr = f"{'model':<14}{'engine':<44}{'prefill tok/s':>14}{'decode tok/s':>13}{'GB/s':>7}" \
-          f"{'% of bw':>9}{'vs transformers':>17}{'prefill vs cpp':>16}{'decode vs llama.cpp':>28}"
+          f"{'% of bw':>9}{'vs transformers':>17}{'prefill vs cpp':>16}{'decode vs llama.cpp':>50}"
     print("\n" + hdr)
     print("-" * len(hdr))
     md = ["| model | engine | prefill tok/s | decode tok/s | GB/s | % of read bw | decode vs transformers fp32 "
@@ -383,7 +385,7 @@ def main() -> None:
         pre_cpp = f"{r['pre'] / ref['pre']:.2f}x" if ref and not r["cpp"] else "-"
         vs_cpp = f"{r['dec'] / ref['dec']:.2f}x ({ref['engine']})" if ref and not r["cpp"] else "-"
         print(f"{r['model']:<14}{r['engine']:<44}{r['pre']:>14.0f}{r['dec']:>13.1f}{r['gbs']:>7.1f}"
-              f"{r['gbs'] / bw:>9.0%}{vs_hf:>17}{pre_cpp:>16}{vs_cpp:>28}")
+              f"{r['gbs'] / bw:>9.0%}{vs_hf:>17}{pre_cpp:>16}{vs_cpp:>50}")
         md.append(f"| {r['model']} | {r['engine']} | {r['pre']:.0f} | {r['dec']:.1f} | {r['gbs']:.1f} "
                   f"| {r['gbs'] / bw:.0%} | {vs_hf} | {pre_cpp} | {vs_cpp} |")
     head = [f"Batch 1, {args.threads} thread(s) each, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
