@@ -31,8 +31,8 @@ row, llamalab's and llama.cpp's, keeps the output matrix at Q8_0.
 Start-up (SmolLM2, unless ``--no-startup``): seconds from process start to the first generated token
 — ``python -c "import llamalab; load('smollm2'); generate(..., max_new_tokens=1)"`` against
 ``python -c "import llama_cpp; Llama(Q4_1 file); eval(prompt)"``, one thread each. *Cold*: the model
-file dropped from the page cache first (``posix_fadvise(DONTNEED)``); *warm*: median of the
-``--repeats`` runs right after.
+file dropped from the page cache first (``posix_fadvise(DONTNEED)``), after one untimed run of each engine
+(so the libraries themselves are not read from disk in it); *warm*: median of the ``--repeats`` runs right after.
 
     .venv/bin/python benchmarks/bench_generate.py --markdown                      # SmolLM2 + gqa-125m
     .venv/bin/python benchmarks/bench_generate.py --models smollm2-135m --repeats 3 --compile
@@ -277,13 +277,16 @@ def time_to_first_token(engine: str, path: Path, threads: int) -> float:
 
 
 def startup_rows(have_cpp: bool, threads: int, repeats: int) -> list[tuple[str, float, float]]:
-    """(engine, cold s, warm s): cold = the model file dropped from the page cache, then one run;
-    warm = the median of ``repeats`` runs after it (engines interleaved)."""
+    """(engine, cold s, warm s): cold = the model file dropped from the page cache, then one run (after an
+    untimed run of each engine, so torch's or llama.cpp's own libraries are not read cold in it); warm = the
+    median of ``repeats`` runs after it (engines interleaved)."""
     from llamalab.bundled import smollm2_path
 
     path = smollm2_path()
     engines = ["llamalab"] + (["llama.cpp"] if have_cpp else [])
     cold, warm = {}, {e: [] for e in engines}
+    for e in engines:  # one untimed run each first: the interpreter's and libraries' files in the page cache,
+        time_to_first_token(e, path, threads)  # so that "cold" is the model file's cold read alone
     for e in engines:
         drop_from_page_cache(path)
         cold[e] = time_to_first_token(e, path, threads)
