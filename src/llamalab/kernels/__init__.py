@@ -10,8 +10,6 @@ the weight dequantized by ``torch.ops.llamalab.dequantize`` (bfloat16 where the 
 products). ``torch.ops.llamalab.dense_linear(x, w, bias=None)`` takes a float32 / bfloat16 /
 float16 weight (N, K) and multiplies it in float32 by up to ``DENSE_ROWS`` activation rows (decode),
 handing larger batches to ``F.linear``; :mod:`.dense` swaps a model's ``nn.Linear`` layers onto it.
-``block_linears(x, qs[], d[], m[])`` and ``dense_linears(x, w[])`` return the products of one activation
-with several weights in one call, each bit-identical to the single op (:mod:`.projections`: q|k|v, gate|up).
 Each op has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as single calls.
 
 The C++ sources (``blocks.cpp``, ``dense.cpp``, ``norm.cpp``, ``attention.cpp``; one library) are compiled on
@@ -55,9 +53,6 @@ _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
 _DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
-# several products of one activation in one call (q|k|v, gate|up; :mod:`.projections`)
-_BLOCKS_SCHEMA = "block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor?[] m) -> Tensor[]"
-_DENSES_SCHEMA = "dense_linears(Tensor x, Tensor[] w) -> Tensor[]"
 # From this many activation rows on, the weight is dequantized (C++, vectorised) and multiplied by a GEMM
 # instead of the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures).
 # Never below 17: a decode batch of up to 16 rows (the server's default --max-batch) stays on the integer
@@ -153,20 +148,6 @@ def _define_python_fallback(reason: str) -> None:
         return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
 
     lib.impl("dense_linear", dense_impl, "CompositeExplicitAutograd")
-    lib.define(_BLOCKS_SCHEMA)
-
-    def blocks_impl(x, qs, d, m):
-        kinds = ["q8_0" if q.dtype == torch.int8 else ("q4_0" if mq is None else "q4_1") for q, mq in zip(qs, m)]
-        return [torch.nn.functional.linear(x, dequantize(k, q, dq, mq, dtype=x.dtype))
-                for k, q, dq, mq in zip(kinds, qs, d, m, strict=True)]
-
-    lib.impl("block_linears", blocks_impl, "CompositeExplicitAutograd")
-    lib.define(_DENSES_SCHEMA)
-
-    def denses_impl(x, w):
-        return [dense_impl(x, wi) for wi in w]
-
-    lib.impl("dense_linears", denses_impl, "CompositeExplicitAutograd")
     for name in FUSED:
         importlib.import_module(f"llamalab.kernels.{name}").define_fallback(lib)
     _python_lib = lib
@@ -189,16 +170,6 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     torch.library.register_fake("llamalab::dense_linear", dense_fake)
-
-    def blocks_fake(x, qs, d, m):
-        return [x.new_empty((*x.shape[:-1], q.shape[0])) for q in qs]
-
-    torch.library.register_fake("llamalab::block_linears", blocks_fake)
-
-    def denses_fake(x, w):
-        return [x.new_empty((*x.shape[:-1], wi.shape[0])) for wi in w]
-
-    torch.library.register_fake("llamalab::dense_linears", denses_fake)
     for name in FUSED:
         importlib.import_module(f"llamalab.kernels.{name}").register_fakes()
 

@@ -720,17 +720,10 @@ at::Tensor gemm_linear(Kind kind, const at::Tensor& x2, const at::Tensor& qs, co
   return y;
 }
 
-// A weight of block_linear: its kind, data pointers and shape, after the argument checks.
-struct BlockWeight {
-  Kind kind;
-  const uint8_t* w;
-  const uint16_t* dw;
-  const uint16_t* mw;  // Q4_1's mins, else nullptr
-  int64_t N, row_bytes;
-};
-
-BlockWeight check_weight(Kind kind, int64_t K, const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m) {
-  const int64_t N = qs.size(0), nb = K / QK;
+// y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
+                        const at::Tensor* m) {
+  const int64_t N = qs.size(0), K = x_in.size(-1), nb = K / QK;
   const int64_t row_bytes = kind == Q8_0 ? K : K / 2;
   TORCH_CHECK(K % QK == 0, "llamalab block linear: K=", K, " is not a multiple of 32");
   TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes && qs.is_contiguous() && qs.element_size() == 1,
@@ -741,109 +734,8 @@ BlockWeight check_weight(Kind kind, int64_t K, const at::Tensor& qs, const at::T
     TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
                 "llamalab block linear: m must be like d");
   }
-  return BlockWeight{kind, (const uint8_t*)qs.data_ptr(), (const uint16_t*)d.data_ptr(),
-                     m ? (const uint16_t*)m->data_ptr() : nullptr, N, row_bytes};
-}
-
-constexpr int TILE_ROWS = 4;  // weight rows per step of the products
-
-// The threads' work unit: this many output tiles (TILE_ROWS weight rows each) per task, for M rows of width K
-int64_t tile_grain(int64_t K, int64_t M) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * TILE_ROWS));
-}
-
-// An activation (M, K) quantized for one weight layout (Q8_0's blocks in order, or Q4's low / high halves by
-// groups, at the ISA's group size): what the products of every weight of that layout read. `slot` picks one
-// of two per-thread buffers, so a call can hold both layouts at once (block_linears with Q8_0 and Q4 weights).
-struct QActivation {
-  c10::SmallVector<QRow, 16> rows;
-  int group;
-};
-
-QActivation quantize_activation(const float* x, int64_t M, int64_t K, Kind kind, int64_t isa, int slot) {
-  const int group = group_for(isa, kind);
-  const int64_t nbp = (K / QK + MAXG - 1) / MAXG * MAXG;
-  thread_local std::vector<int8_t> xq[2];
-  thread_local std::vector<float> xd[2], xs[2];
-  xq[slot].resize(std::max<size_t>(xq[slot].size(), M * nbp * QK + 64));  // + slack: full-width loads of the last group
-  xd[slot].resize(std::max<size_t>(xd[slot].size(), M * nbp + MAXG));
-  xs[slot].resize(std::max<size_t>(xs[slot].size(), M * nbp + MAXG));
-  // (pointers, not the thread_local vectors, go into the worker threads: each thread has its own vectors)
-  int8_t* const xqp = xq[slot].data();
-  float* const xdp = xd[slot].data();
-  float* const xsp = xs[slot].data();
-#if LL_X86
-  if (isa == AVX512VNNI) quantize_rows_avx512(x, M, K, kind, group, xqp, xdp, xsp);
-  else
-#endif
-    quantize_rows(x, M, K, kind, group, xqp, xdp, xsp);
-  QActivation a;
-  a.group = group;
-  a.rows.resize(M);
-  for (int64_t r = 0; r < M; ++r) a.rows[r] = QRow{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
-  return a;
-}
-
-// Output tiles [t0, t1) of y (M, N) = x · Wᵀ, x quantized for W's layout: rows [t0·4, min(t1·4, N)) of W.
-void block_products(int64_t isa, const BlockWeight& bw, int64_t nb, int64_t M, const QActivation& xa, float* yp,
-                    int64_t t0, int64_t t1) {
-  const Kind kind = bw.kind;
-  const int64_t N = bw.N, row_bytes = bw.row_bytes;
-  const uint8_t* w = bw.w;
-  const uint16_t* dw = bw.dw;
-  const uint16_t* mw = bw.mw;
-  constexpr int R = TILE_ROWS;
-#if LL_X86
-  if (isa == AVX512VNNI) {
-    const QRow* xr = xa.rows.data();
-    auto run = [&](auto tag) {
-      constexpr bool P = decltype(tag)::value;
-      switch (kind) {
-        case Q8_0: return tiles_avx512<Q8_0, P>(w, row_bytes, dw, mw, N, nb, M, xr, yp, t0, t1);
-        case Q4_0: return tiles_avx512<Q4_0, P>(w, row_bytes, dw, mw, N, nb, M, xr, yp, t0, t1);
-        case Q4_1: return tiles_avx512<Q4_1, P>(w, row_bytes, dw, mw, N, nb, M, xr, yp, t0, t1);
-      }
-    };
-    if (prefetch_weights()) run(std::true_type{});
-    else run(std::false_type{});
-    return;
-  }
-#endif
-  // AVX2 / AVX-VNNI / scalar: each activation row through the batch-1 kernel of the tile (the weight tile
-  // re-read from cache), so a row's sums do not depend on the batch
-  float out[R];
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
-    const uint8_t* wr = w + n0 * row_bytes;
-    const uint16_t* dr = dw + n0 * nb;
-    const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
-    for (int64_t r = 0; r < M; ++r) {
-      const QRow& xr = xa.rows[r];
-      if (nr == R) {
-        rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, xa.group, out);
-      } else {
-        for (int64_t i = 0; i < nr; ++i)
-          rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, xa.group,
-                  out + i);
-      }
-      std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
-    }
-  }
-}
-
-c10::SmallVector<int64_t, 4> out_shape(const at::Tensor& x, int64_t N) {
-  c10::SmallVector<int64_t, 4> s(x.sizes().begin(), x.sizes().end());
-  s.back() = N;
-  return s;
-}
-
-// y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
-at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
-                        const at::Tensor* m) {
-  const int64_t K = x_in.size(-1), nb = K / QK;
-  const BlockWeight bw = check_weight(kind, K, qs, d, m);
-  const int64_t N = bw.N;
-  const c10::SmallVector<int64_t, 4> out_sizes = out_shape(x_in, N);
+  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
   const int64_t M = K ? x_in.numel() / K : 0;
   if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
     return gemm_linear(kind, x_in.reshape({M, K}), qs, d, m, N, K).to(x_in.scalar_type()).view(out_sizes);
@@ -854,79 +746,73 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   at::Tensor y = at::empty(out_sizes, x.options());
   if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
   const int64_t isa = active_isa();
-  const QActivation xa = quantize_activation(x.data_ptr<float>(), M, K, kind, isa, 0);
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
-  at::parallel_for(0, tiles, tile_grain(K, M), [&](int64_t t0, int64_t t1) {
-    block_products(isa, bw, nb, M, xa, yp, t0, t1);
-  });
-  return plain ? y : y.to(x_in.scalar_type());
-}
+  const int group = group_for(isa, kind);
+  const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xs;
+  xq.resize(std::max<size_t>(xq.size(), M * nbp * QK + 64));  // + slack: full-width loads of the last group
+  xd.resize(std::max<size_t>(xd.size(), M * nbp + MAXG));
+  xs.resize(std::max<size_t>(xs.size(), M * nbp + MAXG));
+  // (pointers, not the thread_local vectors, go into the worker threads: each thread has its own vectors)
+  int8_t* const xqp = xq.data();
+  float* const xdp = xd.data();
+  float* const xsp = xs.data();
+#if LL_X86
+  if (isa == AVX512VNNI) quantize_rows_avx512(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+  else
+#endif
+    quantize_rows(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
 
-// y_i = x · W_iᵀ for several weights on one activation (q|k|v, gate|up) in one call: the activation is
-// converted once and quantized once per layout (Q8_0's, Q4's) and the products of all weights are split
-// over the threads together. Each y_i is bit for bit block_linear(x, W_i): the same quantized activation and
-// the same products; from g_gemm_rows rows on it is block_linear per weight. The kind of each weight is
-// read off its tensors as a checkpoint's are: int8 codes Q8_0, uint8 codes with mins Q4_1, without Q4_0.
-std::vector<at::Tensor> block_linears(const at::Tensor& x_in, at::TensorList qs, at::TensorList d,
-                                      const c10::List<c10::optional<at::Tensor>>& m) {
-  const size_t n = qs.size();
-  TORCH_CHECK(d.size() == n && m.size() == n, "llamalab block_linears: qs, d and m must be lists of one length, got ",
-              n, ", ", d.size(), ", ", m.size());
-  const int64_t K = x_in.size(-1), nb = K / QK;
-  std::vector<c10::optional<at::Tensor>> ms(n);
-  c10::SmallVector<BlockWeight, 4> bws;
-  for (size_t i = 0; i < n; ++i) {
-    ms[i] = m.get(i);
-    const bool has_m = ms[i].has_value() && ms[i]->defined();
-    const at::ScalarType qt = qs[i].scalar_type();
-    TORCH_CHECK(qt == at::kChar || qt == at::kByte, "llamalab block_linears: qs[", i, "] must be int8 (Q8_0) or uint8 "
-                "(Q4_0 / Q4_1), got ", qt);
-    TORCH_CHECK(qt == at::kByte || !has_m, "llamalab block_linears: m[", i, "] given for int8 (Q8_0) codes");
-    const Kind kind = qt == at::kChar ? Q8_0 : (has_m ? Q4_1 : Q4_0);
-    bws.push_back(check_weight(kind, K, qs[i], d[i], has_m ? &*ms[i] : nullptr));
+  const uint8_t* w = (const uint8_t*)qs.data_ptr();
+  const uint16_t* dw = (const uint16_t*)d.data_ptr();
+  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
+  float* yp = y.data_ptr<float>();
+  constexpr int R = 4;  // weight rows per step
+  const int64_t tiles = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
+#if LL_X86
+  if (isa == AVX512VNNI) {
+    c10::SmallVector<QRow, 16> xr(M);
+    for (int64_t r = 0; r < M; ++r) xr[r] = QRow{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
+    const bool pf = prefetch_weights();
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      auto run = [&](auto tag) {
+        constexpr bool P = decltype(tag)::value;
+        switch (kind) {
+          case Q8_0: return tiles_avx512<Q8_0, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+          case Q4_0: return tiles_avx512<Q4_0, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+          case Q4_1: return tiles_avx512<Q4_1, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
+        }
+      };
+      if (pf) run(std::true_type{});
+      else run(std::false_type{});
+    });
+    return plain ? y : y.to(x_in.scalar_type());
   }
-  std::vector<at::Tensor> ys;
-  ys.reserve(n);
-  const int64_t M = K ? x_in.numel() / K : 0;
-  if (M >= g_gemm_rows && M > 0) {
-    for (size_t i = 0; i < n; ++i) ys.push_back(block_linear(bws[i].kind, x_in, qs[i], d[i], bws[i].mw ? &*ms[i] : nullptr));
-    return ys;
-  }
-  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
-  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
-  c10::SmallVector<int64_t, 4> offsets;  // first tile of each weight in the threads' shared range
-  int64_t tiles = 0;
-  for (size_t i = 0; i < n; ++i) {
-    ys.push_back(at::empty(out_shape(x_in, bws[i].N), x.options()));
-    offsets.push_back(tiles);
-    tiles += M ? (bws[i].N + TILE_ROWS - 1) / TILE_ROWS : 0;
-  }
-  offsets.push_back(tiles);
-  if (tiles > 0) {
-    const int64_t isa = active_isa();
-    QActivation xa[2];  // [0] Q8_0's layout, [1] Q4's (Q4_0 and Q4_1 read the same one)
-    bool have[2] = {false, false};
-    for (size_t i = 0; i < n; ++i) {
-      const int s = bws[i].kind == Q8_0 ? 0 : 1;
-      if (!have[s] && bws[i].N > 0) {
-        xa[s] = quantize_activation(x.data_ptr<float>(), M, K, bws[i].kind, isa, s);
-        have[s] = true;
+#endif
+  // AVX2 / AVX-VNNI / scalar: each activation row through the batch-1 kernel of the tile (the weight tile
+  // re-read from cache), so a row's sums do not depend on the batch
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    float out[R];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
+      const uint8_t* wr = w + n0 * row_bytes;
+      const uint16_t* dr = dw + n0 * nb;
+      const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        const QRow xr{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
+        if (nr == R) {
+          rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, group, out);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, group,
+                    out + i);
+        }
+        std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
       }
     }
-    c10::SmallVector<float*, 4> yps;
-    for (size_t i = 0; i < n; ++i) yps.push_back(ys[i].data_ptr<float>());
-    at::parallel_for(0, tiles, tile_grain(K, M), [&](int64_t g0, int64_t g1) {
-      for (size_t i = 0; i < n; ++i) {
-        const int64_t t0 = std::max(g0, offsets[i]), t1 = std::min(g1, offsets[i + 1]);
-        if (t0 < t1)
-          block_products(isa, bws[i], nb, M, xa[bws[i].kind == Q8_0 ? 0 : 1], yps[i], t0 - offsets[i], t1 - offsets[i]);
-      }
-    });
-  }
-  if (!plain)
-    for (auto& y : ys) y = y.to(x_in.scalar_type());
-  return ys;
+  });
+  return plain ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
@@ -949,7 +835,6 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
-  lib.def("block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor?[] m) -> Tensor[]");
   lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
   lib.def("configure(int gemm_rows, bool gemm_bf16) -> int", &configure);
   lib.def("cpu_isa() -> int", &cpu_isa);
@@ -962,6 +847,5 @@ TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("q8_0_linear", &q8_0_linear);
   lib.impl("q4_0_linear", &q4_0_linear);
   lib.impl("q4_1_linear", &q4_1_linear);
-  lib.impl("block_linears", &block_linears);
   lib.impl("dequantize", &dequantize_op);
 }

@@ -218,9 +218,8 @@ void rows_any(int64_t isa, const void* w, int64_t K, const float* x, int64_t M, 
   rows_scalar<T>(w, K, x, M, n0, n1, N, bias, y);
 }
 
-WType wtype_of(at::ScalarType t) { return t == at::kFloat ? F32 : (t == at::kBFloat16 ? BF16 : F16); }
-
-void check_dense(const at::Tensor& x_in, const at::Tensor& w) {
+// y = x · Wᵀ (+ bias) for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(w.dim() == 2, "llamalab dense_linear: w must be 2-D (N, K), got ", w.dim(), "-D");
   const at::ScalarType wt = w.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf,
@@ -228,42 +227,36 @@ void check_dense(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "llamalab dense_linear: x must be a float tensor");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.size(1), "llamalab dense_linear: x's last dimension (",
               x_in.dim() ? x_in.size(-1) : 0, ") must be w's K = ", w.size(1));
-}
-
-int64_t leading_rows(const at::Tensor& x) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "llamalab dense_linear: bias must be (N,) = (", N,
+                ",)");
+  }
   int64_t M = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
-  return M;
-}
-
-// Whether the kernel takes this product (else at::linear, through dense_gemm)
-bool dense_kernel_takes(const at::Tensor& x_in, const at::Tensor& w, int64_t M) {
-  return !(M > g_dense_rows[wtype_of(w.scalar_type())] || !w.is_contiguous() || !x_in.device().is_cpu() ||
-           !w.device().is_cpu());
-}
-
-// a GEMM amortises the weight over many rows (and handles what the kernel does not)
-at::Tensor dense_gemm(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in,
-                      bool has_bias) {
-  const at::ScalarType wt = w.scalar_type();
-  const at::Tensor xw = x_in.to(wt);
-  return at::linear(xw, w, has_bias ? c10::optional<at::Tensor>(bias_in->to(wt)) : c10::nullopt)
-      .to(x_in.scalar_type());
-}
-
-// A contiguous float32 / bfloat16 / float16 activation (the decode case) is read, and y written, with no
-// extra torch ops ("direct"): 16-bit activations are widened into a per-thread buffer and the float32 result is
-// rounded (to nearest even, as Tensor.to) into y. Anything else goes through a float32 copy (kept in `hold`).
-bool dense_direct(const at::Tensor& x_in) {
+  for (int64_t i = 0; i + 1 < x_in.dim(); ++i) M *= x_in.size(i);
+  const WType wk = wt == at::kFloat ? F32 : (wt == at::kBFloat16 ? BF16 : F16);
+  if (M > g_dense_rows[wk] || !w.is_contiguous() || !x_in.device().is_cpu() || !w.device().is_cpu()) {
+    // a GEMM amortises the weight over many rows (and handles what the kernel does not)
+    const at::Tensor xw = x_in.to(wt);
+    return at::linear(xw, w, has_bias ? c10::optional<at::Tensor>(bias_in->to(wt)) : c10::nullopt)
+        .to(x_in.scalar_type());
+  }
+  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
+  // A contiguous float32 / bfloat16 / float16 activation (the decode case) is read, and y written, with no
+  // extra torch ops: 16-bit activations are widened into a per-thread buffer and the float32 result is
+  // rounded (to nearest even, as Tensor.to) into y. Anything else goes through a float32 copy.
   const at::ScalarType xt = x_in.scalar_type();
-  return x_in.is_contiguous() && (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf);
-}
-
-const float* dense_activation(const at::Tensor& x_in, int64_t M, int64_t K, at::Tensor& hold) {
-  thread_local std::vector<float> xbuf;
-  const at::ScalarType xt = x_in.scalar_type();
-  if (xt == at::kFloat && dense_direct(x_in)) return x_in.data_ptr<float>();
-  if (dense_direct(x_in)) {
+  const bool direct = x_in.is_contiguous() && (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf);
+  at::Tensor y = at::empty(out_sizes, x_in.options().dtype(direct ? xt : at::kFloat));
+  if (M == 0 || N == 0) return direct ? y : y.to(xt);
+  thread_local std::vector<float> xbuf, ybuf;
+  at::Tensor x;
+  const float* xp;
+  if (xt == at::kFloat && direct) {
+    xp = x_in.data_ptr<float>();
+  } else if (direct) {
     xbuf.resize(std::max<size_t>(xbuf.size(), M * K));
     if (xt == at::kBFloat16) {
       const c10::BFloat16* src = x_in.data_ptr<c10::BFloat16>();
@@ -272,58 +265,11 @@ const float* dense_activation(const at::Tensor& x_in, int64_t M, int64_t K, at::
       const c10::Half* src = x_in.data_ptr<c10::Half>();
       for (int64_t i = 0; i < M * K; ++i) xbuf[i] = (float)src[i];
     }
-    return xbuf.data();
+    xp = xbuf.data();
+  } else {
+    x = x_in.to(at::kFloat).contiguous();
+    xp = x.data_ptr<float>();
   }
-  hold = x_in.to(at::kFloat).contiguous();
-  return hold.data_ptr<float>();
-}
-
-// rows [n0, n1) of y (M, N) = x · Wᵀ (+ bias) in float32
-void dense_products(int64_t isa, WType wk, const void* wp, int64_t K, const float* xp, int64_t M, int64_t n0,
-                    int64_t n1, int64_t N, const float* bp, float* yp) {
-  switch (wk) {
-    case F32: return rows_any<F32>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-    case BF16: return rows_any<BF16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-    case F16: return rows_any<F16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-  }
-}
-
-int64_t dense_grain(int64_t K, int64_t M) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * std::min<int64_t>(M, MB)));
-}
-
-// The float32 result (count values) rounded into a 16-bit y (y float32: written in place already)
-void dense_store(at::Tensor& y, const float* yp, int64_t count) {
-  if (y.scalar_type() == at::kBFloat16) {
-    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < count; ++i) dst[i] = c10::BFloat16(yp[i]);
-  } else if (y.scalar_type() == at::kHalf) {
-    c10::Half* dst = y.data_ptr<c10::Half>();
-    for (int64_t i = 0; i < count; ++i) dst[i] = c10::Half(yp[i]);
-  }
-}
-
-// y = x · Wᵀ (+ bias) for x (..., K) of any float dtype; y has x's leading shape and dtype.
-at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in) {
-  check_dense(x_in, w);
-  const int64_t N = w.size(0), K = w.size(1);
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "llamalab dense_linear: bias must be (N,) = (", N,
-                ",)");
-  }
-  const int64_t M = leading_rows(x_in);
-  const WType wk = wtype_of(w.scalar_type());
-  if (!dense_kernel_takes(x_in, w, M)) return dense_gemm(x_in, w, bias_in, has_bias);
-  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-  out_sizes.back() = N;
-  const at::ScalarType xt = x_in.scalar_type();
-  const bool direct = dense_direct(x_in);
-  at::Tensor y = at::empty(out_sizes, x_in.options().dtype(direct ? xt : at::kFloat));
-  if (M == 0 || N == 0) return direct ? y : y.to(xt);
-  thread_local std::vector<float> ybuf;
-  at::Tensor x;
-  const float* xp = dense_activation(x_in, M, K, x);
   float* yp;
   if (y.scalar_type() == at::kFloat) {
     yp = y.data_ptr<float>();
@@ -336,89 +282,31 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const void* wp = w.data_ptr();
   const int64_t isa = llamalab::current_isa();
-  at::parallel_for(0, N, dense_grain(K, M), [&](int64_t n0, int64_t n1) {
-    dense_products(isa, wk, wp, K, xp, M, n0, n1, N, bp, yp);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * std::min<int64_t>(M, MB)));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    switch (wk) {
+      case F32: return rows_any<F32>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+      case BF16: return rows_any<BF16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+      case F16: return rows_any<F16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
+    }
   });
-  dense_store(y, yp, M * N);
+  if (y.scalar_type() == at::kBFloat16) {
+    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::BFloat16(yp[i]);
+  } else if (y.scalar_type() == at::kHalf) {
+    c10::Half* dst = y.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::Half(yp[i]);
+  }
   return direct ? y : y.to(xt);
-}
-
-// y_i = x · W_iᵀ for several bias-free weights on one activation (q|k|v, gate|up) in one call: the
-// activation widened once and the rows of all weights split over the threads together. Each y_i is bit for
-// bit dense_linear(x, W_i): the same kernel on the same float32 activation; a weight the kernel does not
-// take (more rows than its dtype's hand-over, not contiguous) goes to at::linear as there.
-std::vector<at::Tensor> dense_linears(const at::Tensor& x_in, at::TensorList ws) {
-  const size_t n = ws.size();
-  for (const at::Tensor& w : ws) check_dense(x_in, w);
-  const int64_t M = leading_rows(x_in), K = x_in.size(-1);
-  const at::ScalarType xt = x_in.scalar_type();
-  const bool direct = dense_direct(x_in);
-  std::vector<at::Tensor> ys(n);
-  c10::SmallVector<int64_t, 4> offsets;  // first row of each kernel weight in the threads' shared range
-  c10::SmallVector<size_t, 4> kernel;  // which weights the kernel takes
-  int64_t rows = 0, values = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (!dense_kernel_takes(x_in, ws[i], M)) {
-      ys[i] = dense_gemm(x_in, ws[i], c10::nullopt, false);
-      continue;
-    }
-    c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-    out_sizes.back() = ws[i].size(0);
-    ys[i] = at::empty(out_sizes, x_in.options().dtype(direct ? xt : at::kFloat));
-    kernel.push_back(i);
-    offsets.push_back(rows);
-    rows += M ? ws[i].size(0) : 0;
-  }
-  offsets.push_back(rows);
-  if (rows > 0) {
-    thread_local std::vector<float> ybuf;
-    at::Tensor x;
-    const float* xp = dense_activation(x_in, M, K, x);
-    const size_t nk = kernel.size();
-    c10::SmallVector<float*, 4> yps(nk);
-    c10::SmallVector<WType, 4> wks(nk);
-    c10::SmallVector<const void*, 4> wps(nk);
-    for (size_t j = 0; j < nk; ++j) {
-      at::Tensor& y = ys[kernel[j]];
-      if (y.scalar_type() != at::kFloat) values += y.numel();
-    }
-    ybuf.resize(std::max<size_t>(ybuf.size(), values));
-    for (size_t j = 0, at16 = 0; j < nk; ++j) {
-      at::Tensor& y = ys[kernel[j]];
-      if (y.scalar_type() == at::kFloat) {
-        yps[j] = y.data_ptr<float>();
-      } else {
-        yps[j] = ybuf.data() + at16;
-        at16 += y.numel();
-      }
-      wks[j] = wtype_of(ws[kernel[j]].scalar_type());
-      wps[j] = ws[kernel[j]].data_ptr();
-    }
-    const int64_t isa = llamalab::current_isa();
-    at::parallel_for(0, rows, dense_grain(K, M), [&](int64_t g0, int64_t g1) {
-      for (size_t j = 0; j < nk; ++j) {
-        const int64_t n0 = std::max(g0, offsets[j]), n1 = std::min(g1, offsets[j + 1]);
-        if (n0 < n1)
-          dense_products(isa, wks[j], wps[j], K, xp, M, n0 - offsets[j], n1 - offsets[j], offsets[j + 1] - offsets[j],
-                         nullptr, yps[j]);
-      }
-    });
-    for (size_t j = 0; j < nk; ++j) dense_store(ys[kernel[j]], yps[j], ys[kernel[j]].numel());
-  }
-  if (!direct)
-    for (size_t j = 0; j < kernel.size(); ++j) ys[kernel[j]] = ys[kernel[j]].to(xt);
-  return ys;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llamalab, lib) {
   lib.def("dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
-  lib.def("dense_linears(Tensor x, Tensor[] w) -> Tensor[]");
   lib.def("dense_configure(int rows_f32, int rows_bf16, int rows_f16) -> int", &dense_configure);
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("dense_linear", &dense_linear);
-  lib.impl("dense_linears", &dense_linears);
 }

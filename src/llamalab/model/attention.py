@@ -24,11 +24,6 @@ different lengths (continuous batching; rows a slice or index tensor) whose mask
 which runs the same per-row arithmetic, so a row decodes bit-identically alone or in any batch. It is
 used only when :func:`llamalab.kernels.fused` says so and nothing needs autograd or a compiled graph; the
 plain path below is the same math (``LLAMALAB_FUSED=0`` / ``kernels.set_fused(False)`` to compare).
-
-The three projections of x are one op call under the same conditions where the modules allow it
-(:func:`llamalab.kernels.projections.linears`: plain block-quantized or dense float layers, no hooks), with
-outputs bit-identical to calling q_proj, k_proj and v_proj; a hooked or LoRA-wrapped projection is called
-as a module.
 """
 
 from __future__ import annotations
@@ -38,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
-from llamalab.kernels.projections import linears
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
 
@@ -78,11 +72,9 @@ class GroupedQueryAttention(nn.Module):
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
-        qkv = linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one op call where bit-identical, else None
-        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if step is not None:
             kv = kv if kv is not None else cache.layer(self.layer_idx)
             if T == 1 and _fused_decode(step, q, k, v, kv[0], cos):

@@ -10,8 +10,6 @@ cost about as much as a classic 4× two-matrix MLP.
 In eager CPU inference (grad mode off, not traced by torch.compile) with :func:`llamalab.kernels.fused` on,
 ``SiLU(gate) ⊙ up`` is one call of the C++ op ``llamalab::silu_mul`` (kernels/norm.py): the same math, with
 torch's rounding of each step for bfloat16 / float16; ``kernels.set_fused(False)`` runs the plain ops.
-Under the same conditions gate and up are one op call where the modules allow it
-(:func:`llamalab.kernels.projections.linears`), bit-identical to the two module calls.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
-from llamalab.kernels.projections import linears
 
 
 class SwiGLU(nn.Module):
@@ -32,8 +29,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pair = linears(x, (self.gate_proj, self.up_proj))  # one op call where bit-identical, else None
-        gate, up = pair if pair is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         if kernels.fused_for(gate, up):
             return self.down_proj(torch.ops.llamalab.silu_mul(gate, up))  # the same math in one C++ call
         return self.down_proj(F.silu(gate) * up)
