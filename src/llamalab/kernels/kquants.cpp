@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,31 +55,10 @@ constexpr int64_t PAR_BYTES = 1 << 20;  // a thread's share of weight bytes × r
 
 inline int64_t sb_bytes(KKind k) { return k == Q4_K ? 144 : 210; }
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      exp = 127 - 15 + 1;
-      while (!(man & 0x400)) { man <<= 1; --exp; }
-      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 inline float load_half(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return half_to_float(h);
+  return c10::detail::fp16_ieee_to_fp32_value(h);  // c10::Half's exact fp16 -> fp32, as dense.cpp converts
 }
 
 // Q4_K's 12 scale bytes -> 8 scales and 8 mins (6 bits each). Bytes 0-3: scales 0-3 (low 6 bits), bytes 4-7:
