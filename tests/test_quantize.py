@@ -370,9 +370,14 @@ def test_int4_kernel_layout_reads_back_exact_codes(out_f, in_f):
     torch.testing.assert_close(again(x), layer(x))
 
 
-def test_smollm2_int8_greedy_tokens_equal_float32_and_bounds_hold(smollm2):
-    """SmolLM2-135M quantized to Q8_0 blocks: every element within d/2 of the float weight, and 16 greedy
-    tokens equal to float32's on two chat prompts (measured: equal on 4 of 4 prompts)."""
+def test_smollm2_int8_follows_float32_greedy_path_and_bounds_hold(smollm2):
+    """SmolLM2-135M quantized to Q8_0 blocks: every element within d/2 of the float weight; along float32's
+    16 greedy tokens on two chat prompts (teacher-forced through the int8 model's cached decode, the path
+    `generate` takes) every logit within LOGIT_ATOL of float32's, and the same top token at every step where
+    float32's top-2 margin is over MARGIN. (Greedy token-for-token equality is not a property of int8: float32's
+    margin is 0.05-0.3 logits at some steps, below the ~1 logit int8 error; measured on 4 prompts: max error
+    1.6, the top token differs at 2 of 64 steps, at margins 0.26 and 0.05.)"""
+    LOGIT_ATOL, MARGIN = 2.5, 1.0
     model, tok = smollm2
     q = quantize_model(copy.deepcopy(model), "int8")
     layers = {n: m for n, m in q.named_modules() if isinstance(m, BlockQuantLinear)}
@@ -382,15 +387,23 @@ def test_smollm2_int8_greedy_tokens_equal_float32_and_bounds_hold(smollm2):
         err, d = _blocks(layer, w)
         assert (err <= d / 2 * (1 + FP32_SLACK)).all(), name
 
-    def greedy(m, ids: list[int], n: int) -> list[int]:
-        cache, out = m.new_cache(1, len(ids) + n), []
+    def decode_logits(m, ids: list[int], feed: list[int] | None, n: int) -> tuple[torch.Tensor, list[int]]:
+        """Each step's next-token logits, decoding greedily (feed None) or feeding the given tokens."""
+        cache, out, rows = m.new_cache(1, len(ids) + n), [], []
         with torch.no_grad():
             logits = m(torch.tensor([ids]), cache=cache, last_only=True)
-            for _ in range(n):
-                out.append(int(logits[0, -1].argmax()))
+            for i in range(n):
+                rows.append(logits[0, -1])
+                out.append(int(logits[0, -1].argmax()) if feed is None else feed[i])
                 logits = m(torch.tensor([[out[-1]]]), cache=cache)
-        return out
+        return torch.stack(rows), out
 
     for question in ("What is the capital of France?", "Write a haiku about the sea."):
         prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
-        assert greedy(q, prompt, 16) == greedy(model, prompt, 16), question
+        want, path = decode_logits(model, prompt, None, 16)
+        got, _ = decode_logits(q, prompt, path, 16)
+        assert (got - want).abs().max() <= LOGIT_ATOL, question
+        top2 = want.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] > MARGIN
+        assert clear.sum() >= 4, question  # (the check below has steps to check: measured 13 and 6)
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), question
