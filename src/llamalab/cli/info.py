@@ -3,7 +3,8 @@
 Sizes are given in the dtype the weights are stored in (on disk: the safetensors/GGUF tensor
 types and the file size) and loaded as (in memory: the dtype ``llamalab.load`` gives, named), so a
 bf16 checkpoint reads as bf16 and a q8_0 GGUF shows both its file size and its dequantized size.
-A quantized (int8 / int4) model's packed weights count as the parameters they stand for.
+A quantized model's packed weights (int8 / int4, GGUF blocks and Q4_K / Q6_K super-blocks) count as the
+parameters they stand for, and in memory as the bytes they take.
 A preset is a random-init shape, measured on the meta device without allocating.
 """
 
@@ -91,7 +92,8 @@ def stored(path: Path) -> dict[str, Any] | None:
 
 def quantized_layers(model: Any) -> dict[str, int]:
     """How many linears of each quantized kind the loaded model holds: GGUF blocks by kind (``q8_0``, ``q4_1``,
-    ``q4_0``), PyTorch's packed ones as ``int8`` / ``int8-g32`` / ``int4-g64``..."""
+    ``q4_0``; k-quant super-blocks ``q4_k``, ``q6_k``), PyTorch's packed ones as ``int8`` / ``int8-g32`` /
+    ``int4-g64``..."""
     from llamalab.quantization.linear import QuantizedLinear
 
     counts: Counter = Counter()

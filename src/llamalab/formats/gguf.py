@@ -5,8 +5,11 @@ Reading (:func:`load_gguf`): the container is parsed by :mod:`~llamalab.formats.
 from the metadata (:mod:`~llamalab.formats.gguf_config`), the tensor table is checked against it before any
 tensor is read, and tensors are dequantized and brought to HF's q/k layout (:mod:`~llamalab.formats.gguf_tensors`).
 ``keep_quantized=True`` (the default when no dtype is asked for and the C++ kernels are built) instead keeps the
-Q8_0 / Q4_0 / Q4_1 linear layers — and a quantized output head — as blocks
-(:class:`~llamalab.quantization.blocks.BlockQuantLinear`, multiplied by :mod:`llamalab.kernels`).
+Q8_0 / Q4_0 / Q4_1 linear layers — and a quantized output head — as blocks of 32
+(:class:`~llamalab.quantization.blocks.BlockQuantLinear`), and the Q4_K / Q6_K ones whose input width is a multiple
+of 256 as super-blocks of 256 (:class:`~llamalab.quantization.kquants.KQuantLinear`), both the file's bytes as
+stored and multiplied by :mod:`llamalab.kernels` (x · Wᵀ with x rounded to int8 per 32 inputs). Any other
+tensor, and a k-quant matrix of another width, is dequantized; a file may mix the kinds (Q4_K_M: Q4_K and Q6_K).
 
 Writing (:func:`save_gguf`) uses ``gguf.GGUFWriter``: llama hyper-parameters, RoPE settings (linear and
 YaRN as ``rope.scaling.*``; llama3 as the ``rope_freqs.weight`` tensor of per-frequency divisors that
@@ -40,7 +43,10 @@ from llamalab.formats.gguf_tensors import (
     type_name,
     unpermute_qk,
 )
+from llamalab.kernels.kquants import QK_K
 from llamalab.quantization.blocks import GGML_TYPES, QK, BlockQuantLinear
+from llamalab.quantization.kquants import KQ_GGML_TYPES, KQuantLinear
+from llamalab.quantization.linear import QuantizedLinear
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
@@ -48,7 +54,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     """Read a llama-architecture GGUF file -> (Llama, Tokenizer | None).
 
     ``keep_quantized`` (default: when no ``dtype`` is given and the C++ kernels are available): Q8_0 /
-    Q4_0 / Q4_1 matrices stay as blocks (:mod:`llamalab.quantization.blocks`), as llama.cpp runs them."""
+    Q4_0 / Q4_1 matrices stay as blocks (:mod:`llamalab.quantization.blocks`) and Q4_K / Q6_K ones of a width
+    divisible by 256 as super-blocks (:mod:`llamalab.quantization.kquants`), as llama.cpp runs them."""
     from llamalab.formats.hf import resolve_dtype
     from llamalab.model.llama import Llama
     from llamalab.tokenization.gguf_vocab import from_gguf_metadata
@@ -134,8 +141,8 @@ def _llama_tensors(g):
 
 
 def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, device):
-    """Q8_0 / Q4_0 / Q4_1 linear layers (and a quantized output head) become llamalab.quantization.blocks
-    BlockQuantLinear, the file's blocks as stored; everything else is dequantized to `target`."""
+    """Q8_0 / Q4_0 / Q4_1 linear layers (and a quantized output head) become BlockQuantLinear, Q4_K / Q6_K ones
+    KQuantLinear (:func:`kept_type`), the file's bytes as stored; everything else is dequantized to `target`."""
     from llamalab.model.llama import Llama
 
     state: dict[str, torch.Tensor] = {}
@@ -151,7 +158,8 @@ def _load_keep_quantized(g: GGUFFile, config: LlamaConfig, target: torch.dtype, 
             w = unpermute_qk(w, heads)
         state[ours] = torch.from_numpy(np.ascontiguousarray(w)).to(target)
     if not quantized:
-        raise WeightsError(f"{g.path}: keep_quantized needs Q8_0/Q4_0/Q4_1 linear weights; this file has none")
+        raise WeightsError(f"{g.path}: keep_quantized needs Q8_0/Q4_0/Q4_1 (or Q4_K/Q6_K with widths divisible "
+                           "by 256) linear weights; this file has none")
     model = Llama.from_state_dict(config, state, dtype=target, device=device, source=str(g.path))
     keep_gguf_blocks(model, g, device, layers=quantized)
     return model.eval()
@@ -294,16 +302,30 @@ def _add_value(w, key: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- kept blocks
-def gguf_block_layers(g: GGUFFile, config: LlamaConfig) -> dict:
-    """Our module name -> :class:`BlockQuantLinear` for each Q8_0 / Q4_0 / Q4_1 matrix of a GGUF file's blocks,
-    and for the output head (``output.weight``, or a quantized ``token_embd.weight`` when the head is tied).
+def kept_type(ggml_type: int, shape: tuple[int, ...]) -> bool:
+    """Whether a GGUF matrix of this GGML type and torch shape (out, in) is kept quantized on load: Q8_0 / Q4_0 /
+    Q4_1 (blocks of 32, :class:`BlockQuantLinear`), or Q4_K / Q6_K with ``in`` a multiple of 256 (whole
+    super-blocks per row, :class:`KQuantLinear`)."""
+    if len(shape) != 2:
+        return False
+    if ggml_type in GGML_TYPES.values():
+        return True
+    return ggml_type in KQ_GGML_TYPES.values() and shape[1] % QK_K == 0
+
+
+def gguf_block_layers(g: GGUFFile, config: LlamaConfig) -> dict[str, QuantizedLinear]:
+    """Our module name -> a quantized linear for each kept matrix (:func:`kept_type`) of a GGUF file's blocks, and
+    for the output head (``output.weight``, or a quantized ``token_embd.weight`` when the head is tied):
+    :class:`BlockQuantLinear` for Q8_0 / Q4_0 / Q4_1, :class:`KQuantLinear` for Q4_K / Q6_K.
 
     `g` is a :class:`llamalab.formats.gguf_reader.GGUFFile`; q/k rows are brought from llama.cpp's RoPE layout to
-    ours by reordering whole rows, so the blocks are used exactly as stored."""
-    out: dict[str, BlockQuantLinear] = {}
+    ours by reordering whole rows, so the (super-)blocks are used exactly as stored. Each layer is separate (the
+    model runs q, k, v, gate and up as their own products), so a file mixing the kinds, e.g. Q4_K_M's Q6_K
+    ``attn_v`` / ``ffn_down`` among Q4_K layers, keeps each layer in its own kind."""
+    out: dict[str, QuantizedLinear] = {}
     for name, t in g.tensors.items():
         ours = gguf_to_ours(name)
-        if ours is None or t.type not in GGML_TYPES.values() or len(t.shape) != 2:
+        if ours is None or not kept_type(t.type, t.shape):
             continue
         if ours == "embed_tokens.weight":
             if not config.tie_word_embeddings or "output.weight" in g.tensors:
@@ -311,7 +333,8 @@ def gguf_block_layers(g: GGUFFile, config: LlamaConfig) -> dict:
             ours = "lm_head.weight"
         elif not (ours.startswith("layers.") or ours == "lm_head.weight"):
             continue
-        layer = BlockQuantLinear.from_gguf(g.raw(t), t.type, t.shape)
+        cls = BlockQuantLinear if t.type in GGML_TYPES.values() else KQuantLinear
+        layer = cls.from_gguf(g.raw(t), t.type, t.shape)
         heads = (config.n_heads if ours.endswith("q_proj.weight")
                  else config.n_kv_heads if ours.endswith("k_proj.weight") else None)
         if heads is not None:
@@ -321,17 +344,17 @@ def gguf_block_layers(g: GGUFFile, config: LlamaConfig) -> dict:
 
 
 def keeps_blocks_by_default(g) -> bool:
-    """Whether ``llamalab.load`` keeps GGUF file `g` quantized when no dtype is asked for: its block
-    linears are Q8_0 / Q4_0 / Q4_1 and the C++ kernels are built (the fallback would be slower than float)."""
-    has_blocks = any(name.startswith("blk.") and t.type in GGML_TYPES.values() and len(t.shape) == 2
-                     for name, t in g.tensors.items())
+    """Whether ``llamalab.load`` keeps GGUF file `g` quantized when no dtype is asked for: some of its block
+    linears are kept types (:func:`kept_type`: Q8_0 / Q4_0 / Q4_1, Q4_K / Q6_K of widths divisible by 256) and the
+    C++ kernels are built (the fallback would be slower than float)."""
+    has_blocks = any(name.startswith("blk.") and kept_type(t.type, t.shape) for name, t in g.tensors.items())
     from llamalab import kernels
 
     return has_blocks and kernels.native()
 
 
 def keep_gguf_blocks(model: torch.nn.Module, g, device: torch.device | str = "cpu",
-                     layers: dict[str, BlockQuantLinear] | None = None) -> dict[str, BlockQuantLinear]:
+                     layers: dict[str, QuantizedLinear] | None = None) -> dict[str, QuantizedLinear]:
     """Swap `model`'s linears for the blocks of GGUF file `g` (``layers``, default :func:`gguf_block_layers`),
     in place; sets ``model.config.quantization`` so that ``save_pretrained`` writes the blocks and
     ``llamalab.load`` reads them back."""
@@ -341,6 +364,8 @@ def keep_gguf_blocks(model: torch.nn.Module, g, device: torch.device | str = "cp
     for name, layer in layers.items():
         replace_linear(model, name, layer.to(device))
     if layers:
-        model.config.quantization = {"method": "gguf", "kinds": sorted({lay.kind for lay in layers.values()}),
-                                     "group_size": QK, "lm_head": "lm_head" in layers, "format": 1}
+        kinds = sorted({lay.kind for lay in layers.values()})
+        group = QK if any(k in GGML_TYPES for k in kinds) else QK_K  # 32-blocks, or only 256-super-blocks
+        model.config.quantization = {"method": "gguf", "kinds": kinds, "group_size": group,
+                                     "lm_head": "lm_head" in layers, "format": 1}
     return layers

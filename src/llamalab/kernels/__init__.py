@@ -1,7 +1,7 @@
-"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), for float linears at few
-activation rows, and the model's fused CPU ops (:mod:`.norm`: RMSNorm, add + RMSNorm, SwiGLU;
-:mod:`.attention`: RoPE + cache write + decode attention; taken by the modules when :func:`fused`),
-registered as torch ops.
+"""CPU kernels for block-quantized linears (GGUF Q8_0 / Q4_0 / Q4_1), for GGUF's k-quant linears (Q4_K /
+Q6_K super-blocks of 256, :mod:`.kquants`), for float linears at few activation rows, and the model's fused
+CPU ops (:mod:`.norm`: RMSNorm, add + RMSNorm, SwiGLU; :mod:`.attention`: RoPE + cache write + decode
+attention; taken by the modules when :func:`fused`), registered as torch ops.
 
 ``torch.ops.llamalab.q8_0_linear(x, qs, d)``, ``q4_0_linear(x, qs, d)`` and ``q4_1_linear(x, qs, d, m)``
 take an activation (..., K) of any float dtype and a weight in the layouts of :mod:`.reference`, and
@@ -10,16 +10,19 @@ the weight dequantized by ``torch.ops.llamalab.dequantize`` (bfloat16 where the 
 products). ``torch.ops.llamalab.dense_linear(x, w, bias=None)`` takes a float32 / bfloat16 /
 float16 weight (N, K) and multiplies it in float32 by up to ``DENSE_ROWS`` activation rows (decode),
 handing larger batches to ``F.linear``; :mod:`.dense` swaps a model's ``nn.Linear`` layers onto it.
-Each op has a fake (meta) implementation, so ``torch.compile`` keeps them in its graph as single calls.
+``torch.ops.llamalab.q4_k_linear(x, kq)`` / ``q6_k_linear(x, kq)`` take the file's super-blocks as stored
+(uint8 (N, K/256 · 144 or 210)) and return x · Wᵀ the same way (activation int8 per 32, integer dot products,
+scales per sub-block; :mod:`.kquants` has the math). Each op has a fake (meta) implementation, so
+``torch.compile`` keeps them in its graph as single calls.
 
-The C++ sources (``blocks.cpp``, ``dense.cpp``, ``norm.cpp``, ``attention.cpp``; one library) are compiled on
-first use with the system's C++ compiler and cached under ``~/.cache/llamalab/kernels``
-(``LLAMALAB_KERNEL_CACHE`` overrides), keyed by a hash of the sources, the torch version, the compiler command
-and the CPU's flags; later processes just load the cached library. The instruction set is chosen at run time —
-AVX-512 VNNI, AVX-VNNI, AVX2 or portable scalar code — best first; ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or
-:func:`set_isa` forces one. Where there is no compiler, the build fails, or ``LLAMALAB_KERNELS=0``, the same
-ops are defined in Python as dequantize + ``F.linear`` (``dense_linear`` as ``F.linear``; one debug log line
-says why), so nothing breaks.
+The C++ sources (``blocks.cpp``, ``dense.cpp``, and the op modules' ``norm.cpp``, ``attention.cpp``,
+``kquants.cpp``; one library) are compiled on first use with the system's C++ compiler and cached under
+``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by a hash of the sources, the torch
+version, the compiler command and the CPU's flags; later processes just load the cached library. The instruction
+set is chosen at run time — AVX-512 VNNI, AVX-VNNI, AVX2 or portable scalar code — best first;
+``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or :func:`set_isa` forces one. Where there is no compiler, the build fails, or
+``LLAMALAB_KERNELS=0``, the same ops are defined in Python as dequantize + ``F.linear`` (``dense_linear`` as
+``F.linear``; one debug log line says why), so nothing breaks.
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ log = logging.getLogger(__name__)
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # index = the C++ Isa value
 SOURCE = Path(__file__).with_name("blocks.cpp")
-# the fused ops of the model's own forward (RMSNorm / SwiGLU; RoPE + cache write + decode attention): each a
-# C++ source beside a Python module of the same name holding its schemas, pure-PyTorch fallback and fakes
+# the fused ops of the model's own forward (RMSNorm / SwiGLU; RoPE + cache write + decode attention)
 FUSED = ("norm", "attention")
-SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"), *(Path(__file__).with_name(f"{n}.cpp") for n in FUSED))
+# op modules: each a C++ source beside a Python module of the same name holding its schemas, pure-PyTorch
+# fallback (``define_fallback(lib)``) and fakes (``register_fakes()``): the fused ops and the k-quant linears
+OP_MODULES = (*FUSED, "kquants")
+SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"),
+           *(Path(__file__).with_name(f"{n}.cpp") for n in OP_MODULES))
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
@@ -108,7 +114,7 @@ def library_path() -> Path:
 
 
 def build(path: Path | None = None) -> Path:
-    """Compile blocks.cpp + dense.cpp into `path` (default :func:`library_path`); atomic, so racing builds are safe."""
+    """Compile :data:`SOURCES` into `path` (default :func:`library_path`); atomic, so racing builds are safe."""
     path = path or library_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -148,7 +154,7 @@ def _define_python_fallback(reason: str) -> None:
         return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
 
     lib.impl("dense_linear", dense_impl, "CompositeExplicitAutograd")
-    for name in FUSED:
+    for name in OP_MODULES:
         importlib.import_module(f"llamalab.kernels.{name}").define_fallback(lib)
     _python_lib = lib
     log.debug("llamalab kernels: using the pure-PyTorch fallback (%s)", reason)
@@ -170,7 +176,7 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     torch.library.register_fake("llamalab::dense_linear", dense_fake)
-    for name in FUSED:
+    for name in OP_MODULES:
         importlib.import_module(f"llamalab.kernels.{name}").register_fakes()
 
 

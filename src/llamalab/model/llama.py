@@ -243,8 +243,9 @@ class Llama(nn.Module):
         """Meta-build a Llama and assign `state` (our key names) into it, checking every name and shape.
 
         Saved quantized layers (``P.qweight`` / ``P.scales`` [/ ``P.zeros``] for int8 / int4, ``P.qs`` / ``P.d``
-        [/ ``P.m``] for GGUF blocks) become the linears of :mod:`llamalab.quantization`; float tensors take
-        ``dtype`` (default: as stored). This is the one place a checkpoint's tensors are checked."""
+        [/ ``P.m``] for GGUF blocks, ``P.kq`` for GGUF Q4_K / Q6_K super-blocks) become the linears of
+        :mod:`llamalab.quantization`; float tensors take ``dtype`` (default: as stored). This is the one place
+        a checkpoint's tensors are checked."""
         from llamalab.errors import WeightsError
         from llamalab.formats.hf import IGNORED_KEY, check_layer_count, to_hf_key
         from llamalab.quantization.quantize import replace_linear
@@ -253,7 +254,7 @@ class Llama(nn.Module):
         check_layer_count(config, state, source)
         state = dict(state)
         model = cls.on_meta(config)
-        quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".qs"))})
+        quant_names = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".qs", ".kq"))})
         if quant_names:
             check_quantization(config, source)
         for name in quant_names:

@@ -4,13 +4,15 @@ For a quantized layer ``P`` a checkpoint holds, in our key names:
 
 * blocks: ``P.qs``, ``P.d`` [, ``P.m``]                                            -> :class:`BlockQuantLinear`
   (``llamalab quantize`` int8 / int4 by default: Q8_0 / Q4_1 / Q4_0; or kept from a GGUF file)
+* k-quant super-blocks: ``P.kq`` uint8 (out, in/256 · 144 | 210), kept from a GGUF file's Q4_K | Q6_K
+  -> :class:`KQuantLinear` (the kind follows from the row byte count)
 * packed int8: ``P.qweight`` int8 (out, in) and ``P.scales`` (out,) or (out, in/group)  -> :class:`Int8Linear`
 * packed int4: ``P.qweight`` uint8 (out, in/2), ``P.scales`` and ``P.zeros``             -> :class:`Int4Linear`
 
-Each layer is rebuilt from its own tensors (blocks first), whatever ``config.quantization`` says its layout is,
-so directories written before blocks were the default (all ``qweight``) load as they did, and a directory may
-mix the two. :meth:`llamalab.model.Llama.from_state_dict` calls :func:`pop_quantized_layer` for each such ``P``
-and checks everything else as for a float checkpoint.
+Each layer is rebuilt from its own tensors (blocks first, then k-quants), whatever ``config.quantization`` says its
+layout is, so directories written before blocks were the default (all ``qweight``) load as they did, and a
+directory may mix the two. :meth:`llamalab.model.Llama.from_state_dict` calls :func:`pop_quantized_layer` for each
+such ``P`` and checks everything else as for a float checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from llamalab.errors import WeightsError
 from llamalab.formats.hf import to_hf_key
 from llamalab.quantization.blocks import pop_block_layer
+from llamalab.quantization.kquants import pop_kquant_layer
 from llamalab.quantization.quantize import FORMAT_VERSION, LAYOUTS, METHODS, Int4Linear, Int8Linear, QuantizedLinear
 
 
@@ -50,6 +53,17 @@ def pop_quantized_layer(state: dict[str, torch.Tensor], name: str, like: nn.Line
             raise WeightsError(f"{source}: {to_hf_key(name)} holds {layer.kind} blocks, but llamalab_quantization "
                                f"lists kinds {', '.join(map(str, kinds))}" + (f" (missing {to_hf_key(name)}.m?)"
                                                                                 if "q4_1" in kinds else ""))
+        return layer
+    if f"{name}.kq" in state:
+        if (config.quantization or {}).get("method") != "gguf":
+            raise WeightsError(f"{source}: {to_hf_key(name)}.kq holds GGUF k-quant super-blocks, but "
+                               f"llamalab_quantization's method is {(config.quantization or {}).get('method')!r}, "
+                               "not 'gguf'")
+        layer = pop_kquant_layer(state, name, like, source)
+        kinds = (config.quantization or {}).get("kinds")
+        if isinstance(kinds, list) and kinds and layer.kind not in kinds:
+            raise WeightsError(f"{source}: {to_hf_key(name)} holds {layer.kind} super-blocks, but "
+                               f"llamalab_quantization lists kinds {', '.join(map(str, kinds))}")
         return layer
     method = (config.quantization or {}).get("method")
     tensors = {}
