@@ -239,8 +239,13 @@ def fused_for(*tensors: torch.Tensor) -> bool:
     ``torch.compile`` (a compiled graph keeps the plain ops), and every tensor on the CPU. With grad mode on
     the plain ops run whether or not anything requires grad, so a forward under autograd is the same
     arithmetic before and after parameters are frozen or adapters added."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused()
-            and all(t.device.type == "cpu" for t in tensors))
+    # (called several times per layer per decode step: the cheapest checks first, no generator)
+    if not _fused or torch.is_grad_enabled() or not _state.get("native") or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if not t.is_cpu:
+            return False
+    return True
 
 
 def set_fused(on: bool) -> bool:

@@ -45,6 +45,7 @@ enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3 };
 enum Kind { Q8_0, Q4_0, Q4_1 };
 constexpr int QK = 32;
 constexpr int MAXG = 4;  // activation blocks are padded to a multiple of this many
+constexpr int64_t kMinChunkWork = 1 << 20;  // least weight bytes x activation rows per thread of a product
 
 int64_t g_isa = -1;  // -1: best available
 int64_t g_gemm_rows = 24;  // from this many activation rows on: dequantize + GEMM (set by configure)
@@ -769,7 +770,11 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   float* yp = y.data_ptr<float>();
   constexpr int R = 4;  // weight rows per step
   const int64_t tiles = (N + R - 1) / R;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M * R));
+  // A thread's share is at least ~1 MB of weight bytes x activation rows (~70 us of work): a parallel region
+  // costs microseconds to tens of them (sleeping workers), so a batch-1 product of a small layer runs on
+  // the calling thread and only large layers or batches are split (serving at 1 client on 2 threads: 35
+  // tok/s with every layer split, ~70 with this grain).
+  const int64_t grain = std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, R * row_bytes * M));
 #if LL_X86
   if (isa == AVX512VNNI) {
     c10::SmallVector<QRow, 16> xr(M);

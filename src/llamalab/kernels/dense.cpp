@@ -39,6 +39,7 @@ namespace {
 
 enum WType { F32, BF16, F16 };
 constexpr int MB = 8;        // activation rows per pass over a weight row (AVX-512; 4 on AVX2, 16 registers)
+constexpr int64_t kMinChunkWork = 1 << 20;  // least weight bytes x activation rows per thread (as blocks.cpp)
 // more activation rows than this (float32, bfloat16, float16 weights): at::linear; set by dense_configure
 int64_t g_dense_rows[3] = {4, 4, 16};
 
@@ -282,7 +283,8 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const void* wp = w.data_ptr();
   const int64_t isa = llamalab::current_isa();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * std::min<int64_t>(M, MB)));
+  // at least ~1 MB of weight bytes x rows per thread: small batch-1 products stay on the calling thread
+  const int64_t grain = std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, K * w.element_size() * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     switch (wk) {
       case F32: return rows_any<F32>(isa, wp, K, xp, M, n0, n1, N, bp, yp);

@@ -29,7 +29,7 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype and w.dtype in _FLOATS
+        if (x.is_cpu and w.is_cpu and x.dtype == w.dtype and w.dtype in _FLOATS
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (self.bias is not None and self.bias.requires_grad)))
                 and not torch.is_autocast_enabled("cpu")

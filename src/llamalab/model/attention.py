@@ -72,18 +72,24 @@ class GroupedQueryAttention(nn.Module):
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if T == 1:  # (B, 1, H·D) is (B, H, 1, D) in memory: one view (decode: fewer eager calls per layer)
+            q = q.view(B, self.n_heads, 1, self.head_dim)
+            k = k.view(B, self.n_kv_heads, 1, self.head_dim)
+            v = v.view(B, self.n_kv_heads, 1, self.head_dim)
+        else:
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if step is not None:
             kv = kv if kv is not None else cache.layer(self.layer_idx)
-            if T == 1 and _fused_decode(step, q, k, v, kv[0], cos):
-                if _uniform_slice(step):
-                    out = torch.ops.llamalab.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1],
-                                                              step.rows.start, step.start)
+            if T == 1 and (op := _decode_op(step)) and _fused_decode(q, k, v, kv[0], cos):
+                if op == _SLICE:
+                    out = torch.ops.llamalab.decode_attention.default(q, k, v, cos, signed_sin, kv[0], kv[1],
+                                                                      step.rows.start, step.start)
                 else:  # rows of different lengths (or given as indices): each row its own cache row and slot
-                    out = torch.ops.llamalab.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1],
-                                                                   step.row_index, step.slots[:, 0])
+                    out = torch.ops.llamalab.decode_attention_rows.default(q, k, v, cos, signed_sin, kv[0], kv[1],
+                                                                           step.row_index, step.slots[:, 0])
                 return self.o_proj(out)
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
@@ -118,6 +124,9 @@ class GroupedQueryAttention(nn.Module):
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_UNFUSED, _SLICE, _ROWS = 0, 1, 2  # the step's decode attention: plain ops, decode_attention, decode_attention_rows
+
+
 def _uniform_slice(step: CacheStep) -> bool:
     """One uniform write slot for a plain slice of rows (``rows.start`` .. +B) with no mask: the step
     ``llamalab::decode_attention`` takes as (row0, start)."""
@@ -126,16 +135,24 @@ def _uniform_slice(step: CacheStep) -> bool:
             and rows.start >= 0 and rows.step in (None, 1))
 
 
-def _fused_decode(step: CacheStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+def _decode_op(step: CacheStep) -> int:
+    """Which fused op a one-token step's layout allows (worked out once per step, kept on it for the other
+    layers): not a plan_decode step (every row, scratch slot), and either a uniform unmasked slice step
+    (``decode_attention``: _SLICE) or any step whose mask is only causal by length — no padded slot in the
+    cache (``step.lengths_only``), rows a slice or an index tensor, of equal or different lengths
+    (``decode_attention_rows``: _ROWS); else _UNFUSED."""
+    op = step.__dict__.get("_decode_op")
+    if op is None:
+        op = (_UNFUSED if step.every_row else _SLICE if _uniform_slice(step)
+              else _ROWS if step.lengths_only and step.row_index is not None else _UNFUSED)
+        step.__dict__["_decode_op"] = op
+    return op
+
+
+def _fused_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                   cos: torch.Tensor) -> bool:
-    """Whether a one-token step may take a fused decode op: eager (not traced), fused ops on, not a
-    plan_decode step (every row, scratch slot), and either a uniform unmasked slice step
-    (``decode_attention``) or any step whose mask is only causal by length — no padded slot in the cache
-    (``step.lengths_only``), rows a slice or an index tensor, of equal or different lengths
-    (``decode_attention_rows``); tensors of one dtype, float32 RoPE tables, and
-    :func:`llamalab.kernels.fused_for` (fused ops on, CPU, grad mode off, not compiled). Everything else
-    takes the unfused path."""
-    return (kernels.fused_for(q, cache_k) and not step.every_row
-            and (_uniform_slice(step) or (step.lengths_only and step.row_index is not None))
-            and q.dtype == k.dtype == v.dtype == cache_k.dtype and q.dtype in _FUSED_DTYPES
-            and cos.dtype == torch.float32)
+    """Whether this layer's tensors may take the fused decode op :func:`_decode_op` chose: one dtype,
+    float32 RoPE tables, and :func:`llamalab.kernels.fused_for` (fused ops on, CPU, grad mode off, not
+    compiled). Everything else takes the unfused path."""
+    return (q.dtype == k.dtype == v.dtype == cache_k.dtype and q.dtype in _FUSED_DTYPES
+            and cos.dtype == torch.float32 and kernels.fused_for(q, cache_k))

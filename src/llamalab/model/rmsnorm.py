@@ -32,8 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.fused_for(x, self.weight):  # one C++ call, the same math as below
-            return torch.ops.llamalab.rms_norm(x, self.weight, self.eps)
+        w = self.weight
+        if kernels.fused_for(x, w):  # one C++ call, the same math as below
+            return torch.ops.llamalab.rms_norm(x, w, self.eps)
         # F.rms_norm computes x * rsqrt(mean(x²) + eps) [* g] in float32 in one call (fewer eager ops than
         # spelling it out; the same arithmetic). Other dtypes: normalise in float32, round to the model's
         # dtype, then apply the gain — Hugging Face's order, so bf16 results round the same way.

@@ -136,7 +136,7 @@ class BlockQuantLinear(QuantizedLinear):
         return dequantize(self.kind, self.qs, self.d, self.m, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        if self.use_kernel and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
             if torch.compiler.is_compiling():
                 return self._op(x, self.qs, self.d) if self.m is None else self._op(x, self.qs, self.d, self.m)
             return self._op(x, *self._args)  # (eager: a plain attribute, not three buffer look-ups per call)
