@@ -147,3 +147,18 @@ def test_bad_params_one_line_errors(kwargs, word):
     with pytest.raises(LlamalabError) as e:
         SamplingParams(**kwargs)
     assert word in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sparse_logit_bias_equals_the_dense_matrix():
+    """process_logits adds each row's logit_bias at its ids: exactly the dense logit_bias_matrix sum."""
+    from llamalab.generation.sampling import add_logit_bias, apply_logit_bias, logit_bias_matrix
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=gen) * 5
+    params = [SamplingParams(logit_bias={2: -100.0, 7: 0.3}), SamplingParams(), SamplingParams(logit_bias={49: 12.5})]
+    want = apply_logit_bias(logits, logit_bias_matrix(params, 50))
+    got = add_logit_bias(logits, params)
+    assert torch.equal(got, want) and not torch.equal(got, logits)
+    assert torch.equal(logits, torch.randn(3, 50, generator=torch.Generator().manual_seed(3)) * 5)  # not in place
+    with pytest.raises(LlamalabError, match="outside the vocabulary"):
+        add_logit_bias(logits[:, :40], params)

@@ -167,6 +167,21 @@ def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return logits + bias.to(logits.dtype)
 
 
+def add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``logits`` (B, V) plus each row's ``logit_bias`` dict, added at its token ids only (the values of
+    :func:`apply_logit_bias` with :func:`logit_bias_matrix`, without a dense (B, V) matrix per step)."""
+    rows, ids, values = [], [], []
+    for i, p in enumerate(params):
+        for tid, v in p.logit_bias.items():
+            if tid >= logits.shape[-1]:
+                raise LlamalabError(f"logit_bias token id {tid} is outside the vocabulary (size {logits.shape[-1]})")
+            rows.append(i)
+            ids.append(tid)
+            values.append(v)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+    return logits.index_put(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
 def logit_bias_matrix(params: Sequence[SamplingParams], vocab_size: int,
                       device: torch.device | str = "cpu") -> torch.Tensor | None:
     """Dense (B, V) bias from each row's ``logit_bias`` dict; None when no row has one."""
@@ -233,7 +248,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], count
     """Steps 1–3 (penalties, bias, temperature) for a batch; float32 (B, V) out.
 
     ``counts``/``rows``: the penalty statistics and which of its rows the batch rows are.
-    ``bias``: a precomputed :func:`logit_bias_matrix` (built here when None).
+    ``bias``: a precomputed :func:`logit_bias_matrix` (else each row's dict is added at its ids: the same values).
     """
     logits = logits.float()
     dev = logits.device
@@ -247,10 +262,10 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], count
             logits = apply_frequency_presence(logits, cnt,
                                               _row_tensor([p.frequency_penalty for p in params], torch.float32, dev),
                                               _row_tensor([p.presence_penalty for p in params], torch.float32, dev))
-    if bias is None:
-        bias = logit_bias_matrix(params, logits.shape[-1], dev)
     if bias is not None:
         logits = apply_logit_bias(logits, bias)
+    elif any(p.logit_bias for p in params):
+        logits = add_logit_bias(logits, params)
     if any(not p.greedy for p in params):
         logits = apply_temperature(logits, _row_tensor([p.temperature for p in params], torch.float32, dev))
     return logits
