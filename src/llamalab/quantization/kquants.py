@@ -87,7 +87,7 @@ class KQuantLinear(QuantizedLinear):
 
     def permute_rows(self, index: torch.Tensor) -> KQuantLinear:
         """Reorder the output rows in place (e.g. GGUF's q/k RoPE layout -> ours); super-blocks stay intact."""
-        self.kq = _aligned(self.kq[index])
+        self.kq = _aligned(self.kq.index_select(0, index))  # (not kq[index]: ~200x slower on uint8)
         return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
