@@ -1,0 +1,100 @@
+"""Where a decode step's time goes: one decoder layer's eager forward against its C++ ops called alone.
+
+For one layer of ``llamalab.load(model)`` (default: the shipped SmolLM2 Q4_1 file, its linears kept as
+blocks), one token decoded after a short prompt, three ways, alternating within every round:
+
+* ``module``: ``layer(h, cos, sin, None, step, kv)`` — the model's own forward (module calls, the checks
+  that choose the fused ops, op dispatch);
+* ``ops alone``: the same ops it calls (rms_norm, the seven block linears, decode_attention, add_rms_norm,
+  silu_mul, the residual add) called back to back from Python with their arguments bound beforehand;
+  its output is checked to equal the module's bit for bit;
+* ``linears alone``: just the seven block linears.
+
+The difference module - ops alone is the eager forward's fixed cost per layer (times n_layers per step).
+Printed: µs per call (median over rounds of the mean of ``--calls`` calls), one thread by default.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_layer.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_layer.py --layer 10 --rounds 61
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=31)
+    args = ap.parse_args()
+
+    import llamalab
+    from llamalab import kernels
+    from llamalab.quantization.blocks import BlockQuantLinear
+
+    model, tok = llamalab.load(args.model)
+    if not kernels.fused():
+        raise SystemExit("the fused C++ ops are not in use here (LLAMALAB_FUSED=0 or no compiler): nothing to compare")
+    layer = model.layers[args.layer]
+    a, mlp = layer.self_attn, layer.mlp
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(type(m) is BlockQuantLinear for m in linears):
+        raise SystemExit(f"{args.model}: layer {args.layer}'s linears are not GGUF blocks; this script times those")
+    cache = model.new_cache(1, 512)
+    with torch.inference_mode():
+        model(torch.tensor([tok.encode("Write a haiku about the sea.")]), cache=cache)
+        step = cache.plan(slice(0, 1), 1, 1)
+        cos, sin = model.rotary.tables(step.position_ids)
+        kv = cache.layer(args.layer)
+        h = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        ops = torch.ops.llamalab
+        q, k, v, o, g, u, d = ((m._op, m._args) for m in linears)
+        w1, w2, eps = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps
+        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
+        row0, slot = step.rows.start, step.start
+        down_in = torch.randn(1, 1, mlp.down_proj.in_features)
+
+        def module() -> torch.Tensor:
+            return layer(h, cos, sin, None, step, kv)
+
+        def ops_alone() -> torch.Tensor:
+            x = ops.rms_norm(h, w1, eps)
+            att = ops.decode_attention.default(q[0](x, *q[1]).view(1, H, 1, D), k[0](x, *k[1]).view(1, KV, 1, D),
+                                               v[0](x, *v[1]).view(1, KV, 1, D), cos, sin, kv[0], kv[1], row0, slot)
+            x2, nx = ops.add_rms_norm(h, o[0](att, *o[1]), w2, eps)
+            return x2 + d[0](ops.silu_mul(g[0](nx, *g[1]), u[0](nx, *u[1])), *d[1])
+
+        def linears_alone() -> None:
+            for op, wargs in (q, k, v, o, g, u):
+                op(h, *wargs)
+            d[0](down_in, *d[1])
+
+        if not torch.equal(module(), ops_alone()):
+            raise SystemExit("the ops called alone do not reproduce the layer's output: this script is out of date")
+        cases = {"module": module, "ops alone": ops_alone, "linears alone": linears_alone}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.rounds):
+            for name, f in cases.items():
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    f()
+                times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    n = model.config.n_layers
+    print(f"{args.model} layer {args.layer}, one decode token, {torch.get_num_threads()} thread(s), "
+          f"median of {args.rounds} rounds x {args.calls} calls:")
+    for name, us in med.items():
+        print(f"  {name:14s} {us:7.1f} us")
+    extra = med["module"] - med["ops alone"]
+    print(f"  eager cost over its ops: {extra:.1f} us per layer = {extra * n / 1e3:.2f} ms per step "
+          f"({n} layers); module / ops alone = {med['module'] / med['ops alone']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
