@@ -79,3 +79,16 @@ def native():
         pytest.skip(f"C++ kernels unavailable here ({kernels._state.get('reason')}); the fallback is tested below")
     yield
     kernels.set_isa(None)
+
+
+@pytest.fixture
+def dense_rows_lifted(native):
+    """``llamalab::dense_linear``'s own kernel for every row count a test uses (the GEMM hand-over lifted);
+    the default hand-overs and the best instruction set afterwards."""
+    from llamalab import kernels
+
+    torch.ops.llamalab.dense_configure(64, 64, 64)
+    yield
+    rows = kernels.DENSE_ROWS
+    torch.ops.llamalab.dense_configure(rows[torch.float32], rows[torch.bfloat16], rows[torch.float16])
+    kernels.set_isa(None)

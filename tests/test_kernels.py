@@ -347,16 +347,6 @@ DENSE_SHAPES = [(13, 7), (37, 100), (5, 33), (64, 576), (3, 1), (9, 1041)]
 DENSE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def dense_rows_lifted(native):
-    """The kernel for every row count the tests use (the GEMM hand-over lifted), restored afterwards."""
-    torch.ops.llamalab.dense_configure(64, 64, 64)
-    yield
-    rows = kernels.DENSE_ROWS
-    torch.ops.llamalab.dense_configure(rows[torch.float32], rows[torch.bfloat16], rows[torch.float16])
-    kernels.set_isa(None)
-
-
 def _dense_exact(x, w, b=None):
     """x · wᵀ (+ b) in float64 on the weight's own values, and Σ|x|·|w| (the scale of a summation-order error)."""
     xd, wd = x.double(), w.double()

@@ -19,16 +19,6 @@ NS = [1, 5, 23, 130]
 WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def lifted(native):
-    """The kernel for every row count (the GEMM hand-over lifted); the defaults and the best ISA afterwards."""
-    torch.ops.llamalab.dense_configure(64, 64, 64)
-    yield
-    rows = kernels.DENSE_ROWS
-    torch.ops.llamalab.dense_configure(rows[torch.float32], rows[torch.bfloat16], rows[torch.float16])
-    kernels.set_isa(None)
-
-
 def _err(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> float:
     """Largest |got - exact| relative to Σ|x|·|w| + 1 (the scale of a float32 summation-order error)."""
     xd, wd = x.double(), w.double()
@@ -38,7 +28,7 @@ def _err(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_odd_shapes_equal_float64_on_every_isa(lifted, wdtype):
+def test_odd_shapes_equal_float64_on_every_isa(dense_rows_lifted, wdtype):
     gen = torch.Generator().manual_seed(11)
     isas = kernels.available_isas()
     assert "scalar" in isas
@@ -58,7 +48,7 @@ def test_odd_shapes_equal_float64_on_every_isa(lifted, wdtype):
 
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_each_row_of_a_batch_is_the_row_alone(lifted, wdtype):
+def test_each_row_of_a_batch_is_the_row_alone(dense_rows_lifted, wdtype):
     """1..8 rows (and 9..17, over the 8-row chunk): every row bit for bit what it is alone, on every ISA."""
     gen = torch.Generator().manual_seed(12)
     for n, k in [(23, 583), (7, 33), (5, 2079), (130, 64)]:
@@ -74,7 +64,7 @@ def test_each_row_of_a_batch_is_the_row_alone(lifted, wdtype):
 
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_no_reads_past_the_weight_or_the_activation(lifted, wdtype):
+def test_no_reads_past_the_weight_or_the_activation(dense_rows_lifted, wdtype):
     """Weight and activation as views at the start of larger buffers whose rest is NaN: the tails are masked."""
     gen = torch.Generator().manual_seed(13)
     for n, k in [(3, 17), (5, 33), (4, 583), (2, 1)]:
@@ -93,7 +83,7 @@ def test_no_reads_past_the_weight_or_the_activation(lifted, wdtype):
 
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16bit_activations_are_the_float32_product_rounded(lifted, xdtype):
+def test_16bit_activations_are_the_float32_product_rounded(dense_rows_lifted, xdtype):
     """A 16-bit activation: the float32 result for the same (widened) values, rounded as Tensor.to."""
     gen = torch.Generator().manual_seed(14)
     for wdtype in WDTYPES:
