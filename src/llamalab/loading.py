@@ -17,9 +17,7 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
 
     On the CPU the model's float ``nn.Linear`` layers become :class:`~llamalab.kernels.dense.DenseLinear`
     (same parameters; a faster product at few activation rows, ``F.linear`` for training and batches),
-    unless ``LLAMALAB_KERNELS=0`` or the C++ kernels cannot be built, and the weights are placed in
-    transparent huge pages where Linux offers them (:mod:`llamalab.kernels.hugepages`;
-    ``LLAMALAB_HUGEPAGES=0`` keeps torch's own allocation).
+    unless ``LLAMALAB_KERNELS=0`` or the C++ kernels cannot be built.
 
     ``adapter``: a LoRA adapter dir (PEFT layout) applied on top, merged into the weights unless
     ``merge_adapter=False``. A path that *is* an adapter dir (adapter_config.json, no config.json)
@@ -34,10 +32,8 @@ def load(path_or_name: str | Path, dtype: torch.dtype | str | None = None, devic
     model, tok = _load(path_or_name, dtype, device, adapter, merge_adapter, **kwargs)
     if model.device.type == "cpu":
         from llamalab.kernels.dense import use_dense_kernels
-        from llamalab.kernels.hugepages import place_in_huge_pages
 
         use_dense_kernels(model)
-        place_in_huge_pages(model)
     return model, tok
 
 

@@ -473,9 +473,7 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = DEF
     ``layout="blocks"`` (default): int8 -> Q8_0 blocks; int4 with ``group_size`` 32 -> Q4_1 (asymmetric) or
     Q4_0 (``symmetric``), on llamalab's C++ kernels; int4 with group size 64 / 128 keeps the packed
     :class:`Int4Linear`. ``layout="packed"``: per-channel :class:`Int8Linear` (``group_size`` ignored) and
-    group-wise :class:`Int4Linear`, on PyTorch's packed kernels. Sets ``model.config.quantization``. On the
-    CPU the weights are then placed in huge pages, as ``llamalab.load`` places them
-    (:mod:`llamalab.kernels.hugepages`)."""
+    group-wise :class:`Int4Linear`, on PyTorch's packed kernels. Sets ``model.config.quantization``."""
     if method not in METHODS:
         raise ConfigError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
     if layout not in LAYOUTS:
@@ -511,10 +509,6 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = DEF
     if kinds:
         record["kinds"] = sorted(kinds)
     model.config.quantization = record
-    if next(model.parameters()).device.type == "cpu":
-        from llamalab.kernels.hugepages import place_in_huge_pages
-
-        place_in_huge_pages(model)  # (all of it, so no earlier region stays alive for its float copies)
     return model
 
 
