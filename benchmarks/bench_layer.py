@@ -6,8 +6,10 @@ blocks), one token decoded after a short prompt, three ways, alternating within 
 * ``module``: ``layer(h, cos, sin, None, step, kv)`` — the model's own forward (module calls, the checks
   that choose the fused ops, op dispatch);
 * ``ops alone``: the same ops it calls (rms_norm, the seven block linears, decode_attention, add_rms_norm,
-  silu_mul, the residual add) called back to back from Python with their arguments bound beforehand;
-  its output is checked to equal the module's bit for bit;
+  silu_mul, the residual add) called back to back from Python with their arguments bound beforehand, as
+  the forward calls them (``llamalab.kernels.OPS``: unboxed where direct.cpp is built); its output is
+  checked to equal the module's bit for bit;
+* ``ops, torch.ops``: the same calls through ``torch.ops.llamalab`` (torch's boxed Python path);
 * ``linears alone``: just the seven block linears.
 
 The difference module - ops alone is the eager forward's fixed cost per layer (times n_layers per step).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -53,8 +56,11 @@ def main() -> None:
         cos, sin = model.rotary.tables(step.position_ids)
         kv = cache.layer(args.layer)
         h = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-        ops = torch.ops.llamalab
-        q, k, v, o, g, u, d = ((m._op, m._args) for m in linears)
+        boxed = torch.ops.llamalab
+        boxed_ops = {"rms_norm": boxed.rms_norm.default, "add_rms_norm": boxed.add_rms_norm.default,
+                     "silu_mul": boxed.silu_mul.default, "decode_attention": boxed.decode_attention.default}
+        q, k, v, o, g, u, d = ((m._eager, m._args) for m in linears)
+        qb, kb, vb, ob, gb, ub, db = ((m._op, m._args) for m in linears)
         w1, w2, eps = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps
         H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
         row0, slot = step.rows.start, step.start
@@ -63,21 +69,29 @@ def main() -> None:
         def module() -> torch.Tensor:
             return layer(h, cos, sin, None, step, kv)
 
-        def ops_alone() -> torch.Tensor:
+        def calls(ops, q, k, v, o, g, u, d) -> torch.Tensor:
             x = ops.rms_norm(h, w1, eps)
-            att = ops.decode_attention.default(q[0](x, *q[1]).view(1, H, 1, D), k[0](x, *k[1]).view(1, KV, 1, D),
-                                               v[0](x, *v[1]).view(1, KV, 1, D), cos, sin, kv[0], kv[1], row0, slot)
+            att = ops.decode_attention(q[0](x, *q[1]).view(1, H, 1, D), k[0](x, *k[1]).view(1, KV, 1, D),
+                                       v[0](x, *v[1]).view(1, KV, 1, D), cos, sin, kv[0], kv[1], row0, slot)
             x2, nx = ops.add_rms_norm(h, o[0](att, *o[1]), w2, eps)
             return x2 + d[0](ops.silu_mul(g[0](nx, *g[1]), u[0](nx, *u[1])), *d[1])
+
+        boxed_ns = SimpleNamespace(**boxed_ops)
+
+        def ops_alone() -> torch.Tensor:
+            return calls(kernels.OPS, q, k, v, o, g, u, d)
+
+        def ops_boxed() -> torch.Tensor:
+            return calls(boxed_ns, qb, kb, vb, ob, gb, ub, db)
 
         def linears_alone() -> None:
             for op, wargs in (q, k, v, o, g, u):
                 op(h, *wargs)
             d[0](down_in, *d[1])
 
-        if not torch.equal(module(), ops_alone()):
+        if not torch.equal(module(), ops_alone()) or not torch.equal(module(), ops_boxed()):
             raise SystemExit("the ops called alone do not reproduce the layer's output: this script is out of date")
-        cases = {"module": module, "ops alone": ops_alone, "linears alone": linears_alone}
+        cases = {"module": module, "ops alone": ops_alone, "ops, torch.ops": ops_boxed, "linears alone": linears_alone}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, f in cases.items():

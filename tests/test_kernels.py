@@ -456,8 +456,8 @@ def test_dense_swap_keeps_parameters_and_takes_the_kernel(native, monkeypatch):
     assert list(model.state_dict()) == keys and model.lm_head.weight is model.embed_tokens.weight
     assert isinstance(model.lm_head, torch.nn.Linear) and type(model.lm_head) is DenseLinear
     calls = []
-    real = torch.ops.llamalab.dense_linear
-    monkeypatch.setattr(torch.ops.llamalab, "dense_linear", lambda *a: calls.append(1) or real(*a))
+    real = kernels.OPS.dense_linear  # (what the eager forward calls: the op unboxed, or torch.ops)
+    monkeypatch.setattr(kernels.OPS, "dense_linear", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         got = model(ids)
     assert len(calls) == 15
@@ -497,8 +497,8 @@ def test_load_swaps_and_matches_transformers(native, tmp_path, monkeypatch):
     assert sum(type(m) is DenseLinear for m in model.modules()) == 15
     ids = torch.randint(0, 97, (1, kernels.DENSE_ROWS[torch.float32]))
     calls = []
-    real = torch.ops.llamalab.dense_linear
-    monkeypatch.setattr(torch.ops.llamalab, "dense_linear", lambda *a: calls.append(1) or real(*a))
+    real = kernels.OPS.dense_linear  # (what the eager forward calls: the op unboxed, or torch.ops)
+    monkeypatch.setattr(kernels.OPS, "dense_linear", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
     assert len(calls) == 15

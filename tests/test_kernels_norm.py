@@ -208,7 +208,7 @@ def test_model_fused_on_vs_off(native, dtype):
 def test_fused_ops_are_called(native, monkeypatch):
     """With fused() on the eager inference forward really goes through the ops (and not with it off)."""
     calls: list[str] = []
-    ops = torch.ops.llamalab
+    ops = kernels.OPS  # (what the eager forward calls: the ops unboxed, or torch.ops)
     for name in ("rms_norm", "add_rms_norm", "silu_mul"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1], raising=False)

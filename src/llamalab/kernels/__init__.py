@@ -15,11 +15,15 @@ handing larger batches to ``F.linear``; :mod:`.dense` swaps a model's ``nn.Linea
 scales per sub-block; :mod:`.kquants` has the math). Each op has a fake (meta) implementation, so
 ``torch.compile`` keeps them in its graph as single calls.
 
+The model's eager forward calls the ops through :data:`OPS`: the same ops called unboxed from Python
+(``direct.cpp``, a pybind11 module in the same library, built where the Python headers are installed), or
+``torch.ops.llamalab.<op>.default`` where it is not; compiled code calls torch.ops.
+
 The C++ sources (``blocks.cpp``, ``dense.cpp``, and the op modules' ``norm.cpp``, ``attention.cpp``,
-``kquants.cpp``; one library) are compiled on first use with the system's C++ compiler and cached under
-``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by a hash of the sources, the torch
-version, the compiler command and the CPU's flags; later processes just load the cached library. The instruction
-set is chosen at run time — AVX-512 VNNI, AVX-VNNI, AVX2 or portable scalar code — best first;
+``kquants.cpp``, and ``direct.cpp``; one library) are compiled on first use with the system's C++ compiler and
+cached under ``~/.cache/llamalab/kernels`` (``LLAMALAB_KERNEL_CACHE`` overrides), keyed by a hash of the sources,
+the torch version, the compiler command and the CPU's flags; later processes just load the cached library. The
+instruction set is chosen at run time — AVX-512 VNNI, AVX-VNNI, AVX2 or portable scalar code — best first;
 ``LLAMALAB_KERNEL_ISA=avx2`` (etc.) or :func:`set_isa` forces one. Where there is no compiler, the build fails, or
 ``LLAMALAB_KERNELS=0``, the same ops are defined in Python as dequantize + ``F.linear`` (``dense_linear`` as
 ``F.linear``; one debug log line says why), so nothing breaks.
@@ -35,9 +39,11 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -54,6 +60,13 @@ FUSED = ("norm", "attention")
 OP_MODULES = (*FUSED, "kquants")
 SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"),
            *(Path(__file__).with_name(f"{n}.cpp") for n in OP_MODULES))
+# the Python module ``_llamalab_direct`` (direct.cpp: the ops called unboxed from Python, :data:`OPS`), built
+# into the same library where the Python headers are found
+DIRECT_SOURCE = Path(__file__).with_name("direct.cpp")
+DIRECT_MODULE = "_llamalab_direct"
+# the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
+EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "q4_k_linear", "q6_k_linear", "dense_linear",
+             "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "decode_attention_rows")
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
@@ -71,7 +84,11 @@ GEMM_ROWS = 24
 DENSE_ROWS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 16}
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "native": bool, "library": Path | None, "reason": str
+_state: dict[str, object] = {}  # "native": bool, "library": Path | None, "reason": str, "direct": bool
+# The ops as the eager forward calls them, one attribute per name in EAGER_OPS, set by load(): the unboxed
+# functions of direct.cpp where they were built, else ``torch.ops.llamalab.<op>.default`` (the same op
+# through torch's boxed Python path, or its pure-PyTorch fallback). torch.compile'd code uses torch.ops.
+OPS = SimpleNamespace()
 _python_lib = None  # torch.library.Library holding the fallback definitions (kept alive)
 
 
@@ -91,23 +108,34 @@ def _cpu_flags() -> str:
     return platform.machine()
 
 
+def _python_include() -> str | None:
+    """The Python headers' directory, where they are installed (direct.cpp needs them; the kernels do not)."""
+    include = sysconfig.get_paths().get("include")
+    return include if include and Path(include, "Python.h").is_file() else None
+
+
+def _sources() -> tuple[Path, ...]:
+    return (*SOURCES, DIRECT_SOURCE) if _python_include() else SOURCES
+
+
 def _compile_command(out: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     lib_dirs = cpp_extension.library_paths()
+    include = _python_include()
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [str(s) for s in SOURCES] + ["-o", str(out)]
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()] + ([f"-I{include}"] if include else [])
+    cmd += [str(s) for s in _sources()] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in lib_dirs] + [f"-Wl,-rpath,{p}" for p in lib_dirs] + ["-lc10", "-ltorch_cpu"]
-    return cmd
+    return cmd + (["-ltorch_python"] if include else [])
 
 
 def library_path() -> Path:
     """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet)."""
     probe = _compile_command(Path("OUT"))
-    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), torch.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _sources()), torch.__version__.encode(),
                                      " ".join(probe).encode(), _cpu_flags().encode(),
                                      sys.platform.encode()])).hexdigest()[:16]
     return cache_dir() / f"llamalab_blocks_{key}.so"
@@ -205,6 +233,7 @@ def load() -> bool:
         if not native:
             _define_python_fallback(reason)
         _register_fakes()
+        _bind_ops(_state.get("library") if native else None)
         _state.update(native=native, reason=reason)
         if native:
             GEMM_ROWS = 17 if gemm_bf16() else 24
@@ -215,6 +244,26 @@ def load() -> bool:
             if forced:
                 set_isa(forced)
         return native
+
+
+def _bind_ops(library: Path | None) -> None:
+    """Fill :data:`OPS`: from the library's ``_llamalab_direct`` module where it has one, else torch.ops."""
+    direct = None
+    if library is not None and _python_include():
+        try:
+            from importlib.machinery import ExtensionFileLoader
+            from importlib.util import module_from_spec, spec_from_loader
+
+            loader = ExtensionFileLoader(DIRECT_MODULE, str(library))
+            direct = module_from_spec(spec_from_loader(DIRECT_MODULE, loader))
+            loader.exec_module(direct)
+        except Exception as e:  # noqa: BLE001 - the boxed torch.ops calls are the same ops, only slower
+            log.debug("llamalab kernels: direct calls unavailable (%s); calling torch.ops", e)
+            direct = None
+    ops = torch.ops.llamalab
+    for name in EAGER_OPS:
+        setattr(OPS, name, getattr(direct, name) if direct is not None else getattr(ops, name).default)
+    _state["direct"] = direct is not None
 
 
 def ready() -> bool:

@@ -34,7 +34,9 @@ class DenseLinear(nn.Linear):
                                                       or (self.bias is not None and self.bias.requires_grad)))
                 and not torch.is_autocast_enabled("cpu")
                 and x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features and _native()):
-            return torch.ops.llamalab.dense_linear(x, w, self.bias)
+            if torch.compiler.is_compiling():
+                return torch.ops.llamalab.dense_linear(x, w, self.bias)
+            return kernels.OPS.dense_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
 
 

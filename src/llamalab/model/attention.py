@@ -85,11 +85,11 @@ class GroupedQueryAttention(nn.Module):
             kv = kv if kv is not None else cache.layer(self.layer_idx)
             if T == 1 and (op := _decode_op(step)) and _fused_decode(q, k, v, kv[0], cos):
                 if op == _SLICE:
-                    out = torch.ops.llamalab.decode_attention.default(q, k, v, cos, signed_sin, kv[0], kv[1],
-                                                                      step.rows.start, step.start)
+                    out = kernels.OPS.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1], step.rows.start,
+                                                       step.start)
                 else:  # rows of different lengths (or given as indices): each row its own cache row and slot
-                    out = torch.ops.llamalab.decode_attention_rows.default(q, k, v, cos, signed_sin, kv[0], kv[1],
-                                                                           step.row_index, step.slots[:, 0])
+                    out = kernels.OPS.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1], step.row_index,
+                                                            step.slots[:, 0])
                 return self.o_proj(out)
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 

@@ -47,7 +47,7 @@ class Block(nn.Module):
         norm = self.post_attention_layernorm
         if type(norm) is RMSNorm and kernels.fused_for(x, norm.weight, h):
             # x + h and its norm in one pass (llamalab::add_rms_norm: the same math as the two lines below)
-            x, normed = torch.ops.llamalab.add_rms_norm(x, h, norm.weight, norm.eps)
+            x, normed = kernels.OPS.add_rms_norm(x, h, norm.weight, norm.eps)
             return x + self.mlp(normed)
         x = x + h
         return x + self.mlp(norm(x))

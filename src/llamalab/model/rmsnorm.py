@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if kernels.fused_for(x, w):  # one C++ call, the same math as below
-            return torch.ops.llamalab.rms_norm(x, w, self.eps)
+            return kernels.OPS.rms_norm(x, w, self.eps)
         # F.rms_norm computes x * rsqrt(mean(x²) + eps) [* g] in float32 in one call (fewer eager ops than
         # spelling it out; the same arithmetic). Other dtypes: normalise in float32, round to the model's
         # dtype, then apply the gain — Hugging Face's order, so bf16 results round the same way.

@@ -61,7 +61,8 @@ class BlockQuantLinear(QuantizedLinear):
             raise WeightsError("q4_1 needs mins m; q8_0 / q4_0 take none")
         self.kind = kind
         kernels.load()
-        self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default
+        self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default  # (what a compiled graph calls)
+        self._eager = getattr(kernels.OPS, f"{kind}_linear")  # the same op called unboxed (kernels.OPS)
         self.register_buffer("qs", _aligned(qs))
         self.register_buffer("d", _aligned(d.to(torch.float16)))
         self.register_buffer("m", None if m is None else _aligned(m.to(torch.float16)))
@@ -158,7 +159,7 @@ class BlockQuantLinear(QuantizedLinear):
         if self.use_kernel and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
             if torch.compiler.is_compiling():
                 return self._op(x, self.qs, self.d) if self.m is None else self._op(x, self.qs, self.d, self.m)
-            return self._op(x, *self._args)  # (eager: a plain attribute, not three buffer look-ups per call)
+            return self._eager(x, *self._args)  # (a plain attribute, not three buffer look-ups per call)
         return F.linear(x, self.dequantize(x.dtype))
 
     def _refresh(self) -> None:

@@ -70,7 +70,8 @@ class KQuantLinear(QuantizedLinear):
         super().__init__(in_features, kq.shape[0])
         self.kind = kind
         kernels.load()
-        self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default
+        self._op = getattr(torch.ops.llamalab, f"{kind}_linear").default  # (what a compiled graph calls)
+        self._eager = getattr(kernels.OPS, f"{kind}_linear")  # the same op called unboxed (kernels.OPS)
         self.register_buffer("kq", _aligned(kq))
 
     @classmethod
@@ -95,7 +96,7 @@ class KQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-            return self._op(x, self.kq)
+            return self._op(x, self.kq) if torch.compiler.is_compiling() else self._eager(x, self.kq)
         return F.linear(x, self.dequantize(x.dtype))
 
     @property
