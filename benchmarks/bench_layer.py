@@ -12,6 +12,10 @@ blocks), one token decoded after a short prompt, three ways, alternating within 
 * ``ops, torch.ops``: the same calls through ``torch.ops.llamalab`` (torch's boxed Python path);
 * ``linears alone``: just the seven block linears.
 
+Then the same over every layer in turn, as a decode step meets them (each weight read once per pass, not
+from cache): ``all layers, module`` (each layer's forward) and ``all layers, linears`` (its seven linears),
+µs per layer, with the linears' read speed in GB/s; and the output head once per pass.
+
 The difference module - ops alone is the eager forward's fixed cost per layer (times n_layers per step).
 Printed: µs per call (median over rounds of the mean of ``--calls`` calls), one thread by default.
 
@@ -69,7 +73,7 @@ def main() -> None:
         def module() -> torch.Tensor:
             return layer(h, cos, sin, None, step, kv)
 
-        def calls(ops, q, k, v, o, g, u, d) -> torch.Tensor:
+        def calls(ops, q, k, v, o, g, u, d, w1=w1, w2=w2, kv=kv) -> torch.Tensor:
             x = ops.rms_norm(h, w1, eps)
             att = ops.decode_attention(q[0](x, *q[1]).view(1, H, 1, D), k[0](x, *k[1]).view(1, KV, 1, D),
                                        v[0](x, *v[1]).view(1, KV, 1, D), cos, sin, kv[0], kv[1], row0, slot)
@@ -99,7 +103,42 @@ def main() -> None:
                 for _ in range(args.calls):
                     f()
                 times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+        # every layer in turn: the weights streamed as in a decode step
+        layers = list(model.layers)
+        kvs = [cache.layer(i) for i in range(len(layers))]
+        lin_all = [[(m._eager, m._args) for m in (ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj,
+                                                  ly.self_attn.o_proj, ly.mlp.gate_proj, ly.mlp.up_proj)]
+                   for ly in layers]
+        downs = [(ly.mlp.down_proj._eager, ly.mlp.down_proj._args) for ly in layers]
+        norms = [(ly.input_layernorm.weight, ly.post_attention_layernorm.weight) for ly in layers]
+        head = model.lm_head
+
+        def all_modules() -> None:
+            for ly, kvi in zip(layers, kvs):
+                ly(h, cos, sin, None, step, kvi)
+
+        def all_ops() -> None:
+            for lins, down, (n1, n2), kvi in zip(lin_all, downs, norms, kvs):
+                calls(kernels.OPS, *lins, down, w1=n1, w2=n2, kv=kvi)
+
+        def all_linears() -> None:
+            for lins, (dop, dargs) in zip(lin_all, downs):
+                for op, wargs in lins:
+                    op(h, *wargs)
+                dop(down_in, *dargs)
+
+        streamed = {"all layers, module": all_modules, "all layers, ops": all_ops, "all layers, linears": all_linears,
+                    "head": lambda: head(h)}
+        stimes: dict[str, list[float]] = {name: [] for name in streamed}
+        for _ in range(args.rounds):
+            for name, f in streamed.items():
+                t0 = time.perf_counter()
+                for _ in range(max(1, args.calls // 20)):
+                    f()
+                per = len(layers) if name != "head" else 1
+                stimes[name].append((time.perf_counter() - t0) / max(1, args.calls // 20) / per * 1e6)
     med = {name: statistics.median(t) for name, t in times.items()}
+    smed = {name: statistics.median(t) for name, t in stimes.items()}
     n = model.config.n_layers
     print(f"{args.model} layer {args.layer}, one decode token, {torch.get_num_threads()} thread(s), "
           f"median of {args.rounds} rounds x {args.calls} calls:")
@@ -108,6 +147,15 @@ def main() -> None:
     extra = med["module"] - med["ops alone"]
     print(f"  eager cost over its ops: {extra:.1f} us per layer = {extra * n / 1e3:.2f} ms per step "
           f"({n} layers); module / ops alone = {med['module'] / med['ops alone']:.2f}x")
+    layer_bytes = sum(m.weight_nbytes for m in linears)
+    head_bytes = (head.weight_nbytes if hasattr(head, "weight_nbytes")
+                  else head.weight.numel() * head.weight.element_size())
+    passes = max(1, args.calls // 20)
+    print(f"every layer in turn (weights streamed), median of {args.rounds} rounds x {passes} passes:")
+    for name, us in smed.items():
+        gbs = (head_bytes if name == "head" else layer_bytes) / us / 1e3
+        extra_gbs = f"  ({gbs:.1f} GB/s of weights)" if name in ("all layers, linears", "head") else ""
+        print(f"  {name:20s} {us:8.1f} us{' per layer' if name != 'head' else ''}{extra_gbs}")
 
 
 if __name__ == "__main__":
