@@ -133,3 +133,47 @@ def test_the_eager_forward_calls_them_and_compile_keeps_torch_ops(direct, monkey
         compiled = torch.compile(layer, backend="eager", fullgraph=True)(x)
         assert calls == [1]
     _same(eager, compiled)
+
+
+_FAILED_DIRECT_CHILD = r"""
+import shutil, sys
+from pathlib import Path
+import torch
+from llamalab import kernels
+built = Path(sys.argv[1])  # a library this machine built (the kernels with direct.cpp)
+calls = []
+def fake_build(path):
+    calls.append([s.name for s in kernels._sources()])
+    if len(calls) == 1:  # the build with direct.cpp: a compiler error in it
+        raise RuntimeError("compiler exited with 1: direct.cpp:12:10: fatal error: Python.h: No such file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(built, path)  # the kernels alone (any library of the same ops loads the same)
+    return path
+kernels.build = fake_build
+from llamalab.quantization.blocks import BlockQuantLinear
+layer = BlockQuantLinear.from_float(torch.randn(8, 64), "q8_0")
+x = torch.randn(1, 64)
+print("native", kernels.load(), "direct", kernels._state["direct"], "failed", kernels._state.get("direct_failed"))
+print("builds", calls)
+print("boxed", kernels.OPS.rms_norm is torch.ops.llamalab.rms_norm.default)
+with torch.inference_mode():
+    print("close", torch.equal(layer(x), torch.ops.llamalab.q8_0_linear(x, layer.qs, layer.d)),
+          torch.allclose(layer(x), x @ layer.dequantize().t(), rtol=0.05, atol=0.2))
+"""
+
+
+def test_a_failed_direct_build_still_builds_the_kernels(direct, tmp_path):
+    """Where the build with direct.cpp fails on it (no Python headers after all, no libtorch_python), the kernels
+    are built alone and the forward calls torch.ops: the C++ kernels are never lost to the pybind11 module."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLAMALAB_KERNEL_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", _FAILED_DIRECT_CHILD, str(kernels._state["library"])], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "native True direct False failed True" in out, out
+    assert "builds [[" in out and "'direct.cpp']," in out and out.count("direct.cpp") == 1, out
+    assert "boxed True" in out and "close True True" in out, out

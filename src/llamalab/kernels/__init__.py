@@ -65,6 +65,8 @@ SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"),
 DIRECT_SOURCE = Path(__file__).with_name("direct.cpp")
 DIRECT_MODULE = "_llamalab_direct"
 # the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
+# words of a compiler's or linker's message that put a failed build on direct.cpp (then the kernels are built alone)
+_DIRECT_BUILD_WORDS = ("direct.cpp", "torch_python", "Python.h", "pybind11")
 EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "q4_k_linear", "q6_k_linear", "dense_linear",
              "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "decode_attention_rows")
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
@@ -109,7 +111,10 @@ def _cpu_flags() -> str:
 
 
 def _python_include() -> str | None:
-    """The Python headers' directory, where they are installed (direct.cpp needs them; the kernels do not)."""
+    """The Python headers' directory where direct.cpp is to be built: the headers are installed (the kernels do
+    not need them) and a build with direct.cpp has not failed in this process (then the kernels are built alone)."""
+    if _state.get("direct_failed"):
+        return None
     include = sysconfig.get_paths().get("include")
     return include if include and Path(include, "Python.h").is_file() else None
 
@@ -224,7 +229,17 @@ def load() -> bool:
             try:
                 path = library_path()
                 if not path.exists():
-                    build(path)
+                    try:
+                        build(path)
+                    except Exception as e:  # noqa: BLE001 - direct.cpp (pybind11) must never cost the kernels
+                        if not (_python_include() and any(w in str(e) for w in _DIRECT_BUILD_WORDS)):
+                            raise
+                        log.debug("llamalab kernels: the build with direct.cpp failed (%s); building the kernels "
+                                  "alone", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        _state["direct_failed"] = True
+                        path = library_path()
+                        if not path.exists():
+                            build(path)
                 torch.ops.load_library(str(path))
                 native = True
                 _state["library"] = path
