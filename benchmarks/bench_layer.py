@@ -13,8 +13,9 @@ blocks), one token decoded after a short prompt, three ways, alternating within 
 * ``linears alone``: just the seven block linears.
 
 Then the same over every layer in turn, as a decode step meets them (each weight read once per pass, not
-from cache): ``all layers, module`` (each layer's forward) and ``all layers, linears`` (its seven linears),
-µs per layer, with the linears' read speed in GB/s; and the output head once per pass.
+from cache): ``all layers, module`` (each layer's forward), ``all layers, ops`` (its ops called alone) and
+``all layers, linears`` (its seven linears), µs per layer, with the linears' read speed in GB/s; and the
+output head once per pass.
 
 The difference module - ops alone is the eager forward's fixed cost per layer (times n_layers per step).
 Printed: µs per call (median over rounds of the mean of ``--calls`` calls), one thread by default.
@@ -130,13 +131,14 @@ def main() -> None:
         streamed = {"all layers, module": all_modules, "all layers, ops": all_ops, "all layers, linears": all_linears,
                     "head": lambda: head(h)}
         stimes: dict[str, list[float]] = {name: [] for name in streamed}
+        passes = max(1, args.calls // 20)
         for _ in range(args.rounds):
             for name, f in streamed.items():
                 t0 = time.perf_counter()
-                for _ in range(max(1, args.calls // 20)):
+                for _ in range(passes):
                     f()
                 per = len(layers) if name != "head" else 1
-                stimes[name].append((time.perf_counter() - t0) / max(1, args.calls // 20) / per * 1e6)
+                stimes[name].append((time.perf_counter() - t0) / passes / per * 1e6)
     med = {name: statistics.median(t) for name, t in times.items()}
     smed = {name: statistics.median(t) for name, t in stimes.items()}
     n = model.config.n_layers
@@ -150,7 +152,6 @@ def main() -> None:
     layer_bytes = sum(m.weight_nbytes for m in linears)
     head_bytes = (head.weight_nbytes if hasattr(head, "weight_nbytes")
                   else head.weight.numel() * head.weight.element_size())
-    passes = max(1, args.calls // 20)
     print(f"every layer in turn (weights streamed), median of {args.rounds} rounds x {passes} passes:")
     for name, us in smed.items():
         gbs = (head_bytes if name == "head" else layer_bytes) / us / 1e3

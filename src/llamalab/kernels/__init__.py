@@ -64,9 +64,9 @@ SOURCES = (SOURCE, Path(__file__).with_name("dense.cpp"),
 # into the same library where the Python headers are found
 DIRECT_SOURCE = Path(__file__).with_name("direct.cpp")
 DIRECT_MODULE = "_llamalab_direct"
-# the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
 # words of a compiler's or linker's message that put a failed build on direct.cpp (then the kernels are built alone)
 _DIRECT_BUILD_WORDS = ("direct.cpp", "torch_python", "Python.h", "pybind11")
+# the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
 EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "q4_k_linear", "q6_k_linear", "dense_linear",
              "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "decode_attention_rows")
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
@@ -213,6 +213,10 @@ def _register_fakes() -> None:
         importlib.import_module(f"llamalab.kernels.{name}").register_fakes()
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def load() -> bool:
     """Make the ``llamalab::*_linear`` ops available (once per process); True if the C++ kernels are in use."""
     global GEMM_ROWS
@@ -235,7 +239,7 @@ def load() -> bool:
                         if not (_python_include() and any(w in str(e) for w in _DIRECT_BUILD_WORDS)):
                             raise
                         log.debug("llamalab kernels: the build with direct.cpp failed (%s); building the kernels "
-                                  "alone", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                                  "alone", _first_line(e))
                         _state["direct_failed"] = True
                         path = library_path()
                         if not path.exists():
@@ -244,7 +248,7 @@ def load() -> bool:
                 native = True
                 _state["library"] = path
             except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
-                reason = f"C++ build/load failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                reason = f"C++ build/load failed: {_first_line(e)}"
         if not native:
             _define_python_fallback(reason)
         _register_fakes()
