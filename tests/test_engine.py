@@ -284,3 +284,55 @@ def test_a_failing_prompt_in_a_batched_prefill_fails_only_itself(model):
     for i in (0, 2):
         assert [t for d in events[i] for t in d.token_ids] == reference_greedy(model, PROMPTS[i], 4)
     assert engine.cache.lengths.tolist() == [0, 0, 0, 0]  # every row freed
+
+
+def test_the_engine_thread_runs_the_forward_with_its_own_thread_count(model):
+    """OpenMP's thread count is per thread: the engine sets its own in its thread (``threads``), whatever
+    the thread that built it has, and leaves that thread's alone."""
+    from llamalab.generation.sampling import SamplingParams
+    from llamalab.server.engine import Engine, GenOptions, Job
+
+    main_threads = torch.get_num_threads()
+    want = 1 if main_threads > 1 else 2
+    seen = []
+    handle = model.layers[0].register_forward_hook(
+        lambda m, a, out: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    engine = Engine(model, _Letters(), max_batch=1, max_len=32, threads=want).start()
+    done = threading.Event()
+    try:
+        engine.submit([Job(PROMPTS[0], SamplingParams(temperature=0.0), GenOptions(max_tokens=2),
+                           lambda event: getattr(event, "finish_reason", None) and done.set())])
+        assert done.wait(30)
+    finally:
+        engine.stop()
+        handle.remove()
+    assert seen and set(seen) == {("llamalab-engine", want)}
+    assert torch.get_num_threads() == main_threads
+
+
+def test_serve_loads_on_one_thread_and_hands_the_threads_to_the_engine(model, monkeypatch):
+    """`llamalab serve`'s main thread (loading, then HTTP) keeps one intra-op thread and the engine gets the
+    process's count: only the engine thread starts an OpenMP team."""
+    import llamalab.loading
+    from llamalab.server import run
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+    monkeypatch.setattr(llamalab.loading, "load", lambda *a, **k: seen.setdefault("load", torch.get_num_threads())
+                        and (model, _Letters()))
+
+    def fake_build(*a, threads=None, **k):
+        seen["engine"] = threads
+        raise Stop
+
+    monkeypatch.setattr(run, "build", fake_build)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(Stop):
+            run.serve("unused", port=0)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"load": 1, "engine": 2}

@@ -517,3 +517,33 @@ def test_load_respects_llamalab_kernels_0(native):
     res = subprocess.run([sys.executable, "-c", _DENSE_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "swapped 0" in res.stdout
+
+
+def test_results_do_not_depend_on_how_threads_split_a_product(native):
+    """Each output element is summed by one thread: the same bits whether a product runs on one thread or is
+    split into many chunks (set_min_chunk), for block, dense and k-quant linears, at one and several rows."""
+    from test_kquants import random_kq
+
+    gen = torch.Generator().manual_seed(11)
+    qs, d, mins = random_blocks("q4_1", 256, 576, gen)
+    w = torch.randn(256, 576, generator=gen).to(torch.bfloat16)
+    kq = random_kq("q6_k", 64, 512, gen)
+    cases = [(lambda x: torch.ops.llamalab.q4_1_linear(x, qs, d, mins), 576),
+             (lambda x: torch.ops.llamalab.dense_linear(x, w), 576),
+             (lambda x: torch.ops.llamalab.q6_k_linear(x, kq), 512)]
+    threads = torch.get_num_threads()
+    old = kernels.set_min_chunk(1 << 20)
+    try:
+        torch.set_num_threads(2)
+        for op, k in cases:
+            for rows in (1, 3):
+                x = torch.randn(rows, k, generator=gen)
+                kernels.set_min_chunk(1 << 30)  # one thread
+                whole = op(x)
+                kernels.set_min_chunk(512)  # a chunk per few rows of the weight
+                assert torch.equal(op(x), whole)
+        with pytest.raises(RuntimeError, match="positive"):
+            kernels.set_min_chunk(0)
+    finally:
+        kernels.set_min_chunk(old)
+        torch.set_num_threads(threads)

@@ -357,6 +357,15 @@ def set_isa(name: str | None) -> str:
     return ISAS[torch.ops.llamalab.set_isa(ISAS.index(name))]
 
 
+def set_min_chunk(nbytes: int) -> int:
+    """Set the least work a thread takes of one product (weight bytes x activation rows; default 256 KB):
+    smaller products run on the calling thread. Returns the old value. For measurements (the grain is
+    the same on every path; the results do not depend on it: each output element is one thread's)."""
+    if not load():
+        raise RuntimeError("llamalab kernels: the C++ kernels are not available")
+    return int(torch.ops.llamalab.set_min_chunk(int(nbytes)))
+
+
 def gemm_bf16() -> bool:
     """Whether batched products run in bfloat16: only where the CPU has bf16 dot products (AVX512-BF16, AMX)."""
     if "bf16" not in _state:

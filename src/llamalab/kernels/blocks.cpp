@@ -45,7 +45,14 @@ enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3 };
 enum Kind { Q8_0, Q4_0, Q4_1 };
 constexpr int QK = 32;
 constexpr int MAXG = 4;  // activation blocks are padded to a multiple of this many
-constexpr int64_t kMinChunkWork = 1 << 20;  // least weight bytes x activation rows per thread of a product
+// least weight bytes x activation rows per thread of a product (set_min_chunk; dense.cpp reads it too)
+int64_t g_min_chunk = 256 << 10;
+int64_t set_min_chunk(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "llamalab set_min_chunk: the chunk must be a positive number of bytes, got ", bytes);
+  const int64_t old = g_min_chunk;
+  g_min_chunk = bytes;
+  return old;
+}
 
 int64_t g_isa = -1;  // -1: best available
 int64_t g_gemm_rows = 24;  // from this many activation rows on: dequantize + GEMM (set by configure)
@@ -770,11 +777,12 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   float* yp = y.data_ptr<float>();
   constexpr int R = 4;  // weight rows per step
   const int64_t tiles = (N + R - 1) / R;
-  // A thread's share is at least ~1 MB of weight bytes x activation rows (~70 us of work): a parallel region
-  // costs microseconds to tens of them (sleeping workers), so a batch-1 product of a small layer runs on
-  // the calling thread and only large layers or batches are split (serving at 1 client on 2 threads: 35
-  // tok/s with every layer split, ~70 with this grain).
-  const int64_t grain = std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, R * row_bytes * M));
+  // A thread's share is at least g_min_chunk weight bytes x activation rows (256 KB: ~20-30 us of work): a
+  // parallel region costs microseconds to tens of them (sleeping workers), so a batch-1 product of a small
+  // layer runs on the calling thread and larger ones are split. Measured at 1 row on 2 threads (SmolLM2
+  // Q4_1 decode, docs/kernels.md): every layer split 35 tok/s and 1 MB ~70 on an AMD EPYC; on an Intel
+  // Xeon 1 MB 49.8, 256 KB 60.6, 128 KB 63.2, 64 KB 62.7.
+  const int64_t grain = std::max<int64_t>(1, g_min_chunk / std::max<int64_t>(1, R * row_bytes * M));
 #if LL_X86
   if (isa == AVX512VNNI) {
     c10::SmallVector<QRow, 16> xr(M);
@@ -834,6 +842,7 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
 
 namespace llamalab {
 int64_t current_isa() { return active_isa(); }  // the ISA dense.cpp dispatches on too
+int64_t min_chunk() { return g_min_chunk; }       // the least work per thread dense.cpp splits by too
 }
 
 TORCH_LIBRARY(llamalab, lib) {
@@ -843,6 +852,7 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
   lib.def("configure(int gemm_rows, bool gemm_bf16) -> int", &configure);
   lib.def("cpu_isa() -> int", &cpu_isa);
+  lib.def("set_min_chunk(int bytes) -> int", &set_min_chunk);
   lib.def("set_isa(int isa) -> int", &set_isa);
   lib.def("active_isa() -> int", &active_isa);
   lib.def("isa_supported(int isa) -> bool", [](int64_t isa) { return supported(isa); });

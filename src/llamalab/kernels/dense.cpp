@@ -36,13 +36,13 @@
 
 namespace llamalab {
 int64_t current_isa();  // blocks.cpp: 0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 VNNI
+int64_t min_chunk();    // blocks.cpp: the least weight bytes x activation rows per thread of a product
 }
 
 namespace {
 
 enum WType { F32, BF16, F16 };
 constexpr int MB = 8;        // activation rows per pass over a weight row (AVX-512; 4 on AVX2, 16 registers)
-constexpr int64_t kMinChunkWork = 1 << 20;  // least weight bytes x activation rows per thread (as blocks.cpp)
 // more activation rows than this (float32, bfloat16, float16 weights): at::linear; set by dense_configure
 int64_t g_dense_rows[3] = {4, 4, 16};
 
@@ -400,8 +400,10 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const void* wp = w.data_ptr();
   const int64_t isa = llamalab::current_isa();
-  // at least ~1 MB of weight bytes x rows per thread: small batch-1 products stay on the calling thread
-  const int64_t grain = std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, K * w.element_size() * M));
+  // at least llamalab::min_chunk() weight bytes x rows per thread: small batch-1 products stay on the calling
+  // thread (blocks.cpp has the measurements)
+  const int64_t grain =
+      std::max<int64_t>(1, llamalab::min_chunk() / std::max<int64_t>(1, K * w.element_size() * M));
 #if LL_X86
   if (wk == BF16 && isa == 3) {
     thread_local std::vector<float> xrbuf;

@@ -44,6 +44,7 @@
 
 namespace llamalab {
 int64_t current_isa();  // blocks.cpp: 0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 VNNI
+int64_t min_chunk();    // blocks.cpp: the least weight bytes x activation rows per thread of a product
 }
 
 namespace {
@@ -51,7 +52,6 @@ namespace {
 enum KKind { Q4_K = 0, Q6_K = 1 };
 constexpr int64_t QK_K = 256;
 constexpr int64_t GEMM_ROWS = 24;
-constexpr int64_t PAR_BYTES = 1 << 20;  // a thread's share of weight bytes × rows before threads are used
 
 inline int64_t sb_bytes(KKind k) { return k == Q4_K ? 144 : 210; }
 
@@ -433,7 +433,7 @@ at::Tensor kquant_linear(KKind kind, const at::Tensor& x_in, const at::Tensor& k
     quantize_row(xp + m * K, K, qp + m * K, dp + m * K / 32, s32p + m * K / 32, s16p + m * K / 16);
   const DotFn dot = dot_for(kind, llamalab::current_isa());
   float* const yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, PAR_BYTES / std::max<int64_t>(1, rb * M));
+  const int64_t grain = std::max<int64_t>(1, llamalab::min_chunk() / std::max<int64_t>(1, rb * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m = 0; m < M; ++m) {

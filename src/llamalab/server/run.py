@@ -41,8 +41,9 @@ def model_id_for(path: str | Path) -> str:
 
 def build(model, tok, model_id: str, api_key: str | None = None, max_batch: int = 8, max_len: int | None = 2048,
           max_queue: int = 64, max_body_bytes: int = 1 << 20, prefill_chunk: int = 256,
-          allowed_hosts: set[str] | None = None, body_timeout: float = 30.0):
-    """(app, engine) for a loaded model; the engine thread is started."""
+          allowed_hosts: set[str] | None = None, body_timeout: float = 30.0, threads: int | None = None):
+    """(app, engine) for a loaded model; the engine thread is started (with ``threads`` intra-op threads;
+    default: the calling thread's count)."""
     if tok is None:
         raise LlamalabError("serving needs a tokenizer, and none was found next to the model")
     if max_batch < 1:
@@ -59,7 +60,7 @@ def build(model, tok, model_id: str, api_key: str | None = None, max_batch: int 
         except UnicodeEncodeError:
             raise LlamalabError(f"{what} is not valid UTF-8 text") from None
     engine = Engine(model, tok, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
-                    prefill_chunk=prefill_chunk).start()
+                    prefill_chunk=prefill_chunk, threads=threads).start()
     app = create_app(engine, model_id, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts,
                      body_timeout=body_timeout)
     return app, engine
@@ -113,17 +114,23 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           allowed_hosts: list[str] | tuple[str, ...] = (), limits: ConnectionLimits | None = None,
           **engine_kw: Any) -> None:
     """Load a model and serve it until interrupted."""
+    import torch
+
     from llamalab.loading import load
 
     limits = limits or ConnectionLimits()
     limits.check()
     sock = bind(host, port, limits.backlog)
+    # The engine thread does the tensor work with all the threads; this thread (loading, then HTTP) keeps
+    # one, so that it starts no OpenMP team of its own (two teams slow every parallel region: Engine._loop)
+    threads = engine_kw.pop("threads", None) or torch.get_num_threads()
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, tok = load(model_path, dtype=dtype)
     load_s = time.perf_counter() - t0
     model_id = model_name or model_id_for(model_path)
     app, engine = build(model, tok, model_id, api_key=api_key, allowed_hosts=allowed_host_names(host, allowed_hosts),
-                        body_timeout=limits.body_timeout, **engine_kw)
+                        body_timeout=limits.body_timeout, threads=threads, **engine_kw)
     try:
         server, limits = uvicorn_server(app, host, port, limits, log_level, graceful_s=5)
 
