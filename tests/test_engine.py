@@ -333,6 +333,7 @@ def test_serve_loads_on_one_thread_and_hands_the_threads_to_the_engine(model, mo
         torch.set_num_threads(2)
         with pytest.raises(Stop):
             run.serve("unused", port=0)
+        assert torch.get_num_threads() == 2  # the caller's count is back
     finally:
         torch.set_num_threads(before)
     assert seen == {"load": 1, "engine": 2}

@@ -116,15 +116,27 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     """Load a model and serve it until interrupted."""
     import torch
 
-    from llamalab.loading import load
-
     limits = limits or ConnectionLimits()
     limits.check()
     sock = bind(host, port, limits.backlog)
     # The engine thread does the tensor work with all the threads; this thread (loading, then HTTP) keeps
     # one, so that it starts no OpenMP team of its own (two teams slow every parallel region: Engine._loop)
-    threads = engine_kw.pop("threads", None) or torch.get_num_threads()
+    before = torch.get_num_threads()
+    threads = engine_kw.pop("threads", None) or before
     torch.set_num_threads(1)
+    try:
+        _serve_loaded(model_path, sock, host, port, api_key, model_name, dtype, log_level, allowed_hosts, limits,
+                      threads, engine_kw)
+    finally:
+        sock.close()
+        torch.set_num_threads(before)  # (serve called from Python: the caller's thread gets its count back)
+
+
+def _serve_loaded(model_path, sock, host, port, api_key, model_name, dtype, log_level, allowed_hosts, limits,
+                  threads, engine_kw) -> None:
+    """serve() after binding: load, build the app and its engine (``threads``), run until interrupted."""
+    from llamalab.loading import load
+
     t0 = time.perf_counter()
     model, tok = load(model_path, dtype=dtype)
     load_s = time.perf_counter() - t0
