@@ -1,10 +1,12 @@
 """Where a decode step's time goes: one decoder layer's eager forward against its C++ ops called alone.
 
 For one layer of ``llamalab.load(model)`` (default: the shipped SmolLM2 Q4_1 file, its linears kept as
-blocks), one token decoded after a short prompt, three ways, alternating within every round:
+blocks), one token decoded after a short prompt, several ways, alternating within every round:
 
 * ``module``: ``layer(h, cos, sin, None, step, kv)`` — the model's own forward (module calls, the checks
   that choose the fused ops, op dispatch);
+* ``module, nn.Module.__call__``: the same, with every module call through ``nn.Module.__call__`` (its
+  hook dispatch) instead of :class:`llamalab.module_call.DirectCall`'s direct call of ``forward``;
 * ``ops alone``: the same ops it calls (rms_norm, the seven block linears, decode_attention, add_rms_norm,
   silu_mul, the residual add) called back to back from Python with their arguments bound beforehand, as
   the forward calls them (``llamalab.kernels.OPS``: unboxed where direct.cpp is built); its output is
@@ -32,6 +34,9 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch import nn
+
+DISPATCHED = "module, nn.Module.__call__"
 
 
 def main() -> None:
@@ -44,7 +49,10 @@ def main() -> None:
 
     import llamalab
     from llamalab import kernels
+    from llamalab.module_call import DirectCall
     from llamalab.quantization.blocks import BlockQuantLinear
+
+    direct_call = DirectCall.__call__
 
     model, tok = llamalab.load(args.model)
     if not kernels.fused():
@@ -96,14 +104,17 @@ def main() -> None:
 
         if not torch.equal(module(), ops_alone()) or not torch.equal(module(), ops_boxed()):
             raise SystemExit("the ops called alone do not reproduce the layer's output: this script is out of date")
-        cases = {"module": module, "ops alone": ops_alone, "ops, torch.ops": ops_boxed, "linears alone": linears_alone}
+        cases = {"module": module, DISPATCHED: module, "ops alone": ops_alone, "ops, torch.ops": ops_boxed,
+                 "linears alone": linears_alone}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, f in cases.items():
+                DirectCall.__call__ = nn.Module.__call__ if name == DISPATCHED else direct_call
                 t0 = time.perf_counter()
                 for _ in range(args.calls):
                     f()
                 times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+            DirectCall.__call__ = direct_call
         # every layer in turn: the weights streamed as in a decode step
         layers = list(model.layers)
         kvs = [cache.layer(i) for i in range(len(layers))]
@@ -145,10 +156,13 @@ def main() -> None:
     print(f"{args.model} layer {args.layer}, one decode token, {torch.get_num_threads()} thread(s), "
           f"median of {args.rounds} rounds x {args.calls} calls:")
     for name, us in med.items():
-        print(f"  {name:14s} {us:7.1f} us")
+        print(f"  {name:26s} {us:7.1f} us")
     extra = med["module"] - med["ops alone"]
     print(f"  eager cost over its ops: {extra:.1f} us per layer = {extra * n / 1e3:.2f} ms per step "
           f"({n} layers); module / ops alone = {med['module'] / med['ops alone']:.2f}x")
+    saved = med[DISPATCHED] - med["module"]
+    print(f"  DirectCall saves {saved:.1f} us per layer against nn.Module.__call__ "
+          f"({med[DISPATCHED] / med['module']:.3f}x)")
     layer_bytes = sum(m.weight_nbytes for m in linears)
     head_bytes = (head.weight_nbytes if hasattr(head, "weight_nbytes")
                   else head.weight.numel() * head.weight.element_size())

@@ -18,13 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 
 from llamalab import kernels
+from llamalab.module_call import DirectCall
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class DenseLinear(nn.Linear):
+class DenseLinear(DirectCall, nn.Linear):
     """``nn.Linear`` whose inference forward on CPU runs ``llamalab::dense_linear`` at few activation rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ class DenseLinear(nn.Linear):
                                                       or (self.bias is not None and self.bias.requires_grad)))
                 and not torch.is_autocast_enabled("cpu")
                 and x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features and _native()):
-            if torch.compiler.is_compiling():
+            if is_dynamo_compiling():
                 return torch.ops.llamalab.dense_linear(x, w, self.bias)
             return kernels.OPS.dense_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)

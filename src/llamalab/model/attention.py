@@ -35,11 +35,12 @@ from torch import nn
 from llamalab import kernels
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
+from llamalab.module_call import DirectCall
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(DirectCall, nn.Module):
     def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  layer_idx: int | None = None) -> None:
         super().__init__()

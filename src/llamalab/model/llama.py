@@ -26,9 +26,10 @@ from llamalab.model.kv_cache import CacheStep, KVCache
 from llamalab.model.mlp import SwiGLU
 from llamalab.model.rmsnorm import RMSNorm
 from llamalab.model.rope import RotaryEmbedding
+from llamalab.module_call import DirectCall
 
 
-class Block(nn.Module):
+class Block(DirectCall, nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
+from llamalab.module_call import DirectCall
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(DirectCall, nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
+from llamalab.module_call import DirectCall
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DirectCall, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps

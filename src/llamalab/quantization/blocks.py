@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 
 from llamalab import kernels
 from llamalab.errors import WeightsError
@@ -157,7 +158,7 @@ class BlockQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
-            if torch.compiler.is_compiling():
+            if is_dynamo_compiling():
                 return self._op(x, self.qs, self.d) if self.m is None else self._op(x, self.qs, self.d, self.m)
             return self._eager(x, *self._args)  # (a plain attribute, not three buffer look-ups per call)
         return F.linear(x, self.dequantize(x.dtype))

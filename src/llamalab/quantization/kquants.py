@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.compiler import is_dynamo_compiling
 
 from llamalab import kernels
 from llamalab.errors import WeightsError
@@ -96,7 +97,7 @@ class KQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-            return self._op(x, self.kq) if torch.compiler.is_compiling() else self._eager(x, self.kq)
+            return self._op(x, self.kq) if is_dynamo_compiling() else self._eager(x, self.kq)
         return F.linear(x, self.dequantize(x.dtype))
 
     @property

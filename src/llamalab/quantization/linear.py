@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab.module_call import DirectCall
 
-class QuantizedLinear(nn.Module):
+
+class QuantizedLinear(DirectCall, nn.Module):
     """Common part of the quantized linears: shapes, the kernel switch, float fallback."""
 
     in_features: int
