@@ -62,6 +62,37 @@ def test_qk_permutation_is_the_llama_cpp_layout():
     assert torch.equal(unpermute_qk(p, heads), w)
 
 
+def test_ggml_type_table_matches_the_gguf_package():
+    """The reader's own table of GGML types (so that loading a file does not import gguf) is the gguf package's."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from llamalab.formats.ggml_types import GGML_TYPE_INFO, type_name
+
+    theirs = {int(q): (q.name, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType}
+    assert {i: tuple(t) for i, t in GGML_TYPE_INFO.items()} == theirs
+    assert type_name(12) == "Q4_K" and type_name(4) == "4"  # a retired id reads as its number
+
+
+def test_a_tensor_of_an_unknown_ggml_type_is_a_one_line_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("t", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    raw = bytearray(path.read_bytes())
+    # the tensor table's entry: the name (u64 length 1, "t"), n_dims (u32), ne[0] (u64), then the type (u32)
+    at = raw.index((1).to_bytes(8, "little") + b"t") + 8 + 1 + 4 + 8
+    assert raw[at:at + 4] == (0).to_bytes(4, "little")  # F32, as written
+    raw[at:at + 4] = (33).to_bytes(4, "little")  # a retired GGML type id
+    path.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="tensor t has unknown GGML type 33"):
+        read_gguf(path)
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_dequantize_matches_gguf_package(qtype):
     from gguf import quants

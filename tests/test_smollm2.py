@@ -100,3 +100,20 @@ def test_keep_quantized_quarter_memory(smollm2, smollm2_path):
     # are 0.08 apart in the float model; the quantized model's choice must be one the float model rates (nearly) best
     assert float(a[int(b.argmax())]) >= float(a.max()) - 0.1
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_a_fresh_process_loads_and_generates_without_the_build_or_gguf_machinery(smollm2):
+    """Start-up imports only what running needs: finding the built kernel library does not import
+    torch.utils.cpp_extension, and reading the GGUF file does not import the gguf package (and its yaml)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llamalab\n"
+            "m, tok = llamalab.load('smollm2')\n"
+            "text = llamalab.generate(m, tok, 'The capital of France is', max_new_tokens=4)\n"
+            "print(repr(text), 'torch.utils.cpp_extension' in sys.modules, 'gguf' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text, cpp_extension, gguf = out.stdout.strip().rsplit(" ", 2)
+    assert "Paris" in text
+    assert (cpp_extension, gguf) == ("False", "False")

@@ -61,8 +61,8 @@ def _safetensors_dtypes(files: list[Path]) -> Counter:
 def stored(path: Path) -> dict[str, Any] | None:
     """{"file_bytes", "dtypes": {dtype: elements}, "format"} for a GGUF file or an HF/run dir; None otherwise."""
     if path.is_file():
+        from llamalab.formats.ggml_types import type_name as _type_name
         from llamalab.formats.gguf_reader import read_gguf
-        from llamalab.formats.gguf_tensors import type_name as _type_name
 
         g = read_gguf(path)
         try:

@@ -29,6 +29,7 @@ import torch
 
 from llamalab.config import LlamaConfig
 from llamalab.errors import ConfigError, TokenizerError, WeightsError
+from llamalab.formats.ggml_types import type_name
 from llamalab.formats.gguf_config import config_from_metadata, llama3_from_freqs
 from llamalab.formats.gguf_reader import GGUFFile, read_gguf
 from llamalab.formats.gguf_tensors import (
@@ -40,7 +41,6 @@ from llamalab.formats.gguf_tensors import (
     gguf_to_ours,
     ours_to_gguf,
     permute_qk,
-    type_name,
     unpermute_qk,
 )
 from llamalab.kernels.kquants import QK_K

@@ -21,6 +21,7 @@ import numpy as np
 
 from llamalab.config import describe
 from llamalab.errors import WeightsError
+from llamalab.formats.ggml_types import GGML_TYPE_INFO
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALAR = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
@@ -133,8 +134,6 @@ class _Cursor:
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's metadata and tensor table; tensor data stays memory-mapped."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no such GGUF file: {path}")
@@ -179,11 +178,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for name, ne, ttype, offset in infos:
         if name in tensors:
             raise WeightsError(f"corrupt GGUF file {path}: tensor {name!r} appears twice")
-        try:
-            qtype = GGMLQuantizationType(ttype)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise WeightsError(f"{path}: tensor {name} has unknown GGML type {ttype}") from None
+        qtype = GGML_TYPE_INFO.get(ttype)
+        if qtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unknown GGML type {ttype}")
+        block, type_size = qtype.block, qtype.type_size
         n = math.prod(ne)
         if ne and ne[0] % block:
             raise WeightsError(f"corrupt GGUF file {path}: tensor {name} row of {ne[0]} is not a whole number of "

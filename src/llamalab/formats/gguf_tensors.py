@@ -135,13 +135,6 @@ def dequantize_np(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> np.nda
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
-def type_name(ttype: int) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(ttype).name
-    except ValueError:
-        return str(ttype)
 
 
 def _blocks(raw: np.ndarray, ttype: int, shape: tuple[int, ...]):

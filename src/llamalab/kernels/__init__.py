@@ -124,14 +124,21 @@ def _sources() -> tuple[Path, ...]:
     return (*SOURCES, DIRECT_SOURCE) if _python_include() else SOURCES
 
 
-def _compile_command(out: Path) -> list[str]:
-    from torch.utils import cpp_extension
+def _compiler() -> str:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+
+def _flags() -> list[str]:
+    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def _compile_command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension  # (~0.15 s to import: only when building, not to find the library)
+
     lib_dirs = cpp_extension.library_paths()
     include = _python_include()
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    cmd = [_compiler(), *_flags()]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()] + ([f"-I{include}"] if include else [])
     cmd += [str(s) for s in _sources()] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in lib_dirs] + [f"-Wl,-rpath,{p}" for p in lib_dirs] + ["-lc10", "-ltorch_cpu"]
@@ -139,11 +146,12 @@ def _compile_command(out: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet)."""
-    probe = _compile_command(Path("OUT"))
-    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _sources()), torch.__version__.encode(),
-                                     " ".join(probe).encode(), _cpu_flags().encode(),
-                                     sys.platform.encode()])).hexdigest()[:16]
+    """Where the compiled library for this source / torch / compiler / CPU lives (it may not exist yet). The key
+    holds what the compile command is made from — the sources, torch's version and install dir (its include and
+    library dirs), the compiler, the flags, the Python headers — so finding a built library imports nothing."""
+    parts = [*(s.read_bytes() for s in _sources()), torch.__version__.encode(), str(Path(torch.__file__).parent),
+             _compiler(), " ".join(_flags()), str(_python_include()), _cpu_flags(), sys.platform]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
     return cache_dir() / f"llamalab_blocks_{key}.so"
 
 
