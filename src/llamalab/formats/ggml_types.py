@@ -1,8 +1,8 @@
 """GGML tensor types: the id a GGUF tensor table stores, its name, and its block layout.
 
 A tensor of type t holds ``n / block`` blocks of ``type_size`` bytes each (``block`` = 1 for plain
-element types). The table is the GGML spec's (ggml.h ``enum ggml_type``; ids 4, 5 and 31–33 were
-retired); reading it here lets a GGUF file be parsed without importing the ``gguf`` package (~0.2 s
+element types). The table is the GGML spec's (ggml.h ``enum ggml_type``; ids 4, 5, 31–33 and 36–38
+were retired); reading it here lets a GGUF file be parsed without importing the ``gguf`` package (~0.2 s
 with the yaml it imports), which is then needed only to dequantize the rarer block types and to
 write files. tests/test_gguf.py checks this table against ``gguf.constants``.
 """

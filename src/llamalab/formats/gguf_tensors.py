@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from llamalab.errors import WeightsError
+from llamalab.formats.ggml_types import type_name
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
@@ -131,10 +132,8 @@ def dequantize_np(raw: np.ndarray, ttype: int, shape: tuple[int, ...]) -> np.nda
         qtype = GGMLQuantizationType(ttype)
         out = quants.dequantize(raw.reshape(shape[:-1] + (-1,)) if len(shape) > 1 else raw, qtype)
     except NotImplementedError:
-        raise WeightsError(f"GGML type {GGMLQuantizationType(ttype).name} is not supported") from None
+        raise WeightsError(f"GGML type {type_name(ttype)} is not supported") from None
     return np.asarray(out, dtype=np.float32).reshape(shape)
-
-
 
 
 def _blocks(raw: np.ndarray, ttype: int, shape: tuple[int, ...]):
