@@ -7,12 +7,13 @@ blocks), one token decoded after a short prompt, several ways, alternating withi
   that choose the fused ops, op dispatch);
 * ``module, nn.Module.__call__``: the same, with every module call through ``nn.Module.__call__`` (its
   hook dispatch) instead of :class:`llamalab.module_call.DirectCall`'s direct call of ``forward``;
-* ``ops alone``: the same ops it calls (rms_norm, the seven block linears, decode_attention, add_rms_norm,
-  silu_mul, the residual add) called back to back from Python with their arguments bound beforehand, as
-  the forward calls them (``llamalab.kernels.OPS``: unboxed where direct.cpp is built); its output is
-  checked to equal the module's bit for bit;
+* ``ops alone``: the same ops it calls (rms_norm, block_linears for q|k|v, decode_attention, o_proj's
+  linear, add_rms_norm, block_linears for gate|up, silu_mul, down_proj's linear, the residual add) called
+  back to back from Python with their arguments bound beforehand, as the forward calls them
+  (``llamalab.kernels.OPS``: unboxed where direct.cpp is built); its output is checked to equal the module's
+  bit for bit;
 * ``ops, torch.ops``: the same calls through ``torch.ops.llamalab`` (torch's boxed Python path);
-* ``linears alone``: just the seven block linears.
+* ``linears alone``: just the seven block linears, in the four calls the forward makes.
 
 Then the same over every layer in turn, as a decode step meets them (each weight read once per pass, not
 from cache): ``all layers, module`` (each layer's forward), ``all layers, ops`` (its ops called alone) and
@@ -71,9 +72,16 @@ def main() -> None:
         h = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
         boxed = torch.ops.llamalab
         boxed_ops = {"rms_norm": boxed.rms_norm.default, "add_rms_norm": boxed.add_rms_norm.default,
-                     "silu_mul": boxed.silu_mul.default, "decode_attention": boxed.decode_attention.default}
-        q, k, v, o, g, u, d = ((m._eager, m._args) for m in linears)
-        qb, kb, vb, ob, gb, ub, db = ((m._op, m._args) for m in linears)
+                     "silu_mul": boxed.silu_mul.default, "decode_attention": boxed.decode_attention.default,
+                     "block_linears": boxed.block_linears.default}
+
+        def joint(*mods: BlockQuantLinear) -> tuple:  # what llamalab::block_linears takes (model/shared_input.py)
+            return ([m.qs for m in mods], [m.d for m in mods], [m.m for m in mods if m.m is not None],
+                    mods[0].joint_kind)
+
+        qkv, gu = joint(a.q_proj, a.k_proj, a.v_proj), joint(mlp.gate_proj, mlp.up_proj)
+        o, d = ((m._eager, m._args) for m in (a.o_proj, mlp.down_proj))
+        ob, db = ((m._op, m._args) for m in (a.o_proj, mlp.down_proj))
         w1, w2, eps = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps
         H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
         row0, slot = step.rows.start, step.start
@@ -82,24 +90,26 @@ def main() -> None:
         def module() -> torch.Tensor:
             return layer(h, cos, sin, None, step, kv)
 
-        def calls(ops, q, k, v, o, g, u, d, w1=w1, w2=w2, kv=kv) -> torch.Tensor:
+        def calls(ops, qkv, o, gu, d, w1=w1, w2=w2, kv=kv) -> torch.Tensor:
             x = ops.rms_norm(h, w1, eps)
-            att = ops.decode_attention(q[0](x, *q[1]).view(1, H, 1, D), k[0](x, *k[1]).view(1, KV, 1, D),
-                                       v[0](x, *v[1]).view(1, KV, 1, D), cos, sin, kv[0], kv[1], row0, slot)
+            q, k, v = ops.block_linears(x, *qkv)
+            att = ops.decode_attention(q.view(1, H, 1, D), k.view(1, KV, 1, D), v.view(1, KV, 1, D), cos, sin,
+                                       kv[0], kv[1], row0, slot)
             x2, nx = ops.add_rms_norm(h, o[0](att, *o[1]), w2, eps)
-            return x2 + d[0](ops.silu_mul(g[0](nx, *g[1]), u[0](nx, *u[1])), *d[1])
+            return x2 + d[0](ops.silu_mul(*ops.block_linears(nx, *gu)), *d[1])
 
         boxed_ns = SimpleNamespace(**boxed_ops)
 
         def ops_alone() -> torch.Tensor:
-            return calls(kernels.OPS, q, k, v, o, g, u, d)
+            return calls(kernels.OPS, qkv, o, gu, d)
 
         def ops_boxed() -> torch.Tensor:
-            return calls(boxed_ns, qb, kb, vb, ob, gb, ub, db)
+            return calls(boxed_ns, qkv, ob, gu, db)
 
         def linears_alone() -> None:
-            for op, wargs in (q, k, v, o, g, u):
-                op(h, *wargs)
+            kernels.OPS.block_linears(h, *qkv)
+            o[0](h, *o[1])
+            kernels.OPS.block_linears(h, *gu)
             d[0](down_in, *d[1])
 
         if not torch.equal(module(), ops_alone()) or not torch.equal(module(), ops_boxed()):
@@ -118,10 +128,9 @@ def main() -> None:
         # every layer in turn: the weights streamed as in a decode step
         layers = list(model.layers)
         kvs = [cache.layer(i) for i in range(len(layers))]
-        lin_all = [[(m._eager, m._args) for m in (ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj,
-                                                  ly.self_attn.o_proj, ly.mlp.gate_proj, ly.mlp.up_proj)]
-                   for ly in layers]
-        downs = [(ly.mlp.down_proj._eager, ly.mlp.down_proj._args) for ly in layers]
+        lin_all = [(joint(ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj),
+                    (ly.self_attn.o_proj._eager, ly.self_attn.o_proj._args), joint(ly.mlp.gate_proj, ly.mlp.up_proj),
+                    (ly.mlp.down_proj._eager, ly.mlp.down_proj._args)) for ly in layers]
         norms = [(ly.input_layernorm.weight, ly.post_attention_layernorm.weight) for ly in layers]
         head = model.lm_head
 
@@ -130,13 +139,14 @@ def main() -> None:
                 ly(h, cos, sin, None, step, kvi)
 
         def all_ops() -> None:
-            for lins, down, (n1, n2), kvi in zip(lin_all, downs, norms, kvs):
-                calls(kernels.OPS, *lins, down, w1=n1, w2=n2, kv=kvi)
+            for lins, (n1, n2), kvi in zip(lin_all, norms, kvs):
+                calls(kernels.OPS, *lins, w1=n1, w2=n2, kv=kvi)
 
         def all_linears() -> None:
-            for lins, (dop, dargs) in zip(lin_all, downs):
-                for op, wargs in lins:
-                    op(h, *wargs)
+            for qkv_i, (oop, oargs), gu_i, (dop, dargs) in lin_all:
+                kernels.OPS.block_linears(h, *qkv_i)
+                oop(h, *oargs)
+                kernels.OPS.block_linears(h, *gu_i)
                 dop(down_in, *dargs)
 
         streamed = {"all layers, module": all_modules, "all layers, ops": all_ops, "all layers, linears": all_linears,

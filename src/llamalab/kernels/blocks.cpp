@@ -728,11 +728,17 @@ at::Tensor gemm_linear(Kind kind, const at::Tensor& x2, const at::Tensor& qs, co
   return y;
 }
 
-// y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
-at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
-                        const at::Tensor* m) {
-  const int64_t N = qs.size(0), K = x_in.size(-1), nb = K / QK;
-  const int64_t row_bytes = kind == Q8_0 ? K : K / 2;
+// One weight matrix of a product: its blocks, its rows N and where its outputs (M, N) go.
+struct Product {
+  const uint8_t* w;
+  const uint16_t* dw;
+  const uint16_t* mw;
+  int64_t N;
+  float* y;
+};
+
+void check_weights(Kind kind, const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m, int64_t K) {
+  const int64_t N = qs.size(0), nb = K / QK, row_bytes = kind == Q8_0 ? K : K / 2;
   TORCH_CHECK(K % QK == 0, "llamalab block linear: K=", K, " is not a multiple of 32");
   TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes && qs.is_contiguous() && qs.element_size() == 1,
               "llamalab block linear: qs must be a contiguous (N, ", row_bytes, ") byte tensor");
@@ -742,17 +748,53 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
     TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(),
                 "llamalab block linear: m must be like d");
   }
-  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-  out_sizes.back() = N;
-  const int64_t M = K ? x_in.numel() / K : 0;
-  if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
-    return gemm_linear(kind, x_in.reshape({M, K}), qs, d, m, N, K).to(x_in.scalar_type()).view(out_sizes);
+}
+
+// Output rows [t0·4, t1·4) of one product, for the M activation rows quantized in xr.
+void product_tiles(int64_t isa, Kind kind, const Product& p, int64_t row_bytes, int64_t nb, int64_t M,
+                   const QRow* xr, int group, bool pf, int64_t t0, int64_t t1) {
+  constexpr int R = 4;  // weight rows per step
+  const int64_t N = p.N;
+#if LL_X86
+  if (isa == AVX512VNNI) {
+    auto run = [&](auto tag) {
+      constexpr bool P = decltype(tag)::value;
+      switch (kind) {
+        case Q8_0: return tiles_avx512<Q8_0, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
+        case Q4_0: return tiles_avx512<Q4_0, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
+        case Q4_1: return tiles_avx512<Q4_1, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
+      }
+    };
+    if (pf) run(std::true_type{});
+    else run(std::false_type{});
+    return;
   }
-  // (a contiguous float32 activation, the decode case, is used as is: no reshape / copy / view calls)
-  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
-  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty(out_sizes, x.options());
-  if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
+#endif
+  // AVX2 / AVX-VNNI / scalar: each activation row through the batch-1 kernel of the tile (the weight tile
+  // re-read from cache), so a row's sums do not depend on the batch
+  float out[R];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
+    const uint8_t* wr = p.w + n0 * row_bytes;
+    const uint16_t* dr = p.dw + n0 * nb;
+    const uint16_t* mr = p.mw ? p.mw + n0 * nb : nullptr;
+    for (int64_t r = 0; r < M; ++r) {
+      if (nr == R) {
+        rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr[r], group, out);
+      } else {
+        for (int64_t i = 0; i < nr; ++i)
+          rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr[r], group,
+                  out + i);
+      }
+      std::memcpy(p.y + r * N + n0, out, nr * sizeof(float));
+    }
+  }
+}
+
+// y_i = x · W_iᵀ for the n products `ps` of one kind and width K, x (M, K) float32 contiguous: the activation
+// is quantized once, and the weight rows of all products are split over threads as one range.
+void run_products(Kind kind, const float* x, int64_t M, int64_t K, const Product* ps, int n) {
+  const int64_t nb = K / QK, row_bytes = kind == Q8_0 ? K : K / 2;
   const int64_t isa = active_isa();
   const int group = group_for(isa, kind);
   const int64_t nbp = (nb + MAXG - 1) / MAXG * MAXG;
@@ -766,66 +808,85 @@ at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs,
   float* const xdp = xd.data();
   float* const xsp = xs.data();
 #if LL_X86
-  if (isa == AVX512VNNI) quantize_rows_avx512(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+  if (isa == AVX512VNNI) quantize_rows_avx512(x, M, K, kind, group, xqp, xdp, xsp);
   else
 #endif
-    quantize_rows(x.data_ptr<float>(), M, K, kind, group, xqp, xdp, xsp);
+    quantize_rows(x, M, K, kind, group, xqp, xdp, xsp);
+  c10::SmallVector<QRow, 16> xr(M);
+  for (int64_t r = 0; r < M; ++r) xr[r] = QRow{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
 
-  const uint8_t* w = (const uint8_t*)qs.data_ptr();
-  const uint16_t* dw = (const uint16_t*)d.data_ptr();
-  const uint16_t* mw = m ? (const uint16_t*)m->data_ptr() : nullptr;
-  float* yp = y.data_ptr<float>();
-  constexpr int R = 4;  // weight rows per step
-  const int64_t tiles = (N + R - 1) / R;
+  constexpr int R = 4;  // weight rows per tile
+  c10::SmallVector<int64_t, 4> first(n + 1, 0);  // first[i]: the first tile of product i in the joint range
+  for (int i = 0; i < n; ++i) first[i + 1] = first[i] + (ps[i].N + R - 1) / R;
   // A thread's share is at least g_min_chunk weight bytes x activation rows (256 KB: ~20-30 us of work): a
   // parallel region costs microseconds to tens of them (sleeping workers), so a batch-1 product of a small
   // layer runs on the calling thread and larger ones are split. Measured at 1 row on 2 threads (SmolLM2
   // Q4_1 decode, docs/kernels.md): every layer split 35 tok/s and 1 MB ~70 on an AMD EPYC; on an Intel
   // Xeon 1 MB 49.8, 256 KB 60.6, 128 KB 63.2, 64 KB 62.7.
   const int64_t grain = std::max<int64_t>(1, g_min_chunk / std::max<int64_t>(1, R * row_bytes * M));
-#if LL_X86
-  if (isa == AVX512VNNI) {
-    c10::SmallVector<QRow, 16> xr(M);
-    for (int64_t r = 0; r < M; ++r) xr[r] = QRow{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
-    const bool pf = prefetch_weights();
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-      auto run = [&](auto tag) {
-        constexpr bool P = decltype(tag)::value;
-        switch (kind) {
-          case Q8_0: return tiles_avx512<Q8_0, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
-          case Q4_0: return tiles_avx512<Q4_0, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
-          case Q4_1: return tiles_avx512<Q4_1, P>(w, row_bytes, dw, mw, N, nb, M, xr.data(), yp, t0, t1);
-        }
-      };
-      if (pf) run(std::true_type{});
-      else run(std::false_type{});
-    });
-    return plain ? y : y.to(x_in.scalar_type());
-  }
-#endif
-  // AVX2 / AVX-VNNI / scalar: each activation row through the batch-1 kernel of the tile (the weight tile
-  // re-read from cache), so a row's sums do not depend on the batch
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    float out[R];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * R, nr = std::min<int64_t>(R, N - n0);
-      const uint8_t* wr = w + n0 * row_bytes;
-      const uint16_t* dr = dw + n0 * nb;
-      const uint16_t* mr = mw ? mw + n0 * nb : nullptr;
-      for (int64_t r = 0; r < M; ++r) {
-        const QRow xr{xqp + r * nbp * QK, xdp + r * nbp, xsp + r * nbp};
-        if (nr == R) {
-          rows<R>(isa, kind, wr, row_bytes, dr, mr, nb, xr, group, out);
-        } else {
-          for (int64_t i = 0; i < nr; ++i)
-            rows<1>(isa, kind, wr + i * row_bytes, row_bytes, dr + i * nb, mr ? mr + i * nb : nullptr, nb, xr, group,
-                    out + i);
-        }
-        std::memcpy(yp + r * N + n0, out, nr * sizeof(float));
-      }
+  const bool pf = prefetch_weights();
+  at::parallel_for(0, first[n], grain, [&](int64_t a, int64_t b) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t t0 = std::max(a, first[i]), t1 = std::min(b, first[i + 1]);
+      if (t0 < t1) product_tiles(isa, kind, ps[i], row_bytes, nb, M, xr.data(), group, pf, t0 - first[i], t1 - first[i]);
     }
   });
+}
+
+// y = x · Wᵀ for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor block_linear(Kind kind, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
+                        const at::Tensor* m) {
+  const int64_t N = qs.size(0), K = x_in.size(-1);
+  check_weights(kind, qs, d, m, K);
+  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
+  const int64_t M = K ? x_in.numel() / K : 0;
+  if (M >= g_gemm_rows && M > 0) {  // many rows: the integer kernel's cost grows with M, a GEMM's much less
+    return gemm_linear(kind, x_in.reshape({M, K}), qs, d, m, N, K).to(x_in.scalar_type()).view(out_sizes);
+  }
+  // (a contiguous float32 activation, the decode case, is used as is: no reshape / copy / view calls)
+  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
+  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return plain ? y : y.to(x_in.scalar_type());
+  const Product p{(const uint8_t*)qs.data_ptr(), (const uint16_t*)d.data_ptr(),
+                  m ? (const uint16_t*)m->data_ptr() : nullptr, N, y.data_ptr<float>()};
+  run_products(kind, x.data_ptr<float>(), M, K, &p, 1);
   return plain ? y : y.to(x_in.scalar_type());
+}
+
+// [x · W_iᵀ for each weight i] for weights of one kind that read the same input (q|k|v, gate|up): what
+// block_linear gives for each, bit for bit, with the activation quantized once and one parallel range.
+std::vector<at::Tensor> block_linears(const at::Tensor& x_in, at::TensorList qs, at::TensorList d, at::TensorList m,
+                                      int64_t kind_index) {
+  TORCH_CHECK(kind_index >= 0 && kind_index <= Q4_1, "llamalab block_linears: unknown kind ", kind_index);
+  const Kind kind = (Kind)kind_index;
+  const int n = (int)qs.size();
+  TORCH_CHECK(n > 0 && d.size() == qs.size() && m.size() == (kind == Q4_1 ? qs.size() : 0),
+              "llamalab block_linears: need as many d (and, for q4_1, m) as qs");
+  const int64_t K = x_in.size(-1), M = K ? x_in.numel() / K : 0;
+  std::vector<at::Tensor> ys;
+  ys.reserve(n);
+  if (M >= g_gemm_rows || M == 0) {  // the GEMM path reads no quantized activation: each product on its own
+    for (int i = 0; i < n; ++i) ys.push_back(block_linear(kind, x_in, qs[i], d[i], kind == Q4_1 ? &m[i] : nullptr));
+    return ys;
+  }
+  const bool plain = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
+  const at::Tensor x = plain ? x_in : x_in.to(at::kFloat).contiguous();
+  c10::SmallVector<Product, 4> ps;
+  for (int i = 0; i < n; ++i) {
+    const at::Tensor* mi = kind == Q4_1 ? &m[i] : nullptr;
+    check_weights(kind, qs[i], d[i], mi, K);
+    c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+    out_sizes.back() = qs[i].size(0);
+    ys.push_back(at::empty(out_sizes, x.options()));
+    ps.push_back(Product{(const uint8_t*)qs[i].data_ptr(), (const uint16_t*)d[i].data_ptr(),
+                         mi ? (const uint16_t*)mi->data_ptr() : nullptr, qs[i].size(0), ys.back().data_ptr<float>()});
+  }
+  run_products(kind, x.data_ptr<float>(), M, K, ps.data(), n);
+  if (!plain)
+    for (auto& y : ys) y = y.to(x_in.scalar_type());
+  return ys;
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
@@ -849,6 +910,7 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor[]");
   lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
   lib.def("configure(int gemm_rows, bool gemm_bf16) -> int", &configure);
   lib.def("cpu_isa() -> int", &cpu_isa);
@@ -862,5 +924,6 @@ TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("q8_0_linear", &q8_0_linear);
   lib.impl("q4_0_linear", &q4_0_linear);
   lib.impl("q4_1_linear", &q4_1_linear);
+  lib.impl("block_linears", &block_linears);
   lib.impl("dequantize", &dequantize_op);
 }

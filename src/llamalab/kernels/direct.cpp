@@ -13,10 +13,12 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 namespace {
 
 using CT = const at::Tensor&;
+using TV = const std::vector<at::Tensor>&;
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -32,6 +34,9 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   static const auto q8_0 = handle<at::Tensor(CT, CT, CT)>("llamalab::q8_0_linear");
   static const auto q4_0 = handle<at::Tensor(CT, CT, CT)>("llamalab::q4_0_linear");
   static const auto q4_1 = handle<at::Tensor(CT, CT, CT, CT)>("llamalab::q4_1_linear");
+  static const auto linears =
+      handle<std::vector<at::Tensor>(CT, at::TensorList, at::TensorList, at::TensorList, int64_t)>(
+          "llamalab::block_linears");
   static const auto q4_k = handle<at::Tensor(CT, CT)>("llamalab::q4_k_linear");
   static const auto q6_k = handle<at::Tensor(CT, CT)>("llamalab::q6_k_linear");
   static const auto dense = handle<at::Tensor(CT, CT, const c10::optional<at::Tensor>&)>("llamalab::dense_linear");
@@ -46,6 +51,8 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   m.def("q8_0_linear", [](CT x, CT qs, CT d) { return q8_0.call(x, qs, d); }, nogil);
   m.def("q4_0_linear", [](CT x, CT qs, CT d) { return q4_0.call(x, qs, d); }, nogil);
   m.def("q4_1_linear", [](CT x, CT qs, CT d, CT mn) { return q4_1.call(x, qs, d, mn); }, nogil);
+  m.def("block_linears", [](CT x, TV qs, TV d, TV mn, int64_t kind) { return linears.call(x, qs, d, mn, kind); },
+        nogil);
   m.def("q4_k_linear", [](CT x, CT kq) { return q4_k.call(x, kq); }, nogil);
   m.def("q6_k_linear", [](CT x, CT kq) { return q6_k.call(x, kq); }, nogil);
   m.def("dense_linear", [](CT x, CT w, const c10::optional<at::Tensor>& b) { return dense.call(x, w, b); },

@@ -35,6 +35,7 @@ from torch import nn
 from llamalab import kernels
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
+from llamalab.model.shared_input import project
 from llamalab.module_call import DirectCall
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
@@ -73,7 +74,7 @@ class GroupedQueryAttention(DirectCall, nn.Module):
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self, _QKV, x)  # one kernel call where the three can share it (model/shared_input.py)
         if T == 1:  # (B, 1, H·D) is (B, H, 1, D) in memory: one view (decode: fewer eager calls per layer)
             q = q.view(B, self.n_heads, 1, self.head_dim)
             k = k.view(B, self.n_kv_heads, 1, self.head_dim)
@@ -122,6 +123,7 @@ class GroupedQueryAttention(DirectCall, nn.Module):
         return out.view(B, H, T, D)
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -166,6 +166,12 @@ class BlockQuantLinear(QuantizedLinear):
     def _refresh(self) -> None:
         self.__dict__["_args"] = (self.qs, self.d) if self.m is None else (self.qs, self.d, self.m)
 
+    @property
+    def joint_kind(self) -> int:
+        """The kind's index for ``llamalab::block_linears``: layers of one kind reading one input (q|k|v,
+        gate|up) are multiplied in one call (:mod:`llamalab.model.shared_input`)."""
+        return KINDS.index(self.kind)
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._refresh()

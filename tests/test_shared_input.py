@@ -1,0 +1,224 @@
+"""q|k|v and gate|up in one kernel call (llamalab::block_linears, model/shared_input.py).
+
+The joint call must give each layer's own output bit for bit, be taken on the default quantized path, and
+step aside for everything nn.Module.__call__ exists for (hooks, global hooks, module.compile()), for
+adapters, for mixed kinds, and for grad mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import llamalab
+from llamalab import Llama, LlamaConfig, kernels
+from llamalab.kernels.reference import KINDS
+from llamalab.lora import LoraConfig, LoRALinear, apply_lora
+from llamalab.model import shared_input
+from llamalab.quantization.blocks import BlockQuantLinear
+from llamalab.quantization.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.native(), reason="the C++ kernels are not built here")
+
+
+def _available_isas() -> list[str]:
+    return [isa for isa in kernels.ISAS if torch.ops.llamalab.isa_supported(kernels.ISAS.index(isa))]
+
+
+def _model(method: str | None = "int4", seed: int = 0) -> Llama:
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, n_layers=2, n_heads=4, n_kv_heads=2,
+                      max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = Llama(cfg)
+    model.init_weights(seed)
+    if method:
+        quantize_model(model, method)
+    return model.eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
+class _JointCalls:
+    """Counts calls of kernels.OPS.block_linears, by the number of weights in each call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_width: dict[int, int] = {}
+        real = kernels.OPS.block_linears
+
+        def counting(x, qs, d, m, kind):
+            self.by_width[len(qs)] = self.by_width.get(len(qs), 0) + 1
+            return real(x, qs, d, m, kind)
+
+        monkeypatch.setattr(kernels.OPS, "block_linears", counting)
+
+
+def _greedy(model: Llama, n: int = 8) -> list[int]:
+    cache = model.new_cache(1, 32)
+    ids = _ids()
+    out: list[int] = []
+    with torch.inference_mode():
+        logits = model(ids, cache=cache)
+        for _ in range(n):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            logits = model(torch.tensor([[nxt]]), cache=cache)
+    return out
+
+
+@pytest.mark.parametrize("isa", _available_isas())
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_linears_equal_each_layer_alone(isa, kind):
+    """Random blocks, odd widths and row counts, float32 and bfloat16, both call paths, every ISA here."""
+    old = kernels.set_isa(isa)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        for K in (32, 96, 576):
+            layers = [BlockQuantLinear.from_float(torch.randn(n, K, generator=gen), kind) for n in (63, 64, 5)]
+            args = ([m.qs for m in layers], [m.d for m in layers], [m.m for m in layers if m.m is not None],
+                    KINDS.index(kind))
+            for shape in ((1, 1, K), (3, K), (2, 8, K), (23, K), (kernels.GEMM_ROWS + 3, K)):
+                for dtype in (torch.float32, torch.bfloat16):
+                    x = torch.randn(*shape, generator=gen).to(dtype)
+                    for ys in (kernels.OPS.block_linears(x, *args), torch.ops.llamalab.block_linears(x, *args)):
+                        assert len(ys) == len(layers)
+                        for y, layer in zip(ys, layers):
+                            alone = layer(x)
+                            assert y.dtype == alone.dtype and y.shape == alone.shape
+                            assert torch.equal(y, alone), (K, shape, dtype)
+    finally:
+        kernels.set_isa(old)
+
+
+def test_block_linears_reject_mismatched_weights():
+    a = BlockQuantLinear.from_float(torch.randn(8, 64), "q4_1")
+    b = BlockQuantLinear.from_float(torch.randn(8, 96), "q4_1")
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="qs must be"):
+        torch.ops.llamalab.block_linears(x, [a.qs, b.qs], [a.d, b.d], [a.m, b.m], KINDS.index("q4_1"))
+    with pytest.raises(RuntimeError, match="as many d"):
+        torch.ops.llamalab.block_linears(x, [a.qs], [a.d], [], KINDS.index("q4_1"))
+
+
+def test_block_linears_fake_matches_the_kernel():
+    layers = [BlockQuantLinear.from_float(torch.randn(n, 64), "q8_0") for n in (16, 8)]
+    torch.library.opcheck(torch.ops.llamalab.block_linears.default,
+                          (torch.randn(2, 3, 64), [m.qs for m in layers], [m.d for m in layers], [], 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_decode_takes_the_joint_call_and_keeps_the_tokens(monkeypatch, method):
+    model = _model(method)
+    joint = _JointCalls(monkeypatch)
+    tokens = _greedy(model)
+    n = model.config.n_layers * 9  # prefill + 8 decode steps, every layer: one q|k|v call, one gate|up call
+    assert joint.by_width == {3: n, 2: n}
+    # the same model through each module's own call (a no-op pre-hook on every linear forces that)
+    for mod in model.modules():
+        if isinstance(mod, BlockQuantLinear):
+            mod.register_forward_pre_hook(lambda m, a: None)
+    joint.by_width.clear()
+    assert _greedy(model) == tokens
+    assert joint.by_width == {}
+
+
+def test_logits_equal_the_separate_calls_bit_for_bit(monkeypatch):
+    model = _model("int4")
+    with torch.inference_mode():
+        joint = model(_ids())
+    monkeypatch.setattr(kernels.OPS, "block_linears", None)  # any joint call would now fail
+    monkeypatch.setattr(shared_input._Plan, "check", lambda plan, modules: False)  # each module called
+    with torch.inference_mode():
+        separate = model(_ids())
+    assert torch.equal(joint, separate)
+
+
+def test_hooks_on_one_projection_see_the_same_forward(monkeypatch):
+    model = _model("int4")
+    attn = model.layers[1].self_attn
+    with torch.inference_mode():
+        plain = model(_ids())
+    seen: list[tuple[int, ...]] = []
+    handle = attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    joint = _JointCalls(monkeypatch)
+    with torch.inference_mode():
+        hooked = model(_ids())
+    assert seen == [(1, 6, attn.n_kv_heads * attn.head_dim)]
+    assert torch.equal(hooked, plain)
+    assert joint.by_width == {3: 1, 2: 2}  # layer 1's q|k|v took the modules' own calls
+    handle.remove()
+    replaced = attn.v_proj.register_forward_hook(lambda m, a, out: out * 0)  # a hook that replaces the output
+    with torch.inference_mode():
+        assert not torch.equal(model(_ids()), plain)
+    replaced.remove()
+    joint.by_width.clear()
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()), plain)  # the joint call is back once the hooks are gone
+    assert joint.by_width == {3: 2, 2: 2}
+
+
+def test_a_global_hook_sees_every_projection(monkeypatch):
+    model = _model("int8")
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: list[str] = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: seen.append(names.get(id(m), "")))
+    try:
+        with torch.inference_mode():
+            model(_ids())
+    finally:
+        handle.remove()
+    for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert f"layers.0.self_attn.{proj}" in seen or f"layers.0.mlp.{proj}" in seen
+
+
+def test_adapters_mixed_kinds_and_grad_mode_take_each_module(monkeypatch):
+    model = _model("int4")
+    joint = _JointCalls(monkeypatch)
+    with torch.inference_mode():
+        base = model(_ids())
+    assert joint.by_width == {3: 2, 2: 2}
+    # an adapter on q_proj / v_proj replaces those modules: q|k|v is no longer one kind of block linear
+    apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            nn.init.normal_(mod.lora_B.weight)
+    joint.by_width.clear()
+    with torch.inference_mode():
+        adapted = model(_ids())
+    assert joint.by_width == {2: 2}
+    assert not torch.equal(adapted, base)  # the adapters' updates are in the forward
+    # mixed kinds: q_proj as Q8_0 beside Q4_1 k / v
+    other = _model("int4")
+    attn = other.layers[0].self_attn
+    attn.q_proj = BlockQuantLinear.from_float(attn.q_proj.dequantize(), "q8_0")
+    joint.by_width.clear()
+    with torch.inference_mode():
+        other(_ids())
+    assert joint.by_width == {3: 1, 2: 2}
+    # grad mode: nothing joint (the modules' own calls, through nn.Module.__call__)
+    joint.by_width.clear()
+    model(_ids())
+    assert joint.by_width == {}
+
+
+def test_new_weights_after_the_first_call_are_the_ones_used():
+    """load_state_dict / .to() refresh a block linear's tensors: the joint call follows them."""
+    a, b = _model("int4", seed=0), _model("int4", seed=1)
+    with torch.inference_mode():
+        a(_ids())  # a's plan is made
+        want = b(_ids())
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(_ids()), want)
+
+
+def test_joint_calls_after_a_save_and_a_load(tmp_path, monkeypatch):
+    model = _model("int4")
+    model.save_pretrained(tmp_path / "m")
+    loaded, _ = llamalab.load(tmp_path / "m")
+    joint = _JointCalls(monkeypatch)
+    tokens = _greedy(loaded)
+    assert joint.by_width.get(3) and joint.by_width.get(2)
+    assert tokens == _greedy(model)
