@@ -12,6 +12,7 @@ from torch import nn
 
 import llamalab
 from llamalab import Llama, LlamaConfig, kernels
+from llamalab.kernels.attention import decode_attention_reference
 from llamalab.kernels.reference import KINDS
 from llamalab.lora import LoraConfig, LoRALinear, apply_lora
 from llamalab.model import shared_input
@@ -41,17 +42,19 @@ def _ids() -> torch.Tensor:
 
 
 class _JointCalls:
-    """Counts calls of kernels.OPS.block_linears, by the number of weights in each call."""
+    """Counts the joint calls, by the number of weights in each: 3 for block_linears (q|k|v), 2 for block_swiglu
+    (gate|up)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.by_width: dict[int, int] = {}
-        real = kernels.OPS.block_linears
+        for name in ("block_linears", "block_swiglu"):
+            real = getattr(kernels.OPS, name)
 
-        def counting(x, qs, d, m, kind):
-            self.by_width[len(qs)] = self.by_width.get(len(qs), 0) + 1
-            return real(x, qs, d, m, kind)
+            def counting(x, qs, d, m, kind, _real=real):
+                self.by_width[len(qs)] = self.by_width.get(len(qs), 0) + 1
+                return _real(x, qs, d, m, kind)
 
-        monkeypatch.setattr(kernels.OPS, "block_linears", counting)
+            monkeypatch.setattr(kernels.OPS, name, counting)
 
 
 def _greedy(model: Llama, n: int = 8) -> list[int]:
@@ -91,6 +94,21 @@ def test_block_linears_equal_each_layer_alone(isa, kind):
         kernels.set_isa(old)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_swiglu_is_silu_mul_of_the_two_layers(kind):
+    gen = torch.Generator().manual_seed(2)
+    gate, up = (BlockQuantLinear.from_float(torch.randn(72, 96, generator=gen), kind) for _ in range(2))
+    args = ([gate.qs, up.qs], [gate.d, up.d], [m for m in (gate.m, up.m) if m is not None], KINDS.index(kind))
+    for shape in ((1, 1, 96), (5, 96), (kernels.GEMM_ROWS + 1, 96)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(*shape, generator=gen).to(dtype)
+            want = kernels.OPS.silu_mul(gate(x), up(x))
+            for got in (kernels.OPS.block_swiglu(x, *args), torch.ops.llamalab.block_swiglu(x, *args)):
+                assert got.dtype == want.dtype and torch.equal(got, want), (shape, dtype)
+    with pytest.raises(RuntimeError, match="two weights"):
+        torch.ops.llamalab.block_swiglu(x, [gate.qs], [gate.d], [gate.m] if gate.m is not None else [], args[3])
+
+
 def test_block_linears_reject_mismatched_weights():
     a = BlockQuantLinear.from_float(torch.randn(8, 64), "q4_1")
     b = BlockQuantLinear.from_float(torch.randn(8, 96), "q4_1")
@@ -101,11 +119,39 @@ def test_block_linears_reject_mismatched_weights():
         torch.ops.llamalab.block_linears(x, [a.qs], [a.d], [], KINDS.index("q4_1"))
 
 
-def test_block_linears_fake_matches_the_kernel():
-    layers = [BlockQuantLinear.from_float(torch.randn(n, 64), "q8_0") for n in (16, 8)]
-    torch.library.opcheck(torch.ops.llamalab.block_linears.default,
+@pytest.mark.parametrize("op", ["block_linears", "block_swiglu"])
+def test_the_fakes_match_the_kernels(op):
+    layers = [BlockQuantLinear.from_float(torch.randn(16, 64), "q8_0") for _ in range(2)]
+    torch.library.opcheck(getattr(torch.ops.llamalab, op).default,
                           (torch.randn(2, 3, 64), [m.qs for m in layers], [m.d for m in layers], [], 0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decode_attention_takes_the_projections_as_they_come():
+    """q, k, v as (B, 1, heads·D) give what their (B, heads, 1, D) views give, and write the same cache."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, KV, D, S = 2, 6, 2, 16, 9
+    q, k, v = (torch.randn(B, 1, n * D, generator=gen) for n in (H, KV, KV))
+    cos, sin = torch.randn(1, 1, 1, D, generator=gen), torch.randn(1, 1, 1, D, generator=gen)
+    caches = [tuple(torch.randn(B + 1, KV, S, D, generator=torch.Generator().manual_seed(4)) for _ in range(2))
+              for _ in range(2)]
+    heads = [t.view(B, t.shape[-1] // D, 1, D) for t in (q, k, v)]
+    flat = kernels.OPS.decode_attention(q, k, v, cos, sin, *caches[0], 1, 5)
+    four = kernels.OPS.decode_attention(*heads, cos, sin, *caches[1], 1, 5)
+    assert torch.equal(flat, four)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+    rows, slots = torch.tensor([2, 0]), torch.tensor([3, 7])
+    assert torch.equal(kernels.OPS.decode_attention_rows(q, k, v, cos, sin, *caches[0], rows, slots),
+                       kernels.OPS.decode_attention_rows(*heads, cos, sin, *caches[1], rows, slots))
+    # the pure-PyTorch fallback and the fake take both layouts too
+    ref = [tuple(c.clone() for c in caches[1]) for _ in range(2)]
+    assert torch.equal(decode_attention_reference(q, k, v, cos, sin, *ref[0], 1, 5),
+                       decode_attention_reference(*heads, cos, sin, *ref[1], 1, 5))
+    assert all(torch.equal(a, b) for a, b in zip(*ref))
+    torch.library.opcheck(torch.ops.llamalab.decode_attention.default, (q, k, v, cos, sin, *ref[0], 1, 5),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="heads·D"):
+        kernels.OPS.decode_attention(q[:, :, :-1], k, v, cos, sin, *caches[0], 1, 5)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -129,6 +175,7 @@ def test_logits_equal_the_separate_calls_bit_for_bit(monkeypatch):
     with torch.inference_mode():
         joint = model(_ids())
     monkeypatch.setattr(kernels.OPS, "block_linears", None)  # any joint call would now fail
+    monkeypatch.setattr(kernels.OPS, "block_swiglu", None)
     monkeypatch.setattr(shared_input._Plan, "check", lambda plan, modules: False)  # each module called
     with torch.inference_mode():
         separate = model(_ids())

@@ -68,14 +68,17 @@ DIRECT_MODULE = "_llamalab_direct"
 # words of a compiler's or linker's message that put a failed build on direct.cpp (then the kernels are built alone)
 _DIRECT_BUILD_WORDS = ("direct.cpp", "torch_python", "Python.h", "pybind11")
 # the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
-EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "block_linears", "q4_k_linear", "q6_k_linear",
-             "dense_linear", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "decode_attention_rows")
+EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "block_linears", "block_swiglu", "q4_k_linear",
+             "q6_k_linear", "dense_linear", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+             "decode_attention_rows")
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
 # [x · W_iᵀ] for block weights of one kind (KINDS index) that read the same x (q|k|v, gate|up): each output is
 # the one <kind>_linear gives, bit for bit; below GEMM_ROWS rows the activation is quantized once for all
 _LINEARS_SCHEMA = "block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor[]"
+# silu_mul(*block_linears(x, [gate, up], ...)) in one call: the input of SwiGLU's down_proj
+_SWIGLU_SCHEMA = "block_swiglu(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor"
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
 _DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
 # From this many activation rows on, the weight is dequantized (C++, vectorised) and multiplied by a GEMM
@@ -193,6 +196,12 @@ def _define_python_fallback(reason: str) -> None:
         return [torch.nn.functional.linear(x, dequantize(KINDS[kind], *w, dtype=x.dtype)) for w in zip(qs, d, ms)]
 
     lib.impl("block_linears", linears_impl, "CompositeExplicitAutograd")
+    lib.define(_SWIGLU_SCHEMA)
+
+    def swiglu_impl(x, qs, d, m, kind):
+        return torch.ops.llamalab.silu_mul(*torch.ops.llamalab.block_linears(x, qs, d, m, kind))
+
+    lib.impl("block_swiglu", swiglu_impl, "CompositeExplicitAutograd")
     lib.define(_DEQUANTIZE_SCHEMA)
 
     def dequantize_impl(qs, d, m, kind, bf16):
@@ -223,6 +232,11 @@ def _register_fakes() -> None:
         return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in qs]
 
     torch.library.register_fake("llamalab::block_linears", linears_fake)
+
+    def swiglu_fake(x, qs, d, m, kind):
+        return x.new_empty((*x.shape[:-1], qs[0].shape[0]))
+
+    torch.library.register_fake("llamalab::block_swiglu", swiglu_fake)
 
     def dequantize_fake(qs, d, m, kind, bf16):
         return d.new_empty((qs.shape[0], d.shape[1] * 32), dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -465,11 +465,26 @@ void task(const Args& a, int64_t b, int64_t g) {
 
 // Both ops: check the arguments, then one task per (row, kv head). `rows` / `slots` null: the uniform op (rows
 // row0.., slot start); else the (B,) int64 row and slot of each batch row, checked here.
-at::Tensor run(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+at::Tensor run(const char* op, const at::Tensor& q_arg, const at::Tensor& k_arg, const at::Tensor& v_arg,
                const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& cache_k,
                const at::Tensor& cache_v, int64_t row0, int64_t start, const at::Tensor* rows_in,
                const at::Tensor* slots_in) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, op, "q, k, v must be 4-D (B, heads, 1, D)");
+  // q, k, v as the projections return them, (B, 1, heads·D): viewed here as (B, heads, 1, D), the same memory
+  // where they are contiguous (one view each in C++ instead of a Python call each per layer)
+  const bool flat = q_arg.dim() == 3 && k_arg.dim() == 3 && v_arg.dim() == 3;
+  if (flat) {
+    TORCH_CHECK(cache_k.dim() == 4 && cache_k.size(3) > 0, op, "the cache tensors must be (rows, KV, slots, D)");
+    const int64_t Dc = cache_k.size(3);
+    for (const at::Tensor* t : {&q_arg, &k_arg, &v_arg})
+      TORCH_CHECK(t->size(1) == 1 && t->size(2) % Dc == 0, op, "flat q, k, v must be (B, 1, heads·D) with D = ", Dc,
+                  ", got ", t->sizes());
+  }
+  auto heads = [&](const at::Tensor& t) {
+    return flat ? t.reshape({t.size(0), t.size(2) / cache_k.size(3), 1, cache_k.size(3)}) : t;
+  };
+  const at::Tensor q_in = heads(q_arg), k_in = heads(k_arg), v_in = heads(v_arg);
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, op,
+              "q, k, v must be 4-D (B, heads, 1, D) or 3-D (B, 1, heads·D)");
   const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), KV = k_in.size(1);
   TORCH_CHECK(q_in.size(2) == 1 && k_in.size(2) == 1 && v_in.size(2) == 1, op, "one new token per row (T = 1)");
   TORCH_CHECK(k_in.sizes() == v_in.sizes() && k_in.size(0) == B && k_in.size(3) == D, op,

@@ -4,7 +4,8 @@
 step of one attention layer for B rows of one new token each — RoPE, the KV-cache append and grouped-query
 attention in one call (attention.cpp has the kernel):
 
-* q (B, H, 1, D), k / v (B, KV, 1, D): the token's projections, H a multiple of KV;
+* q (B, H, 1, D), k / v (B, KV, 1, D): the token's projections, H a multiple of KV — or each as the
+  projection returns it, (B, 1, heads·D) contiguous (the same memory; D is then the cache's);
 * cos / signed_sin (B or 1, 1, 1, D) float32: the tables of ``llamalab.model.rope.rope_tables``, with which
   rot(x) = x·cos + roll(x, D/2)·signed_sin (float32, rounded to x's dtype);
 * cache_k / cache_v (Bc, KV, S, D): one layer's cache tensors; the call's row b is cache row row0 + b.
@@ -42,10 +43,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return (x32 * cos + x32.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
 
 
+def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor):
+    """q, k, v as (B, heads, 1, D): (B, 1, heads·D) ones viewed so (D from the cache), 4-D ones as they are."""
+    if q.dim() != 3:
+        return q, k, v
+    D = cache_k.shape[-1]
+    return tuple(t.view(t.shape[0], t.shape[-1] // D, 1, D) for t in (q, k, v))
+
+
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                                signed_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, row0: int,
                                start: int) -> torch.Tensor:
     """The op in plain PyTorch: rotate, write into the cache, SDPA over slots 0..start (the fallback)."""
+    q, k, v = _heads(q, k, v, cache_k)
     B, H, _, D = q.shape
     ck, cv = cache_k.narrow(0, row0, B), cache_v.narrow(0, row0, B)
     ck.narrow(2, start, 1).copy_(_rotate(k, cos, signed_sin))
@@ -60,6 +70,7 @@ def decode_attention_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The per-row op in plain PyTorch: rotate, write row b into (rows[b], slots[b]), SDPA over slots
     0..slots[b] of each row (a mask j <= slots[b] over the longest row's slots) (the fallback)."""
+    q, k, v = _heads(q, k, v, cache_k)
     B, H, _, D = q.shape
     cache_k[rows, :, slots] = _rotate(k, cos, signed_sin)[:, :, 0]
     cache_v[rows, :, slots] = v[:, :, 0]
@@ -82,11 +93,11 @@ def register_fakes() -> None:
     """Register the fake (meta) implementations of this module's ops (torch.compile keeps them as calls)."""
 
     def decode_attention_fake(q, k, v, cos, signed_sin, cache_k, cache_v, row0, start):
-        return q.new_empty((q.shape[0], 1, q.shape[1] * q.shape[3]))
+        return q.new_empty((q.shape[0], 1, q[0].numel()))  # (B, 1, H·D) from (B, H, 1, D) or (B, 1, H·D)
 
     torch.library.register_fake("llamalab::decode_attention", decode_attention_fake)
 
     def decode_attention_rows_fake(q, k, v, cos, signed_sin, cache_k, cache_v, rows, slots):
-        return q.new_empty((q.shape[0], 1, q.shape[1] * q.shape[3]))
+        return q.new_empty((q.shape[0], 1, q[0].numel()))
 
     torch.library.register_fake("llamalab::decode_attention_rows", decode_attention_rows_fake)

@@ -23,6 +23,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -889,6 +890,18 @@ std::vector<at::Tensor> block_linears(const at::Tensor& x_in, at::TensorList qs,
   return ys;
 }
 
+// SwiGLU's input to down_proj, silu(x · W_gateᵀ) ⊙ (x · W_upᵀ): block_linears of the two, then llamalab::silu_mul
+// (norm.cpp) on them, the same ops and roundings as the two calls from Python, in one.
+at::Tensor block_swiglu(const at::Tensor& x, at::TensorList qs, at::TensorList d, at::TensorList m,
+                        int64_t kind_index) {
+  TORCH_CHECK(qs.size() == 2, "llamalab block_swiglu: takes two weights (gate, up), got ", qs.size());
+  static const auto silu_mul = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("llamalab::silu_mul", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const std::vector<at::Tensor> gate_up = block_linears(x, qs, d, m, kind_index);
+  return silu_mul.call(gate_up[0], gate_up[1]);
+}
+
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
   return block_linear(Q8_0, x, qs, d, nullptr);
 }
@@ -911,6 +924,7 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor[]");
+  lib.def("block_swiglu(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor");
   lib.def("dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor");
   lib.def("configure(int gemm_rows, bool gemm_bf16) -> int", &configure);
   lib.def("cpu_isa() -> int", &cpu_isa);
@@ -925,5 +939,6 @@ TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("q4_0_linear", &q4_0_linear);
   lib.impl("q4_1_linear", &q4_1_linear);
   lib.impl("block_linears", &block_linears);
+  lib.impl("block_swiglu", &block_swiglu);
   lib.impl("dequantize", &dequantize_op);
 }

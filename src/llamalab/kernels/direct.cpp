@@ -37,6 +37,8 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   static const auto linears =
       handle<std::vector<at::Tensor>(CT, at::TensorList, at::TensorList, at::TensorList, int64_t)>(
           "llamalab::block_linears");
+  static const auto swiglu =
+      handle<at::Tensor(CT, at::TensorList, at::TensorList, at::TensorList, int64_t)>("llamalab::block_swiglu");
   static const auto q4_k = handle<at::Tensor(CT, CT)>("llamalab::q4_k_linear");
   static const auto q6_k = handle<at::Tensor(CT, CT)>("llamalab::q6_k_linear");
   static const auto dense = handle<at::Tensor(CT, CT, const c10::optional<at::Tensor>&)>("llamalab::dense_linear");
@@ -52,6 +54,8 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   m.def("q4_0_linear", [](CT x, CT qs, CT d) { return q4_0.call(x, qs, d); }, nogil);
   m.def("q4_1_linear", [](CT x, CT qs, CT d, CT mn) { return q4_1.call(x, qs, d, mn); }, nogil);
   m.def("block_linears", [](CT x, TV qs, TV d, TV mn, int64_t kind) { return linears.call(x, qs, d, mn, kind); },
+        nogil);
+  m.def("block_swiglu", [](CT x, TV qs, TV d, TV mn, int64_t kind) { return swiglu.call(x, qs, d, mn, kind); },
         nogil);
   m.def("q4_k_linear", [](CT x, CT kq) { return q4_k.call(x, kq); }, nogil);
   m.def("q6_k_linear", [](CT x, CT kq) { return q6_k.call(x, kq); }, nogil);

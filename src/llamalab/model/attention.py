@@ -35,7 +35,7 @@ from torch import nn
 from llamalab import kernels
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
-from llamalab.model.shared_input import project
+from llamalab.model.shared_input import joint_args
 from llamalab.module_call import DirectCall
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
@@ -74,7 +74,19 @@ class GroupedQueryAttention(DirectCall, nn.Module):
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
-        q, k, v = project(self, _QKV, x)  # one kernel call where the three can share it (model/shared_input.py)
+        args = joint_args(self, _QKV, x)  # one kernel call where the three can share it (model/shared_input.py)
+        q, k, v = kernels.OPS.block_linears(x, *args) if args else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if step is not None:
+            kv = kv if kv is not None else cache.layer(self.layer_idx)
+            if T == 1 and (op := _decode_op(step)) and _fused_decode(q, k, v, kv[0], cos):
+                # (q, k, v go in as the projections return them, (B, 1, heads·D): the op views them per head)
+                if op == _SLICE:
+                    out = kernels.OPS.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1], step.rows.start,
+                                                       step.start)
+                else:  # rows of different lengths (or given as indices): each row its own cache row and slot
+                    out = kernels.OPS.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1], step.row_index,
+                                                            step.slots[:, 0])
+                return self.o_proj(out)
         if T == 1:  # (B, 1, H·D) is (B, H, 1, D) in memory: one view (decode: fewer eager calls per layer)
             q = q.view(B, self.n_heads, 1, self.head_dim)
             k = k.view(B, self.n_kv_heads, 1, self.head_dim)
@@ -83,16 +95,6 @@ class GroupedQueryAttention(DirectCall, nn.Module):
             q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if step is not None:
-            kv = kv if kv is not None else cache.layer(self.layer_idx)
-            if T == 1 and (op := _decode_op(step)) and _fused_decode(q, k, v, kv[0], cos):
-                if op == _SLICE:
-                    out = kernels.OPS.decode_attention(q, k, v, cos, signed_sin, kv[0], kv[1], step.rows.start,
-                                                       step.start)
-                else:  # rows of different lengths (or given as indices): each row its own cache row and slot
-                    out = kernels.OPS.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1], step.row_index,
-                                                            step.slots[:, 0])
-                return self.o_proj(out)
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
         if step is not None:

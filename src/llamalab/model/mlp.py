@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
-from llamalab.model.shared_input import project
+from llamalab.model.shared_input import joint_args
 from llamalab.module_call import DirectCall
 
 _GATE_UP = ("gate_proj", "up_proj")
@@ -33,7 +33,10 @@ class SwiGLU(DirectCall, nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self, _GATE_UP, x)  # one kernel call where the two can share it (model/shared_input.py)
+        args = joint_args(self, _GATE_UP, x)  # gate, up and silu_mul in one kernel call (model/shared_input.py)
+        if args:
+            return self.down_proj(kernels.OPS.block_swiglu(x, *args))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         if kernels.fused_for(gate, up):
             return self.down_proj(kernels.OPS.silu_mul(gate, up))  # the same math in one C++ call
         return self.down_proj(F.silu(gate) * up)

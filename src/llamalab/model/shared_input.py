@@ -5,11 +5,13 @@
 A decode step multiplies each layer's normed activation by q_proj, k_proj and v_proj, and the next one by
 gate_proj and up_proj. With GGUF blocks (Q8_0 / Q4_0 / Q4_1, :class:`~llamalab.quantization.blocks.
 BlockQuantLinear`) each product quantizes that activation to int8 blocks and is one op call from Python.
-:func:`project` makes them one call of ``llamalab::block_linears`` (kernels/blocks.cpp) where it can: the
+Where it can (:func:`joint_args`) they are one call of ``llamalab::block_linears`` (kernels/blocks.cpp): the
 activation quantized once, the rows of all the weights split over the threads as one range, and each output
-the one its own layer gives, bit for bit (tested). gpt-fast gets the same by fusing the weights into one
-``wqkv``; here the modules and their weights stay as they are — the names adapters and hooks target, the
-state dict, GGUF and Hugging Face layouts, one quantization kind per tensor — and only the call is joint.
+the one its own layer gives, bit for bit (tested). The MLP's call is ``llamalab::block_swiglu``, which also
+applies ``llamalab::silu_mul`` to the two outputs, so SwiGLU's gate is one call from Python, not three.
+gpt-fast gets the same by fusing the weights into one ``wqkv``; here the modules and their weights stay as
+they are — the names adapters and hooks target, the state dict, GGUF and Hugging Face layouts, one
+quantization kind per tensor — and only the call is joint.
 
 The joint call is taken only when calling each module would run nothing but its own forward and that
 forward would call the block kernel: the fused CPU ops apply (:func:`llamalab.kernels.fused_for`: grad mode
@@ -24,15 +26,13 @@ refresh a block linear's ``_args``) makes a new plan.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from llamalab import kernels
 
-__all__ = ["project"]
+__all__ = ["joint_args"]
 
 
 class _Plan:
@@ -72,16 +72,16 @@ class _Plan:
         return free and not any(self.hooks)
 
 
-def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> Sequence[torch.Tensor]:
-    """The outputs of ``owner``'s linears ``names`` (one constant tuple per caller) on the same input ``x``:
-    one ``llamalab::block_linears`` call where the module docstring's conditions hold, else each module called."""
-    if kernels.fused_for(x):
-        modules = owner._modules
-        plan = owner.__dict__.get("_joint")
-        ok = None if plan is None or plan.names is not names else plan.check(modules)
-        if ok is None:
-            plan = owner.__dict__["_joint"] = _Plan(names, modules)
-            ok = plan.check(modules)
-        if ok:
-            return kernels.OPS.block_linears(x, *plan.args)
-    return [getattr(owner, n)(x) for n in names]
+def joint_args(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple | None:
+    """The arguments after ``x`` of ``llamalab::block_linears`` (or ``block_swiglu``) for ``owner``'s linears
+    ``names`` (one constant tuple per caller) on the input ``x``, where the module docstring's conditions hold;
+    else None (call each module)."""
+    if not kernels.fused_for(x):
+        return None
+    modules = owner._modules
+    plan = owner.__dict__.get("_joint")
+    ok = None if plan is None or plan.names is not names else plan.check(modules)
+    if ok is None:
+        plan = owner.__dict__["_joint"] = _Plan(names, modules)
+        ok = plan.check(modules)
+    return plan.args if ok else None
