@@ -8,7 +8,7 @@ blocks), one token decoded after a short prompt, several ways, alternating withi
 * ``module, nn.Module.__call__``: the same, with every module call through ``nn.Module.__call__`` (its
   hook dispatch) instead of :class:`llamalab.module_call.DirectCall`'s direct call of ``forward``;
 * ``ops alone``: the same ops it calls (rms_norm, block_linears for q|k|v, decode_attention, o_proj's
-  linear, add_rms_norm, block_linears for gate|up, silu_mul, down_proj's linear, the residual add) called
+  linear, add_rms_norm, block_swiglu for gate|up, down_proj's linear, the residual add) called
   back to back from Python with their arguments bound beforehand, as the forward calls them
   (``llamalab.kernels.OPS``: unboxed where direct.cpp is built); its output is checked to equal the module's
   bit for bit;
@@ -72,8 +72,8 @@ def main() -> None:
         h = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
         boxed = torch.ops.llamalab
         boxed_ops = {"rms_norm": boxed.rms_norm.default, "add_rms_norm": boxed.add_rms_norm.default,
-                     "silu_mul": boxed.silu_mul.default, "decode_attention": boxed.decode_attention.default,
-                     "block_linears": boxed.block_linears.default}
+                     "decode_attention": boxed.decode_attention.default,
+                     "block_linears": boxed.block_linears.default, "block_swiglu": boxed.block_swiglu.default}
 
         def joint(*mods: BlockQuantLinear) -> tuple:  # what llamalab::block_linears takes (model/shared_input.py)
             return ([m.qs for m in mods], [m.d for m in mods], [m.m for m in mods if m.m is not None],
@@ -83,7 +83,6 @@ def main() -> None:
         o, d = ((m._eager, m._args) for m in (a.o_proj, mlp.down_proj))
         ob, db = ((m._op, m._args) for m in (a.o_proj, mlp.down_proj))
         w1, w2, eps = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps
-        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
         row0, slot = step.rows.start, step.start
         down_in = torch.randn(1, 1, mlp.down_proj.in_features)
 
@@ -92,11 +91,9 @@ def main() -> None:
 
         def calls(ops, qkv, o, gu, d, w1=w1, w2=w2, kv=kv) -> torch.Tensor:
             x = ops.rms_norm(h, w1, eps)
-            q, k, v = ops.block_linears(x, *qkv)
-            att = ops.decode_attention(q.view(1, H, 1, D), k.view(1, KV, 1, D), v.view(1, KV, 1, D), cos, sin,
-                                       kv[0], kv[1], row0, slot)
+            att = ops.decode_attention(*ops.block_linears(x, *qkv), cos, sin, kv[0], kv[1], row0, slot)
             x2, nx = ops.add_rms_norm(h, o[0](att, *o[1]), w2, eps)
-            return x2 + d[0](ops.silu_mul(*ops.block_linears(nx, *gu)), *d[1])
+            return x2 + d[0](ops.block_swiglu(nx, *gu), *d[1])
 
         boxed_ns = SimpleNamespace(**boxed_ops)
 

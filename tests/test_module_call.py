@@ -138,3 +138,41 @@ def test_generation_with_a_hook_after_a_save_and_load_equals_without(tmp_path):
     handle.remove()
     assert hooked == plain
     assert len(calls) == 1 + 8  # the prefill, then every decode step
+
+
+def test_replaced_submodules_and_parametrized_weights_are_the_ones_called():
+    """The eager forward looks submodules and the norm's gain up in _modules / _parameters (not through
+    nn.Module.__getattr__): a module swapped in with setattr and a parametrized gain must still be what runs."""
+    from torch.nn.utils import parametrize
+
+    model = _model()
+    with torch.inference_mode():
+        plain = model(_ids())
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    mlp = model.layers[0].mlp
+    model.layers[0].mlp = Zero()
+    with torch.inference_mode():
+        swapped = model(_ids())
+    assert not torch.equal(swapped, plain)
+    model.layers[0].mlp = mlp
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()), plain)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    norm = model.layers[1].input_layernorm
+    parametrize.register_parametrization(norm, "weight", Double())
+    with torch.inference_mode():
+        doubled = model(_ids())
+    parametrize.remove_parametrizations(norm, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        norm.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()), doubled)  # the parametrization's 2 * gain, as a plain gain of 2
+    assert not torch.equal(doubled, plain)

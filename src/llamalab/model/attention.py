@@ -86,7 +86,7 @@ class GroupedQueryAttention(DirectCall, nn.Module):
                 else:  # rows of different lengths (or given as indices): each row its own cache row and slot
                     out = kernels.OPS.decode_attention_rows(q, k, v, cos, signed_sin, kv[0], kv[1], step.row_index,
                                                             step.slots[:, 0])
-                return self.o_proj(out)
+                return self._modules["o_proj"](out)  # (self.o_proj without nn.Module.__getattr__, see Block)
         if T == 1:  # (B, 1, H·D) is (B, H, 1, D) in memory: one view (decode: fewer eager calls per layer)
             q = q.view(B, self.n_heads, 1, self.head_dim)
             k = k.view(B, self.n_kv_heads, 1, self.head_dim)

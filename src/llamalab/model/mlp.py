@@ -35,7 +35,7 @@ class SwiGLU(DirectCall, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = joint_args(self, _GATE_UP, x)  # gate, up and silu_mul in one kernel call (model/shared_input.py)
         if args:
-            return self.down_proj(kernels.OPS.block_swiglu(x, *args))
+            return self._modules["down_proj"](kernels.OPS.block_swiglu(x, *args))  # (self.down_proj, see Block)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if kernels.fused_for(gate, up):
             return self.down_proj(kernels.OPS.silu_mul(gate, up))  # the same math in one C++ call

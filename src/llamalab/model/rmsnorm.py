@@ -33,7 +33,8 @@ class RMSNorm(DirectCall, nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        # (self.weight from _parameters directly — unless a subclass, e.g. a parametrization, makes it a property)
+        w = self._parameters["weight"] if type(self) is RMSNorm else self.weight
         if kernels.fused_for(x, w):  # one C++ call, the same math as below
             return kernels.OPS.rms_norm(x, w, self.eps)
         # F.rms_norm computes x * rsqrt(mean(x²) + eps) [* g] in float32 in one call (fewer eager ops than
