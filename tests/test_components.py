@@ -282,3 +282,23 @@ def test_meta_model_reports_size_without_allocating():
     with torch.device("meta"):
         m1 = Llama(tied)
     assert m1.num_parameters() == tied.num_parameters() == 1_235_814_400  # Llama 3.2 1B, tied embeddings
+
+
+def test_a_uniform_decode_plan_is_the_general_plan():
+    """KVCache.plan's short path for one token per row of equal lengths plans what the general path plans."""
+    from llamalab.model.kv_cache import KVCache
+
+    fast, general = (KVCache(2, 4, 2, 16, 8) for _ in range(2))
+    for cache in (fast, general):
+        cache.commit(cache.plan(slice(0, 3), 3, 5))  # three rows of five tokens, row 3 empty
+    for _ in range(3):
+        a = fast.plan(slice(0, 3), 3, 1)
+        b = general.plan(torch.tensor([0, 1, 2]), 3, 1)  # rows as indices: the general path
+        assert (a.start, a.kv_len, a.mask, a.lengths_only) == (b.start, b.kv_len, b.mask, b.lengths_only)
+        for name in ("slots", "position_ids", "row_index"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(fast.valid, general.valid)
+        fast.commit(a)
+        general.commit(b)
+        assert torch.equal(fast.lengths, general.lengths)
+        assert a.slots.data_ptr() != fast.lengths.data_ptr()  # the step keeps its slots when lengths move on

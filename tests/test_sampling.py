@@ -162,3 +162,24 @@ def test_sparse_logit_bias_equals_the_dense_matrix():
     assert torch.equal(logits, torch.randn(3, 50, generator=torch.Generator().manual_seed(3)) * 5)  # not in place
     with pytest.raises(LlamalabError, match="outside the vocabulary"):
         add_logit_bias(logits[:, :40], params)
+
+
+def test_argmax_equals_torch_argmax_with_ties_infs_and_nans():
+    from llamalab.generation.sampling import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(49152, generator=gen), torch.randn(3, 1000, generator=gen),
+             torch.randn(2, 1, 77, generator=gen),
+             torch.tensor([[1.0, 5.0, 5.0, 2.0], [nan, 1.0, nan, 9.0], [-inf, -inf, -inf, -inf],
+                           [inf, 0.0, inf, 1.0], [0.0, -0.0, 0.0, -1.0]]),
+             torch.randn(4, 50, generator=gen).t(),  # not contiguous
+             torch.randint(0, 3, (6, 40), generator=gen).float()]  # many ties
+    for x in cases:
+        got = argmax(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1)), x.shape
+    for other in (torch.randn(3, 9, dtype=torch.float64, generator=gen), torch.randn(2, 9).to(torch.bfloat16)):
+        assert torch.equal(argmax(other), other.argmax(dim=-1))
+    with torch.inference_mode():
+        x = torch.randn(2, 300)
+        assert torch.equal(argmax(x), x.argmax(dim=-1))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamalab.errors import LlamalabError
+from llamalab.generation.sampling import argmax
 
 if TYPE_CHECKING:  # annotations only (no import at run time)
     from llamalab.generation.sequence import SequenceState
@@ -72,7 +73,7 @@ def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, seqs: Se
         t_run.cache.reset()
         d_run.cache.reset()
         proposed = accepted = steps = 0
-        last = int(t_run.prefill(0, s.prompt_ids, prefill_chunk).argmax())
+        last = int(argmax(t_run.prefill(0, s.prompt_ids, prefill_chunk)))
         d_run.prefill(0, s.prompt_ids, prefill_chunk)
         piece, finished = s.accept(last)
         if piece:
@@ -83,10 +84,10 @@ def speculative_events(target: torch.nn.Module, draft: torch.nn.Module, seqs: Se
             guesses: list[int] = []
             tok = last
             for _ in range(max(room, 0)):
-                tok = int(d_run.decode([0], [tok])[0].argmax())
+                tok = int(argmax(d_run.decode([0], [tok])[0]))
                 guesses.append(tok)
             logits = t_run.prefill(0, [last] + guesses, all_logits=True)  # (n+1, V)
-            preds = logits.argmax(-1).tolist()
+            preds = argmax(logits).tolist()
             steps += 1
             n = 0
             while n < len(guesses) and guesses[n] == preds[n]:

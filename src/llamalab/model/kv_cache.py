@@ -151,9 +151,18 @@ class KVCache:
         lengths = self.lengths[rows]
         if lengths.shape[0] != B:
             raise ValueError(f"batch of {B} rows but the cache selection has {lengths.shape[0]} rows")
-        lo, hi = int(lengths.min()), int(lengths.max())
+        filled = lengths.tolist()  # (one call, where min() and max() would be two reductions and two reads)
+        lo, hi = min(filled), max(filled)
         if hi + T > self.max_seq_len:
             raise ValueError(f"KV cache full: {hi} + {T} tokens exceed its {self.max_seq_len} slots")
+        if T == 1 and lo == hi and attention_mask is None and position_ids is None and not self.has_padding \
+                and isinstance(rows, slice):
+            # a decode step of rows of one length (generate, chat): what the general path below computes for
+            # it, in three tensor calls instead of about twelve
+            slots = lengths[:, None].clone()
+            self.valid[rows, lo] = True
+            return CacheStep(rows=rows, start=lo, slots=slots, kv_len=hi + 1, mask=None, position_ids=slots,
+                             row_index=self._all_rows[rows], whole=rows == self._every_row, lengths_only=True)
         arange = torch.arange(T, device=device)
         slots = lengths[:, None] + arange[None]
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
@@ -216,6 +225,8 @@ class KVCache:
         """Advance the lengths of the rows a step wrote (of ``rows`` only, for a :meth:`plan_decode` step)."""
         if step.every_row:
             self.lengths[rows] += 1
+        elif isinstance(step.rows, slice):  # a view of the rows' lengths, advanced in place (one call fewer)
+            self.lengths[step.rows].add_(step.slots.shape[1])
         else:
             self.lengths[step.rows] += step.slots.shape[1]
 
