@@ -302,3 +302,24 @@ def test_a_uniform_decode_plan_is_the_general_plan():
         general.commit(b)
         assert torch.equal(fast.lengths, general.lengths)
         assert a.slots.data_ptr() != fast.lengths.data_ptr()  # the step keeps its slots when lengths move on
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                                     {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_tables_of_single_positions_are_what_the_call_computes(scaling):
+    """RotaryEmbedding.tables keeps the tables of single positions (decode): a kept one is bit for bit what
+    the computation gives, in every grad mode, and batches / dynamic NTK are computed as before."""
+    from llamalab.model.rope import rope_tables
+
+    rot = RotaryEmbedding(16, 10000.0, scaling, 64)
+    for ctx in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with ctx():
+            for pos in (0, 3, 63, 3, 200, 0):
+                ids = torch.tensor([[pos]])
+                got, want = rot.tables(ids), rope_tables(*rot(ids))
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), (scaling, pos)
+            ids = torch.tensor([[1, 2, 3]])
+            assert all(torch.equal(a, b) for a, b in zip(rot.tables(ids), rope_tables(*rot(ids))))
+    assert (len(rot.__dict__.get("_decode_tables", {})) == 0) == (scaling is not None
+                                                                   and scaling["rope_type"] == "dynamic")

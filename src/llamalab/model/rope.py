@@ -175,6 +175,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotate(x, *rope_tables(cos, sin))
 
 
+_DECODE_TABLES = 16384  # single positions' tables kept by RotaryEmbedding.tables (~0.5 KB each at head_dim 64)
+
+
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin (float32) for given position ids from the config's RoPE settings.
 
@@ -214,5 +217,21 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> :func:`rope_tables` of their cos/sin: what each attention layer rotates by."""
+        """position_ids (B, T) -> :func:`rope_tables` of their cos/sin: what each attention layer rotates by.
+
+        A single CPU position (a batch-1 decode step) is looked up in a table of the ones already made — each
+        made by this same call on that (1, 1) position, so bit for bit what it would compute again, in one
+        dict look-up instead of ~11 tensor ops a token (not under torch.compile, nor for dynamic NTK, whose
+        angles depend on the longest position of the call)."""
+        if (position_ids.shape == (1, 1) and position_ids.is_cpu and self.rope_type != "dynamic"
+                and not torch.compiler.is_dynamo_compiling()):
+            key = int(position_ids)
+            made = self.__dict__.setdefault("_decode_tables", {})
+            hit = made.get(key)
+            if hit is None:
+                if len(made) >= _DECODE_TABLES:
+                    made.clear()
+                with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
+                    hit = made[key] = rope_tables(*self(position_ids.clone()))
+            return hit
         return rope_tables(*self(position_ids))
