@@ -17,8 +17,9 @@ blocks), one token decoded after a short prompt, several ways, alternating withi
 
 Then the same over every layer in turn, as a decode step meets them (each weight read once per pass, not
 from cache): ``all layers, module`` (each layer's forward), ``all layers, ops`` (its ops called alone) and
-``all layers, linears`` (its seven linears), µs per layer, with the linears' read speed in GB/s; and the
-output head once per pass.
+``all layers, linears`` (its seven linears in the forward's four calls), ``all layers, 7 calls`` (the same
+products, one call per module: what the joint calls of model/shared_input.py save), µs per layer, with the
+linears' read speed in GB/s; and the output head once per pass.
 
 The difference module - ops alone is the eager forward's fixed cost per layer (times n_layers per step).
 Printed: µs per call (median over rounds of the mean of ``--calls`` calls), one thread by default.
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 DISPATCHED = "module, nn.Module.__call__"
+SEPARATE = "all layers, 7 calls"
 
 
 def main() -> None:
@@ -146,8 +148,17 @@ def main() -> None:
                 kernels.OPS.block_linears(h, *gu_i)
                 dop(down_in, *dargs)
 
+        sep_all = [tuple((m._eager, m._args) for m in (ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj,
+                                                      ly.self_attn.o_proj, ly.mlp.gate_proj, ly.mlp.up_proj,
+                                                      ly.mlp.down_proj)) for ly in layers]
+
+        def all_linears_each() -> None:  # the same seven products, one op call per module (no joint calls)
+            for ops_args in sep_all:
+                for i, (op, op_args) in enumerate(ops_args):
+                    op(down_in if i == 6 else h, *op_args)
+
         streamed = {"all layers, module": all_modules, "all layers, ops": all_ops, "all layers, linears": all_linears,
-                    "head": lambda: head(h)}
+                    SEPARATE: all_linears_each, "head": lambda: head(h)}
         stimes: dict[str, list[float]] = {name: [] for name in streamed}
         passes = max(1, args.calls // 20)
         for _ in range(args.rounds):
@@ -176,8 +187,11 @@ def main() -> None:
     print(f"every layer in turn (weights streamed), median of {args.rounds} rounds x {passes} passes:")
     for name, us in smed.items():
         gbs = (head_bytes if name == "head" else layer_bytes) / us / 1e3
-        extra_gbs = f"  ({gbs:.1f} GB/s of weights)" if name in ("all layers, linears", "head") else ""
+        extra_gbs = f"  ({gbs:.1f} GB/s of weights)" if name in ("all layers, linears", SEPARATE, "head") else ""
         print(f"  {name:20s} {us:8.1f} us{' per layer' if name != 'head' else ''}{extra_gbs}")
+    joint_saves = smed[SEPARATE] - smed["all layers, linears"]
+    print(f"  q|k|v and gate|up as two joint calls save {joint_saves:.1f} us per layer against seven calls "
+          f"({smed[SEPARATE] / smed['all layers, linears']:.3f}x)")
 
 
 if __name__ == "__main__":
