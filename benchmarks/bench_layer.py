@@ -148,14 +148,15 @@ def main() -> None:
                 kernels.OPS.block_linears(h, *gu_i)
                 dop(down_in, *dargs)
 
-        sep_all = [tuple((m._eager, m._args) for m in (ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj,
-                                                      ly.self_attn.o_proj, ly.mlp.gate_proj, ly.mlp.up_proj,
-                                                      ly.mlp.down_proj)) for ly in layers]
+        # the same seven products, one op call per module (no joint calls): (op, its args, its input)
+        sep_all = [[(m._eager, m._args, down_in if m is ly.mlp.down_proj else h)
+                    for m in (ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj, ly.self_attn.o_proj,
+                              ly.mlp.gate_proj, ly.mlp.up_proj, ly.mlp.down_proj)] for ly in layers]
 
-        def all_linears_each() -> None:  # the same seven products, one op call per module (no joint calls)
-            for ops_args in sep_all:
-                for i, (op, op_args) in enumerate(ops_args):
-                    op(down_in if i == 6 else h, *op_args)
+        def all_linears_each() -> None:
+            for calls_i in sep_all:
+                for op, op_args, x in calls_i:
+                    op(x, *op_args)
 
         streamed = {"all layers, module": all_modules, "all layers, ops": all_ops, "all layers, linears": all_linears,
                     SEPARATE: all_linears_each, "head": lambda: head(h)}
