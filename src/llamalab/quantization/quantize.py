@@ -118,6 +118,7 @@ import torch
 from torch import nn
 
 from llamalab.errors import ConfigError, WeightsError
+from llamalab.kernels.hugepages import repack_if_in_huge_pages
 from llamalab.quantization.blocks import BlockQuantLinear
 from llamalab.quantization.linear import QuantizedLinear
 
@@ -509,6 +510,7 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int = DEF
     if kinds:
         record["kinds"] = sorted(kinds)
     model.config.quantization = record
+    repack_if_in_huge_pages(model)
     return model
 
 
@@ -523,6 +525,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     model.config.quantization = None
     if model.config.tie_word_embeddings:
         model.tie_weights()
+    repack_if_in_huge_pages(model)
     return model
 
 
