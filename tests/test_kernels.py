@@ -292,8 +292,8 @@ def test_isa_forced_by_env(native):
 
 
 # A weight (and its scales) whose last byte is the last byte of a readable page, the next page unmapped for
-# reading: the kernels' loads must stay inside the arrays, while their software prefetches (on Intel, up to
-# 4 KB past the current step) run past the end, which must not fault.
+# reading: the kernels' loads must stay inside the arrays, while their software prefetches (up to 4 KB past
+# the current step; forced on and off here, whatever this CPU's default) run past the end, which must not fault.
 _GUARD_CHILD = r"""
 import ctypes, mmap
 import torch
@@ -328,8 +328,10 @@ for kind in ("q8_0", "q4_0", "q4_1"):
             want = block_linear_reference(kind, x, qs, d, m)
             for isa in kernels.available_isas():
                 kernels.set_isa(isa)
-                got = kernels.block_linear(kind, x, gq, gd, gm)
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+                for prefetch in (True, False):
+                    kernels.set_block_prefetch(prefetch)
+                    got = kernels.block_linear(kind, x, gq, gd, gm)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 print("guard ok", kernels.available_isas())
 """
 
@@ -339,6 +341,33 @@ def test_weights_ending_at_an_unreadable_page(native):
     res = subprocess.run([sys.executable, "-c", _GUARD_CHILD], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
     assert "guard ok" in res.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_prefetch_changes_no_bit(native, kind):
+    """The software prefetch of the streamed weight (on by CPU: Intel, AMD from Zen 5) forced on and off:
+    the same bits on every ISA, batch 1 (the prefetching kernel) and 3, odd block and row counts."""
+    gen = torch.Generator().manual_seed(11)
+    default = kernels.set_block_prefetch(None)
+    try:
+        for n, k in [(13, 544), (9, 160), (4, 4096), (70, 1056)]:
+            qs, d, mins = random_blocks(kind, n, k, gen)
+            for rows in (1, 3):
+                x = torch.randn(rows, k, generator=gen)
+                for isa in kernels.available_isas():
+                    kernels.set_isa(isa)
+                    assert kernels.set_block_prefetch(True) == default
+                    on = kernels.block_linear(kind, x, qs, d, mins)
+                    assert kernels.set_block_prefetch(False) is True
+                    off = kernels.block_linear(kind, x, qs, d, mins)
+                    assert kernels.set_block_prefetch(None) is False
+                    assert torch.equal(on, off), (kind, isa, n, k, rows)
+    finally:
+        kernels.set_block_prefetch(None)
+        kernels.set_isa(None)
+    assert kernels.set_block_prefetch(None) == default
+    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
+        torch.ops.llamalab.set_block_prefetch(2)
 
 
 # ----------------------------------------------------------------------------------- dense float linears

@@ -406,6 +406,15 @@ def set_min_chunk(nbytes: int) -> int:
     return int(torch.ops.llamalab.set_min_chunk(int(nbytes)))
 
 
+def set_block_prefetch(on: bool | None) -> bool:
+    """Force the block kernels' software prefetch of the streamed weight on (True) or off (False), or back
+    to the CPU's choice (None: on for Intel and for AMD from Zen 5, off elsewhere). Returns whether it was on.
+    For measurements: the results are bit-identical either way."""
+    if not load():
+        raise RuntimeError("llamalab kernels: the C++ kernels are not available")
+    return bool(torch.ops.llamalab.set_block_prefetch(-1 if on is None else int(bool(on))))
+
+
 def gemm_bf16() -> bool:
     """Whether batched products run in bfloat16: only where the CPU has bf16 dot products (AVX512-BF16, AMX)."""
     if "bf16" not in _state:

@@ -34,6 +34,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define LL_X86 1
 #else
@@ -99,26 +100,47 @@ int64_t set_isa(int64_t isa) {
 }
 
 // Software prefetch of the streamed weight at batch 1 (rows_avx512 / the 256-bit rows), chosen from the CPU:
-// on Intel each 64-byte weight step also prefetches the bytes PF_L1 ahead into L1 (T0) and PF_L2 ahead into
-// L2 (T1), and the scales as far ahead as the weight (T0). On an Intel Xeon (AVX-512 VNNI, AMX) this read a
-// streamed weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone (docs/kernels.md
-// has the figures); on AMD Zen 4 software prefetches were found to get in the hardware prefetchers' way, so
-// other CPUs keep the plain loads. Non-temporal prefetches (NTA, so the weight does not evict L2) and
+// each 64-byte weight step also prefetches the bytes PF_L1 ahead into L1 (T0) and PF_L2 ahead into L2 (T1),
+// and the scales as far ahead as the weight (T0). On an Intel Xeon (AVX-512 VNNI, AMX) this read a streamed
+// weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone, and on an AMD EPYC of
+// family 26 (Zen 5) 2.7x faster (SmolLM2 Q4_1 decode 66 -> 185 tok/s; docs/kernels.md has the figures); on
+// AMD Zen 4 (family 25) software prefetches were found to get in the hardware prefetchers' way, so there and
+// on other CPUs the plain loads stay. Non-temporal prefetches (NTA, so the weight does not evict L2) and
 // CLDEMOTE behind the reads were tried too: both made the kernels slower than they saved elsewhere. The
 // prefetched addresses run past the end of a row into the next rows (a tile's rows are contiguous) and at
 // most PF_L2 bytes past the weight's end: a prefetch never faults, so that is harmless.
 constexpr int64_t PF_L1 = 1024, PF_L2 = 4096;
+int64_t g_prefetch = -1;  // -1: chosen from the CPU; set_block_prefetch forces 0 (off) or 1 (on)
+
+#if LL_X86
+int x86_family() {  // the CPU's display family (base + extended), 0 where cpuid cannot tell
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const int base = (a >> 8) & 0xf;
+  return base == 0xf ? base + ((a >> 20) & 0xff) : base;
+}
+#endif
 
 bool prefetch_weights() {
+  if (g_prefetch >= 0) return g_prefetch != 0;
 #if LL_X86
-  static const bool on = [] {
+  static const bool by_cpu = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
+    return __builtin_cpu_is("intel") != 0 || (__builtin_cpu_is("amd") != 0 && x86_family() >= 26);
   }();
-  return on;
+  return by_cpu;
 #else
   return false;
 #endif
+}
+
+// set_block_prefetch(mode): -1 by CPU (the default), 0 off, 1 on; returns whether it was on. For measuring:
+// results are bit-identical either way.
+int64_t set_block_prefetch(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "llamalab set_block_prefetch: mode must be -1, 0 or 1, got ", mode);
+  const bool old = prefetch_weights();
+  g_prefetch = mode;
+  return old;
 }
 
 inline float half_to_float(uint16_t h) {
@@ -338,9 +360,10 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // Memory order: a weight matrix is read strictly in address order (a tile's rows one after the other, not
 // interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
 // interleaving the 4 rows of a tile left a streamed weight at a third of it. Software prefetches (T0, 0.5 to
-// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while on an Intel Xeon a T0 prefetch 1 KB ahead
-// plus a T1 prefetch 4 KB ahead reads a streamed weight 17-28% faster: they are used on Intel CPUs only
-// (PF, prefetch_weights). Prefetches change no arithmetic: the results are bit-identical either way.
+// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a T0 prefetch 1 KB ahead plus a T1 prefetch
+// 4 KB ahead reads a streamed weight 17-28% faster on an Intel Xeon and 2.7x faster on AMD Zen 5: they are
+// used on Intel and on AMD from family 26 (PF, prefetch_weights). Prefetches change no arithmetic: the
+// results are bit-identical either way.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
 template <Kind KIND>
@@ -930,6 +953,7 @@ TORCH_LIBRARY(llamalab, lib) {
   lib.def("cpu_isa() -> int", &cpu_isa);
   lib.def("set_min_chunk(int bytes) -> int", &set_min_chunk);
   lib.def("set_isa(int isa) -> int", &set_isa);
+  lib.def("set_block_prefetch(int mode) -> int", &set_block_prefetch);
   lib.def("active_isa() -> int", &active_isa);
   lib.def("isa_supported(int isa) -> bool", [](int64_t isa) { return supported(isa); });
 }
