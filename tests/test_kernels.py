@@ -292,8 +292,8 @@ def test_isa_forced_by_env(native):
 
 
 # A weight (and its scales) whose last byte is the last byte of a readable page, the next page unmapped for
-# reading: the kernels' loads must stay inside the arrays, while their software prefetches (up to 4 KB past
-# the current step; forced on and off here, whatever this CPU's default) run past the end, which must not fault.
+# reading: the kernels' loads must stay inside the arrays, while their software prefetches (up to 32 KB past
+# the current step; each mode forced here, whatever this CPU's default) run past the end, which must not fault.
 _GUARD_CHILD = r"""
 import ctypes, mmap
 import torch
@@ -328,7 +328,7 @@ for kind in ("q8_0", "q4_0", "q4_1"):
             want = block_linear_reference(kind, x, qs, d, m)
             for isa in kernels.available_isas():
                 kernels.set_isa(isa)
-                for prefetch in (True, False):
+                for prefetch in kernels.PREFETCH_MODES:
                     kernels.set_block_prefetch(prefetch)
                     got = kernels.block_linear(kind, x, gq, gd, gm)
                     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -345,10 +345,12 @@ def test_weights_ending_at_an_unreadable_page(native):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_prefetch_changes_no_bit(native, kind):
-    """The software prefetch of the streamed weight (on by CPU: Intel, AMD from Zen 5) forced on and off:
-    the same bits on every ISA, batch 1 (the prefetching kernel) and 3, odd block and row counts."""
+    """The software prefetch of the streamed weight (by CPU: near on Intel, far on AMD from Zen 5, else off)
+    forced to each mode: the same bits on every ISA, batch 1 (the prefetching kernel) and 3, odd block and
+    row counts."""
     gen = torch.Generator().manual_seed(11)
     default = kernels.set_block_prefetch(None)
+    assert default in kernels.PREFETCH_MODES
     try:
         for n, k in [(13, 544), (9, 160), (4, 4096), (70, 1056)]:
             qs, d, mins = random_blocks(kind, n, k, gen)
@@ -356,18 +358,21 @@ def test_block_prefetch_changes_no_bit(native, kind):
                 x = torch.randn(rows, k, generator=gen)
                 for isa in kernels.available_isas():
                     kernels.set_isa(isa)
-                    assert kernels.set_block_prefetch(True) == default
-                    on = kernels.block_linear(kind, x, qs, d, mins)
-                    assert kernels.set_block_prefetch(False) is True
-                    off = kernels.block_linear(kind, x, qs, d, mins)
-                    assert kernels.set_block_prefetch(None) is False
-                    assert torch.equal(on, off), (kind, isa, n, k, rows)
+                    got = {}
+                    for mode in kernels.PREFETCH_MODES:
+                        kernels.set_block_prefetch(mode)
+                        got[mode] = kernels.block_linear(kind, x, qs, d, mins)
+                    assert kernels.set_block_prefetch(None) == "far"
+                    for mode in ("off", "near"):
+                        assert torch.equal(got[mode], got["far"]), (kind, isa, n, k, rows, mode)
     finally:
         kernels.set_block_prefetch(None)
         kernels.set_isa(None)
     assert kernels.set_block_prefetch(None) == default
-    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
-        torch.ops.llamalab.set_block_prefetch(2)
+    with pytest.raises(ValueError, match="prefetch mode must be one of off, near, far"):
+        kernels.set_block_prefetch("sideways")
+    with pytest.raises(RuntimeError, match="mode must be -1, 0, 1 or 2"):
+        torch.ops.llamalab.set_block_prefetch(3)
 
 
 # ----------------------------------------------------------------------------------- dense float linears

@@ -406,13 +406,20 @@ def set_min_chunk(nbytes: int) -> int:
     return int(torch.ops.llamalab.set_min_chunk(int(nbytes)))
 
 
-def set_block_prefetch(on: bool | None) -> bool:
-    """Force the block kernels' software prefetch of the streamed weight on (True) or off (False), or back
-    to the CPU's choice (None: on for Intel and for AMD from Zen 5, off elsewhere). Returns whether it was on.
-    For measurements: the results are bit-identical either way."""
+PREFETCH_MODES = ("off", "near", "far")
+
+
+def set_block_prefetch(mode: str | None) -> str:
+    """Force the block kernels' software prefetch of the streamed weight at batch 1: ``"off"``, ``"near"``
+    (1 KB / 4 KB ahead: Intel's default) or ``"far"`` (8 KB / 32 KB: AMD Zen 5's), or ``None`` for the CPU's
+    choice (off on AMD Zen 4 and other CPUs). Returns the mode before. For measurements: the results are
+    bit-identical in every mode."""
+    if mode is not None and mode not in PREFETCH_MODES:
+        raise ValueError(f"prefetch mode must be one of {', '.join(PREFETCH_MODES)} or None, got {mode!r}")
     if not load():
         raise RuntimeError("llamalab kernels: the C++ kernels are not available")
-    return bool(torch.ops.llamalab.set_block_prefetch(-1 if on is None else int(bool(on))))
+    old = torch.ops.llamalab.set_block_prefetch(-1 if mode is None else PREFETCH_MODES.index(mode))
+    return PREFETCH_MODES[int(old)]
 
 
 def gemm_bf16() -> bool:

@@ -100,17 +100,23 @@ int64_t set_isa(int64_t isa) {
 }
 
 // Software prefetch of the streamed weight at batch 1 (rows_avx512 / the 256-bit rows), chosen from the CPU:
-// each 64-byte weight step also prefetches the bytes PF_L1 ahead into L1 (T0) and PF_L2 ahead into L2 (T1),
-// and the scales as far ahead as the weight (T0). On an Intel Xeon (AVX-512 VNNI, AMX) this read a streamed
-// weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone, and on an AMD EPYC of
-// family 26 (Zen 5) 2.7x faster (SmolLM2 Q4_1 decode 66 -> 185 tok/s; docs/kernels.md has the figures); on
-// AMD Zen 4 (family 25) software prefetches were found to get in the hardware prefetchers' way, so there and
-// on other CPUs the plain loads stay. Non-temporal prefetches (NTA, so the weight does not evict L2) and
-// CLDEMOTE behind the reads were tried too: both made the kernels slower than they saved elsewhere. The
-// prefetched addresses run past the end of a row into the next rows (a tile's rows are contiguous) and at
-// most PF_L2 bytes past the weight's end: a prefetch never faults, so that is harmless.
-constexpr int64_t PF_L1 = 1024, PF_L2 = 4096;
-int64_t g_prefetch = -1;  // -1: chosen from the CPU; set_block_prefetch forces 0 (off) or 1 (on)
+// each 64-byte weight step also prefetches the bytes L1 ahead into L1 (T0) and L2 ahead into L2 (T1), and
+// the scales as far ahead as the weight (T0). Near (1 KB / 4 KB): on an Intel Xeon (AVX-512 VNNI, AMX) this
+// read a streamed weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone. Far
+// (8 KB / 32 KB, the AVX-512 kernel; the 256-bit ones take near): on an AMD EPYC of family 26 (Zen 5) near
+// read it 2.5-2.7x faster than no prefetch (SmolLM2 Q4_1 decode 65 -> 173 tok/s) and far another 7-17% (Q8_0
+// 121 -> 142); docs/kernels.md has the figures. On AMD Zen 4 (family 25) software prefetches were found to
+// get in the hardware prefetchers' way, so there and on other CPUs the plain loads stay. Non-temporal
+// prefetches (NTA, so the weight does not evict L2) and CLDEMOTE behind the reads were tried too: both made
+// the kernels slower than they saved elsewhere. The prefetched addresses run past the end of a row into the
+// next rows (a tile's rows are contiguous) and at most L2 bytes past the weight's end: a prefetch never
+// faults, so that is harmless.
+enum Prefetch : int64_t { PF_OFF = 0, PF_NEAR = 1, PF_FAR = 2 };
+template <int PF>
+struct PfDist {
+  static constexpr int64_t L1 = PF == PF_FAR ? 8192 : 1024, L2 = PF == PF_FAR ? 32768 : 4096;
+};
+int64_t g_prefetch = -1;  // -1: chosen from the CPU; set_block_prefetch forces one
 
 #if LL_X86
 int x86_family() {  // the CPU's display family (base + extended), 0 where cpuid cannot tell
@@ -121,24 +127,26 @@ int x86_family() {  // the CPU's display family (base + extended), 0 where cpuid
 }
 #endif
 
-bool prefetch_weights() {
-  if (g_prefetch >= 0) return g_prefetch != 0;
+int64_t prefetch_mode() {
+  if (g_prefetch >= 0) return g_prefetch;
 #if LL_X86
-  static const bool by_cpu = [] {
+  static const int64_t by_cpu = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0 || (__builtin_cpu_is("amd") != 0 && x86_family() >= 26);
+    if (__builtin_cpu_is("intel")) return PF_NEAR;
+    return __builtin_cpu_is("amd") && x86_family() >= 26 ? PF_FAR : PF_OFF;
   }();
   return by_cpu;
 #else
-  return false;
+  return PF_OFF;
 #endif
 }
+bool prefetch_weights() { return prefetch_mode() != PF_OFF; }  // the 256-bit kernels: near, or none
 
-// set_block_prefetch(mode): -1 by CPU (the default), 0 off, 1 on; returns whether it was on. For measuring:
-// results are bit-identical either way.
+// set_block_prefetch(mode): -1 by CPU (the default), 0 off, 1 near, 2 far; returns the mode before. For
+// measuring: results are bit-identical in every mode.
 int64_t set_block_prefetch(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "llamalab set_block_prefetch: mode must be -1, 0 or 1, got ", mode);
-  const bool old = prefetch_weights();
+  TORCH_CHECK(mode >= -1 && mode <= 2, "llamalab set_block_prefetch: mode must be -1, 0, 1 or 2, got ", mode);
+  const int64_t old = prefetch_mode();
   g_prefetch = mode;
   return old;
 }
@@ -244,9 +252,10 @@ float dot_scalar(Kind kind, const uint8_t* w, const uint16_t* dw, const uint16_t
 #define LL_AVXVNNI_ATTR __attribute__((target("avx2,fma,f16c,avxvnni")))
 
 // the prefetches of one weight step at p (see prefetch_weights)
+template <int PF = PF_NEAR>
 inline void prefetch_step(const char* p) {
-  _mm_prefetch(p + PF_L1, _MM_HINT_T0);
-  _mm_prefetch(p + PF_L2, _MM_HINT_T1);
+  _mm_prefetch(p + PfDist<PF>::L1, _MM_HINT_T0);
+  _mm_prefetch(p + PfDist<PF>::L2, _MM_HINT_T1);
 }
 
 template <bool VNNI>
@@ -360,10 +369,9 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // Memory order: a weight matrix is read strictly in address order (a tile's rows one after the other, not
 // interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
 // interleaving the 4 rows of a tile left a streamed weight at a third of it. Software prefetches (T0, 0.5 to
-// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a T0 prefetch 1 KB ahead plus a T1 prefetch
-// 4 KB ahead reads a streamed weight 17-28% faster on an Intel Xeon and 2.7x faster on AMD Zen 5: they are
-// used on Intel and on AMD from family 26 (PF, prefetch_weights). Prefetches change no arithmetic: the
-// results are bit-identical either way.
+// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a T0 + T1 prefetch per step reads a streamed
+// weight 17-28% faster on an Intel Xeon (1 KB / 4 KB ahead) and ~3x faster on AMD Zen 5 (8 KB / 32 KB):
+// PF, from prefetch_mode. Prefetches change no arithmetic: the results are bit-identical in every mode.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
 template <Kind KIND>
@@ -410,7 +418,7 @@ LL_AVX512_ATTR inline __m128 hsum512x4(__m512 a, __m512 b, __m512 c, __m512 d) {
 //   s = dw·dx (16 blocks),   corr += (dw or mw) · xs (16 blocks),
 // then each 64-byte step of the group does   acc += float(Σ u·qx per lane) · s[block of the lane]
 // (one permute picks the step's scales); at the end y = Σ acc + OFF · Σ corr, R rows reduced together.
-template <Kind KIND, int R, bool PF>
+template <Kind KIND, int R, int PF>
 LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t nb,
                                 QRow x, float* out) {
   using S = K512<KIND>;
@@ -426,8 +434,8 @@ LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
       const __mmask16 gm = (__mmask16)_bzhi_u32(0xffffu, (unsigned)std::min<int64_t>(16, nb - b0));
       if (PF) {  // the scales as far ahead as the weight: 2 bytes per block against its BB
-        _mm_prefetch((const char*)(dr + b0) + PF_L1 * 2 / S::BB, _MM_HINT_T0);
-        if (KIND == Q4_1) _mm_prefetch((const char*)(mr + b0) + PF_L1 * 2 / S::BB, _MM_HINT_T0);
+        _mm_prefetch((const char*)(dr + b0) + PfDist<PF>::L1 * 2 / S::BB, _MM_HINT_T0);
+        if (KIND == Q4_1) _mm_prefetch((const char*)(mr + b0) + PfDist<PF>::L1 * 2 / S::BB, _MM_HINT_T0);
       }
       const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, dr + b0));
       const __m512 sc = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(gm, x.d + b0));
@@ -440,7 +448,7 @@ LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw
         if (b >= nb) break;
         // bytes of this step inside the row: all 64, or the rest of a row whose block count is not a multiple
         const __mmask64 mask = _bzhi_u64(~0ULL, (unsigned)std::min<int64_t>(64, (nb - b) * S::BB));
-        if (PF) prefetch_step((const char*)(wr + b * S::BB));
+        if (PF) prefetch_step<PF>((const char*)(wr + b * S::BB));
         const __m512i p = S::dot(S::unpack(_mm512_maskz_loadu_epi8(mask, wr + b * S::BB)), x.q + b * QK);
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, sc), a);
         idx = _mm512_add_epi32(idx, next);
@@ -512,7 +520,7 @@ LL_AVX512_ATTR void cols_avx512(const uint8_t* w, const uint16_t* dw, const uint
 
 // Output rows [t0·4, t1·4) of y (M, N) on AVX-512: batch 1 four weight rows at a time (PF: with software
 // prefetches), batches one weight row at a time for up to 6 activation rows.
-template <Kind KIND, bool PF>
+template <Kind KIND, int PF>
 LL_AVX512_ATTR void tiles_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw, const uint16_t* mw, int64_t N,
                                  int64_t nb, int64_t M, const QRow* xr, float* y, int64_t t0, int64_t t1) {
   constexpr int R = 4;
@@ -776,21 +784,22 @@ void check_weights(Kind kind, const at::Tensor& qs, const at::Tensor& d, const a
 
 // Output rows [t0·4, t1·4) of one product, for the M activation rows quantized in xr.
 void product_tiles(int64_t isa, Kind kind, const Product& p, int64_t row_bytes, int64_t nb, int64_t M,
-                   const QRow* xr, int group, bool pf, int64_t t0, int64_t t1) {
+                   const QRow* xr, int group, int64_t pf, int64_t t0, int64_t t1) {
   constexpr int R = 4;  // weight rows per step
   const int64_t N = p.N;
 #if LL_X86
   if (isa == AVX512VNNI) {
     auto run = [&](auto tag) {
-      constexpr bool P = decltype(tag)::value;
+      constexpr int P = decltype(tag)::value;
       switch (kind) {
         case Q8_0: return tiles_avx512<Q8_0, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
         case Q4_0: return tiles_avx512<Q4_0, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
         case Q4_1: return tiles_avx512<Q4_1, P>(p.w, row_bytes, p.dw, p.mw, N, nb, M, xr, p.y, t0, t1);
       }
     };
-    if (pf) run(std::true_type{});
-    else run(std::false_type{});
+    if (pf == PF_FAR) run(std::integral_constant<int, PF_FAR>{});
+    else if (pf == PF_NEAR) run(std::integral_constant<int, PF_NEAR>{});
+    else run(std::integral_constant<int, PF_OFF>{});
     return;
   }
 #endif
@@ -848,7 +857,7 @@ void run_products(Kind kind, const float* x, int64_t M, int64_t K, const Product
   // Q4_1 decode, docs/kernels.md): every layer split 35 tok/s and 1 MB ~70 on an AMD EPYC; on an Intel
   // Xeon 1 MB 49.8, 256 KB 60.6, 128 KB 63.2, 64 KB 62.7.
   const int64_t grain = std::max<int64_t>(1, g_min_chunk / std::max<int64_t>(1, R * row_bytes * M));
-  const bool pf = prefetch_weights();
+  const int64_t pf = prefetch_mode();
   at::parallel_for(0, first[n], grain, [&](int64_t a, int64_t b) {
     for (int i = 0; i < n; ++i) {
       const int64_t t0 = std::max(a, first[i]), t1 = std::min(b, first[i + 1]);
