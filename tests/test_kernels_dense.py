@@ -9,6 +9,11 @@ float32 sums may differ.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -96,3 +101,83 @@ def test_16bit_activations_are_the_float32_product_rounded(dense_rows_lifted, xd
                     got = kernels.dense_linear(x[:m], w)
                     assert got.dtype == xdtype
                     assert torch.equal(got, kernels.dense_linear(x[:m].float(), w).to(xdtype)), f"{wdtype} {isa}"
+
+
+# --------------------------------------------------------------- float32 batches through oneDNN (non-Intel x86)
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                       and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+                                  reason="this torch has no oneDNN linear op")
+
+
+def _ops_run(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_batches_take_onednn_where_chosen_and_equal_f_linear(native, monkeypatch, bias):
+    from llamalab.kernels import dense
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(583, 130, bias=bias)
+    lin.__class__ = dense.DenseLinear
+    rows = kernels.DENSE_ROWS[torch.float32] + 5
+    x = torch.randn(2, rows, 583)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    for chosen in (True, False):
+        monkeypatch.setattr(dense, "BATCH_F32_ONEDNN", chosen)
+        with torch.no_grad():
+            got = lin(x)
+            names = _ops_run(lambda: lin(x))
+        assert got.shape == want.shape
+        assert _err(got, x, lin.weight, lin.bias) < 2e-6
+        assert ("mkldnn::_linear_pointwise" in names) is chosen, names
+    # gradients wanted, or few rows, or another dtype: never oneDNN
+    monkeypatch.setattr(dense, "BATCH_F32_ONEDNN", True)
+    xg = x.clone().requires_grad_()
+    assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: lin(xg).sum().backward())
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: lin(x[:, :1]))
+        lin16 = torch.nn.Linear(583, 130, bias=bias).bfloat16()
+        lin16.__class__ = dense.DenseLinear
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: lin16(x.bfloat16()))
+
+
+@needs_onednn
+def test_onednn_choice_follows_the_cpu_and_the_env_in_a_fresh_process():
+    code = "from llamalab.kernels import dense; print(dense.BATCH_F32_ONEDNN)"
+    env_runs = {}
+    for value in ("0", "1", None):
+        env = {k: v for k, v in os.environ.items() if k != "LLAMALAB_ONEDNN_F32"}
+        if value is not None:
+            env["LLAMALAB_ONEDNN_F32"] = value
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        env_runs[value] = out.stdout.strip()
+    assert env_runs["0"] == "False" and env_runs["1"] == "True"
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert env_runs[None] == str(x86 and not intel)
+
+
+@needs_onednn
+def test_a_loaded_model_prefills_the_same_with_and_without_onednn(native, monkeypatch):
+    import llamalab
+    from llamalab.kernels import dense
+
+    model, _ = llamalab.load("gqa-125m", dtype="float32")
+    ids = torch.randint(0, model.config.vocab_size, (1, kernels.DENSE_ROWS[torch.float32] + 40))
+    got = {}
+    for chosen in (False, True):
+        monkeypatch.setattr(dense, "BATCH_F32_ONEDNN", chosen)
+        with torch.inference_mode():
+            got[chosen] = model(ids)
+    scale = got[False].abs().max()
+    assert (got[True] - got[False]).abs().max() <= 1e-5 * scale
+    assert torch.equal(got[True][0, -1].argmax(), got[False][0, -1].argmax())

@@ -9,6 +9,10 @@ accumulation) for up to :data:`llamalab.kernels.DENSE_ROWS` rows.
 state-dict keys, hooks, LoRA wrapping, optimizers, save/load. Its forward takes the kernel only for
 inference — CPU tensors, no gradient wanted, the input's dtype the weight's, no autocast, few rows, the
 C++ kernels built — and is ``F.linear`` otherwise, so training a swapped model is training the plain one.
+Float32 inference batches above those rows (a prefill) go to oneDNN's GEMM instead of ``F.linear`` on
+x86 CPUs that are not Intel (:data:`BATCH_F32_ONEDNN`): torch's BLAS there, MKL, takes a slower path off
+Intel CPUs (one thread, AMD EPYC Zen 5, 128x576 @ 576x1536: 100 GFLOPS through ``F.linear``, 221 through
+oneDNN). Both are float32 GEMMs (the sums in another order: within ~1e-6 of each other, relative).
 :func:`use_dense_kernels` swaps a model's ``nn.Linear`` layers in place (by class, so tied weights stay
 tied); ``llamalab.load`` calls it for CPU models unless ``LLAMALAB_KERNELS=0``.
 """
@@ -26,6 +30,32 @@ from llamalab.module_call import DirectCall
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _onednn_f32_default() -> bool:
+    """oneDNN for batched float32 products: ``LLAMALAB_ONEDNN_F32=1`` / ``0`` forces it; else on x86 CPUs
+    whose vendor is not Intel (MKL's slow path), where torch has oneDNN's linear op."""
+    import os
+    import platform
+
+    forced = os.environ.get("LLAMALAB_ONEDNN_F32")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if forced in ("0", "1"):
+        return forced == "1"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" not in line
+    except OSError:
+        pass
+    return False
+
+
+BATCH_F32_ONEDNN: bool = _onednn_f32_default()
+
+
 class DenseLinear(DirectCall, nn.Linear):
     """``nn.Linear`` whose inference forward on CPU runs ``llamalab::dense_linear`` at few activation rows."""
 
@@ -34,11 +64,13 @@ class DenseLinear(DirectCall, nn.Linear):
         if (x.is_cpu and w.is_cpu and x.dtype == w.dtype and w.dtype in _FLOATS
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (self.bias is not None and self.bias.requires_grad)))
-                and not torch.is_autocast_enabled("cpu")
-                and x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features and _native()):
-            if is_dynamo_compiling():
-                return torch.ops.llamalab.dense_linear(x, w, self.bias)
-            return kernels.OPS.dense_linear(x, w, self.bias)
+                and not torch.is_autocast_enabled("cpu") and _native()):
+            if x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features:
+                if is_dynamo_compiling():
+                    return torch.ops.llamalab.dense_linear(x, w, self.bias)
+                return kernels.OPS.dense_linear(x, w, self.bias)
+            if BATCH_F32_ONEDNN and w.dtype == torch.float32 and not is_dynamo_compiling():
+                return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [None], "")
         return F.linear(x, w, self.bias)
 
 
