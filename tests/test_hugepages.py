@@ -78,15 +78,25 @@ def test_weights_move_bit_for_bit_into_huge_pages_and_the_model_is_the_same(tiny
 
 
 @needs_thp
-def test_save_and_load_of_a_model_in_huge_pages(tmp_path, tiny_model):
+def test_save_and_load_of_a_model_in_huge_pages(tmp_path, monkeypatch):
     import llamalab
+    from llamalab import Llama, LlamaConfig
 
-    tiny_model.save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, n_layers=2, n_heads=4,
+                         n_kv_heads=2, max_position_embeddings=64)
+    Llama(config).save_pretrained(tmp_path / "m")
     loaded, _ = llamalab.load(tmp_path / "m")
     assert getattr(loaded, "_llamalab_huge_pages", False)
+    w = loaded.layers[1].mlp.down_proj.weight  # 256 x 512 float32: 512 KB, moved
+    assert int(_mapping_of(w.data_ptr())["AnonHugePages"].split()[0]) > 0
+    monkeypatch.setenv("LLAMALAB_HUGEPAGES", "0")
+    plain, _ = llamalab.load(tmp_path / "m")  # the same load, its weights left where they were read
+    monkeypatch.undo()
+    assert not getattr(plain, "_llamalab_huge_pages", False)
     x = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
-        assert torch.equal(loaded(x), tiny_model(x))
+        assert torch.equal(loaded(x), plain(x))
     loaded.save_pretrained(tmp_path / "again")
     again, _ = llamalab.load(tmp_path / "again")
     for (k, v), (k2, v2) in zip(loaded.state_dict().items(), again.state_dict().items()):
