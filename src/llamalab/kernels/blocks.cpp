@@ -105,7 +105,9 @@ int64_t set_isa(int64_t isa) {
 // read a streamed weight 17-28% faster (256-bit paths 21-73%) than the hardware prefetchers alone. Far
 // (8 KB / 32 KB, the AVX-512 kernel; the 256-bit ones take near): on an AMD EPYC of family 26 (Zen 5) near
 // read it 2.5-2.7x faster than no prefetch (SmolLM2 Q4_1 decode 65 -> 173 tok/s) and far another 7-17% (Q8_0
-// 121 -> 142); docs/kernels.md has the figures. On AMD Zen 4 (family 25) software prefetches were found to
+// 121 -> 142). For Q4_0 / Q4_1, far is one non-temporal prefetch (NTA) 8 KB ahead instead, which keeps the
+// streamed weight out of L2 and L3: 6-12% faster again there, while for Q8_0 it was 1-5% slower;
+// docs/kernels.md has the figures. On AMD Zen 4 (family 25) software prefetches were found to
 // get in the hardware prefetchers' way, so there and on other CPUs the plain loads stay. Non-temporal
 // prefetches (NTA, so the weight does not evict L2) and CLDEMOTE behind the reads were tried too: both made
 // the kernels slower than they saved elsewhere. The prefetched addresses run past the end of a row into the
@@ -448,7 +450,11 @@ LL_AVX512_ATTR void rows_avx512(const uint8_t* w, int64_t rb, const uint16_t* dw
         if (b >= nb) break;
         // bytes of this step inside the row: all 64, or the rest of a row whose block count is not a multiple
         const __mmask64 mask = _bzhi_u64(~0ULL, (unsigned)std::min<int64_t>(64, (nb - b) * S::BB));
-        if (PF) prefetch_step<PF>((const char*)(wr + b * S::BB));
+        if (PF == PF_FAR && KIND != Q8_0) {  // far, Q4: one non-temporal prefetch (see PfDist)
+          _mm_prefetch((const char*)(wr + b * S::BB) + PfDist<PF>::L1, _MM_HINT_NTA);
+        } else if (PF) {
+          prefetch_step<PF>((const char*)(wr + b * S::BB));
+        }
         const __m512i p = S::dot(S::unpack(_mm512_maskz_loadu_epi8(mask, wr + b * S::BB)), x.q + b * QK);
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, sc), a);
         idx = _mm512_add_epi32(idx, next);
