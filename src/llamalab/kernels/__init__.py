@@ -411,7 +411,8 @@ PREFETCH_MODES = ("off", "near", "far")
 
 def set_block_prefetch(mode: str | None) -> str:
     """Force the block kernels' software prefetch of the streamed weight at batch 1: ``"off"``, ``"near"``
-    (1 KB / 4 KB ahead: Intel's default) or ``"far"`` (8 KB / 32 KB: AMD Zen 5's), or ``None`` for the CPU's
+    (1 KB / 4 KB ahead: Intel's default) or ``"far"`` (AMD Zen 5's: 8 KB / 32 KB for Q8_0, one non-temporal
+    prefetch 8 KB ahead for Q4), or ``None`` for the CPU's
     choice (off on AMD Zen 4 and other CPUs). Returns the mode before. For measurements: the results are
     bit-identical in every mode."""
     if mode is not None and mode not in PREFETCH_MODES:

@@ -108,12 +108,13 @@ int64_t set_isa(int64_t isa) {
 // 121 -> 142). For Q4_0 / Q4_1, far is one non-temporal prefetch (NTA) 8 KB ahead instead, which keeps the
 // streamed weight out of L2 and L3: 6-12% faster again there, while for Q8_0 it was 1-5% slower;
 // docs/kernels.md has the figures. On AMD Zen 4 (family 25) software prefetches were found to
-// get in the hardware prefetchers' way, so there and on other CPUs the plain loads stay. Non-temporal
-// prefetches (NTA, so the weight does not evict L2) and CLDEMOTE behind the reads were tried too: both made
-// the kernels slower than they saved elsewhere. The prefetched addresses run past the end of a row into the
-// next rows (a tile's rows are contiguous) and at most L2 bytes past the weight's end: a prefetch never
-// faults, so that is harmless.
+// get in the hardware prefetchers' way, so there and on other CPUs the plain loads stay. On the Intel Xeon,
+// non-temporal prefetches (NTA, so the weight does not evict L2) and CLDEMOTE behind the reads were tried
+// too: both made the kernels slower than they saved elsewhere. The prefetched addresses run past the end of
+// a row into the next rows (a tile's rows are contiguous) and at most L2 bytes past the weight's end: a
+// prefetch never faults, so that is harmless.
 enum Prefetch : int64_t { PF_OFF = 0, PF_NEAR = 1, PF_FAR = 2 };
+// how far ahead each mode prefetches; far for Q4 is one NTA prefetch L1 ahead (rows_avx512)
 template <int PF>
 struct PfDist {
   static constexpr int64_t L1 = PF == PF_FAR ? 8192 : 1024, L2 = PF == PF_FAR ? 32768 : 4096;
@@ -371,9 +372,9 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // Memory order: a weight matrix is read strictly in address order (a tile's rows one after the other, not
 // interleaved step by step), which the hardware prefetchers follow at close to the memory bandwidth;
 // interleaving the 4 rows of a tile left a streamed weight at a third of it. Software prefetches (T0, 0.5 to
-// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a T0 + T1 prefetch per step reads a streamed
-// weight 17-28% faster on an Intel Xeon (1 KB / 4 KB ahead) and ~3x faster on AMD Zen 5 (8 KB / 32 KB):
-// PF, from prefetch_mode. Prefetches change no arithmetic: the results are bit-identical in every mode.
+// 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a prefetch per step reads a streamed weight
+// 17-28% faster on an Intel Xeon (T0 1 KB + T1 4 KB ahead) and ~3x faster on AMD Zen 5 (Q8_0: T0 8 KB + T1
+// 32 KB; Q4: NTA 8 KB): PF, from prefetch_mode. Prefetches change no arithmetic: the results are bit-identical in every mode.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
 template <Kind KIND>

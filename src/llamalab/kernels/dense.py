@@ -19,6 +19,9 @@ tied); ``llamalab.load`` calls it for CPU models unless ``LLAMALAB_KERNELS=0``.
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,9 +36,6 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 def _onednn_f32_default() -> bool:
     """oneDNN for batched float32 products: ``LLAMALAB_ONEDNN_F32=1`` / ``0`` forces it; else on x86 CPUs
     whose vendor is not Intel (MKL's slow path), where torch has oneDNN's linear op."""
-    import os
-    import platform
-
     forced = os.environ.get("LLAMALAB_ONEDNN_F32")
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False

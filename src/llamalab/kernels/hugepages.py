@@ -54,16 +54,16 @@ def huge_page_buffer(nbytes: int) -> tuple[mmap.mmap, int]:
     return buf, offset
 
 
-def _weight_tensors(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+def _weight_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's CPU parameters and buffers, each once (a tied weight is one tensor)."""
     seen: set[int] = set()
     found = []
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is None or id(t) in seen or t.device.type != "cpu" or t.is_sparse or t.is_quantized:
-                    continue
-                seen.add(id(t))
-                found.append((module, name, t))
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is None or id(t) in seen or t.device.type != "cpu" or t.is_sparse or t.is_quantized:
+                continue
+            seen.add(id(t))
+            found.append(t)
     return found
 
 
@@ -78,7 +78,7 @@ def use_huge_pages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
         return 0
     model._llamalab_huge_pages = True  # a later quantization repacks it (repack_if_in_huge_pages)
     by_storage: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
-    for _module, _name, t in _weight_tensors(model):
+    for t in _weight_tensors(model):
         storage = t.untyped_storage()
         if storage.nbytes() < min_bytes:
             continue
