@@ -478,6 +478,21 @@ def _tiny_llama(seed=0, tied=True):
     return Llama(cfg)
 
 
+def _count_dense_products(monkeypatch) -> list[str]:
+    """One entry per weight the eager forward multiplies on the dense kernel: through dense_linear (one weight)
+    or the joint dense_linears (q|k|v) / dense_swiglu (gate|up) of model/shared_input.py."""
+    calls: list[str] = []
+    for name in ("dense_linear", "dense_linears", "dense_swiglu"):
+        real = getattr(kernels.OPS, name)  # (what the eager forward calls: the op unboxed, or torch.ops)
+
+        def counting(x, w, *rest, _real=real, _name=name):
+            calls.extend([_name] * (len(w) if isinstance(w, (list, tuple)) else 1))
+            return _real(x, w, *rest)
+
+        monkeypatch.setattr(kernels.OPS, name, counting)
+    return calls
+
+
 def test_dense_swap_keeps_parameters_and_takes_the_kernel(native, monkeypatch):
     from llamalab.kernels.dense import DenseLinear, use_dense_kernels, use_torch_linears
 
@@ -489,9 +504,7 @@ def test_dense_swap_keeps_parameters_and_takes_the_kernel(native, monkeypatch):
     assert use_dense_kernels(model) == 2 * 7 + 1  # q k v o gate up down per block, and the head
     assert list(model.state_dict()) == keys and model.lm_head.weight is model.embed_tokens.weight
     assert isinstance(model.lm_head, torch.nn.Linear) and type(model.lm_head) is DenseLinear
-    calls = []
-    real = kernels.OPS.dense_linear  # (what the eager forward calls: the op unboxed, or torch.ops)
-    monkeypatch.setattr(kernels.OPS, "dense_linear", lambda *a: calls.append(1) or real(*a))
+    calls = _count_dense_products(monkeypatch)
     with torch.inference_mode():
         got = model(ids)
     assert len(calls) == 15
@@ -530,9 +543,7 @@ def test_load_swaps_and_matches_transformers(native, tmp_path, monkeypatch):
     model, _ = llamalab.load(tmp_path)
     assert sum(type(m) is DenseLinear for m in model.modules()) == 15
     ids = torch.randint(0, 97, (1, kernels.DENSE_ROWS[torch.float32]))
-    calls = []
-    real = kernels.OPS.dense_linear  # (what the eager forward calls: the op unboxed, or torch.ops)
-    monkeypatch.setattr(kernels.OPS, "dense_linear", lambda *a: calls.append(1) or real(*a))
+    calls = _count_dense_products(monkeypatch)
     with torch.inference_mode():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
     assert len(calls) == 15

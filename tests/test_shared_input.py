@@ -269,3 +269,147 @@ def test_joint_calls_after_a_save_and_a_load(tmp_path, monkeypatch):
     tokens = _greedy(loaded)
     assert joint.by_width.get(3) and joint.by_width.get(2)
     assert tokens == _greedy(model)
+
+
+# ---------------------------------------------------------------------------------------- dense (float) weights
+class _DenseJointCalls:
+    """Counts the joint dense calls (dense_linears for q|k|v, dense_swiglu for gate|up) by their op's name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_op: dict[str, int] = {}
+        for name in ("dense_linears", "dense_swiglu"):
+            real = getattr(kernels.OPS, name)
+
+            def counting(x, ws, _real=real, _name=name):
+                self.by_op[_name] = self.by_op.get(_name, 0) + 1
+                return _real(x, ws)
+
+            monkeypatch.setattr(kernels.OPS, name, counting)
+
+
+def _dense_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> Llama:
+    from llamalab.kernels.dense import use_dense_kernels
+
+    model = _model(None, seed).to(dtype)
+    assert use_dense_kernels(model) == 2 * 7 + 1
+    return model
+
+
+@pytest.mark.parametrize("isa", _available_isas())
+def test_dense_linears_equal_each_weight_alone(isa):
+    """Random weights of odd widths and row counts, every weight dtype, 1..DENSE_ROWS+1 activation rows (the
+    last one past the kernel: a GEMM per weight), both call paths, every ISA here: each output is dense_linear's
+    bit for bit, and dense_swiglu is silu_mul of the two."""
+    old = kernels.set_isa(isa)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for K in (7, 64, 200):
+                ws = [torch.randn(n, K, generator=gen).to(dtype) for n in (63, 5, 63)]
+                for rows in range(1, kernels.DENSE_ROWS[dtype] + 2, 2 if dtype == torch.float16 else 1):
+                    for xdtype in {dtype, torch.float32}:
+                        x = torch.randn(rows, 1, K, generator=gen).to(xdtype)
+                        alone = [kernels.OPS.dense_linear(x, w) for w in ws]
+                        for ys in (kernels.OPS.dense_linears(x, ws), torch.ops.llamalab.dense_linears(x, ws)):
+                            assert len(ys) == 3
+                            for y, want in zip(ys, alone):
+                                assert y.dtype == want.dtype == xdtype and y.shape == want.shape
+                                assert torch.equal(y, want), (dtype, K, rows, xdtype)
+                        want = kernels.OPS.silu_mul(alone[0], alone[2])
+                        for got in (kernels.OPS.dense_swiglu(x, ws[::2]), torch.ops.llamalab.dense_swiglu(x, ws[::2])):
+                            assert torch.equal(got, want), (dtype, K, rows)
+    finally:
+        kernels.set_isa(old)
+
+
+def test_dense_joint_ops_check_their_weights():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="every weight must be 2-D"):
+        kernels.OPS.dense_linears(x, [torch.randn(8, 64), torch.randn(8, 32)])
+    with pytest.raises(RuntimeError, match="every weight must be 2-D"):
+        kernels.OPS.dense_linears(x, [torch.randn(8, 64), torch.randn(8, 64, dtype=torch.bfloat16)])
+    with pytest.raises(RuntimeError, match="two weights"):
+        kernels.OPS.dense_swiglu(x, [torch.randn(8, 64)])
+    with pytest.raises(RuntimeError, match="at least one weight"):
+        kernels.OPS.dense_linears(x, [])
+
+
+@pytest.mark.parametrize("op", ["dense_linears", "dense_swiglu"])
+def test_the_dense_fakes_match_the_kernels(op):
+    ws = [torch.randn(16, 64), torch.randn(16, 64)]
+    torch.library.opcheck(getattr(torch.ops.llamalab, op).default, (torch.randn(2, 1, 64), ws),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_decode_takes_the_joint_calls_bit_for_bit(monkeypatch, dtype):
+    """A float model on the dense kernel decodes through one q|k|v and one gate|up call a layer, with the
+    logits and tokens of each module's own call; a prefill (more rows than the kernel takes) calls each module."""
+    model = _dense_model(dtype)
+    joint = _DenseJointCalls(monkeypatch)
+    tokens = _greedy(model)
+    n = model.config.n_layers * 8  # 8 decode steps (the 6-token prefill is past DENSE_ROWS rows)
+    assert joint.by_op == {"dense_linears": n, "dense_swiglu": n}
+    with torch.inference_mode():
+        joint_logits = model(_ids()[:, :1])
+    monkeypatch.setattr(kernels.OPS, "dense_linears", None)  # any joint call would now fail
+    monkeypatch.setattr(kernels.OPS, "dense_swiglu", None)
+    monkeypatch.setattr(shared_input._Plan, "check", lambda plan, modules: False)  # each module called
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()[:, :1]), joint_logits)
+    assert _greedy(model) == tokens
+
+
+def test_float_joint_calls_step_aside_for_hooks_adapters_and_grad(monkeypatch):
+    model = _dense_model()
+    joint = _DenseJointCalls(monkeypatch)
+    one = _ids()[:, :1]
+    with torch.inference_mode():
+        base = model(one)
+    assert joint.by_op == {"dense_linears": 2, "dense_swiglu": 2}
+    seen: list[tuple[int, ...]] = []
+    handle = model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    joint.by_op.clear()
+    with torch.inference_mode():
+        assert torch.equal(model(one), base)
+    assert seen == [(1, 1, model.config.intermediate_size)] and joint.by_op == {"dense_linears": 2, "dense_swiglu": 1}
+    handle.remove()
+    apply_lora(model, LoraConfig(r=4, target_modules=("v_proj",)))
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            nn.init.normal_(mod.lora_B.weight)
+    joint.by_op.clear()
+    with torch.inference_mode():
+        adapted = model(one)
+    assert joint.by_op == {"dense_swiglu": 2} and not torch.equal(adapted, base)
+    joint.by_op.clear()
+    model(one)  # grad mode: each module through nn.Module.__call__
+    assert joint.by_op == {}
+
+
+def test_float_joint_calls_follow_new_weights():
+    a, b = _dense_model(seed=0), _dense_model(seed=1)
+    one = _ids()[:, :1]
+    with torch.inference_mode():
+        a(one)  # a's plans are made
+        want = b(one)
+        a.load_state_dict(b.state_dict())  # copied in place: the same Parameters, new values
+        assert torch.equal(a(one), want)
+        for layer_a, layer_b in zip(a.layers, b.layers):  # new Parameters: new plans
+            doubled = layer_b.self_attn.v_proj.weight * 2
+            layer_a.self_attn.v_proj.weight = nn.Parameter(doubled.clone())
+            layer_b.self_attn.v_proj.weight = nn.Parameter(doubled.clone())
+        got = a(one)
+        assert torch.equal(got, b(one)) and not torch.equal(got, want)
+
+
+def test_float_joint_calls_after_a_save_and_a_load(tmp_path, monkeypatch):
+    """llamalab.load of a saved float32 model: its decode takes the joint dense calls, with the tokens of the
+    model it was saved from."""
+    model = _model(None)
+    model.save_pretrained(tmp_path / "m")
+    loaded, _ = llamalab.load(tmp_path / "m")
+    joint = _DenseJointCalls(monkeypatch)
+    tokens = _greedy(loaded)
+    assert joint.by_op.get("dense_linears") and joint.by_op.get("dense_swiglu")
+    assert tokens == _greedy(model)

@@ -69,8 +69,8 @@ DIRECT_MODULE = "_llamalab_direct"
 _DIRECT_BUILD_WORDS = ("direct.cpp", "torch_python", "Python.h", "pybind11")
 # the ops the eager forward calls, by name: :data:`OPS` holds a callable for each
 EAGER_OPS = ("q8_0_linear", "q4_0_linear", "q4_1_linear", "block_linears", "block_swiglu", "q4_k_linear",
-             "q6_k_linear", "dense_linear", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
-             "decode_attention_rows")
+             "q6_k_linear", "dense_linear", "dense_linears", "dense_swiglu", "rms_norm", "add_rms_norm", "silu_mul",
+             "decode_attention", "decode_attention_rows")
 _SCHEMAS = {"q8_0": "q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_0": "q4_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor",
             "q4_1": "q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor"}
@@ -81,6 +81,9 @@ _LINEARS_SCHEMA = "block_linears(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, 
 _SWIGLU_SCHEMA = "block_swiglu(Tensor x, Tensor[] qs, Tensor[] d, Tensor[] m, int kind) -> Tensor"
 _DEQUANTIZE_SCHEMA = "dequantize(Tensor qs, Tensor d, Tensor? m, int kind, bool bf16) -> Tensor"
 _DENSE_SCHEMA = "dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"
+# [dense_linear(x, w) for w in ws] in one call (q|k|v), and silu_mul of the two of gate|up (SwiGLU's down input)
+_DENSE_LINEARS_SCHEMA = "dense_linears(Tensor x, Tensor[] ws) -> Tensor[]"
+_DENSE_SWIGLU_SCHEMA = "dense_swiglu(Tensor x, Tensor[] ws) -> Tensor"
 # From this many activation rows on, the weight is dequantized (C++, vectorised) and multiplied by a GEMM
 # instead of the integer kernel, whose cost grows linearly in the rows (docs/kernels.md has the figures).
 # Never below 17: a decode batch of up to 16 rows (the server's default --max-batch) stays on the integer
@@ -215,6 +218,14 @@ def _define_python_fallback(reason: str) -> None:
         return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
 
     lib.impl("dense_linear", dense_impl, "CompositeExplicitAutograd")
+    lib.define(_DENSE_LINEARS_SCHEMA)
+    lib.impl("dense_linears", lambda x, ws: [dense_impl(x, w) for w in ws], "CompositeExplicitAutograd")
+    lib.define(_DENSE_SWIGLU_SCHEMA)
+
+    def dense_swiglu_impl(x, ws):
+        return torch.ops.llamalab.silu_mul(*torch.ops.llamalab.dense_linears(x, ws))
+
+    lib.impl("dense_swiglu", dense_swiglu_impl, "CompositeExplicitAutograd")
     for name in OP_MODULES:
         importlib.import_module(f"llamalab.kernels.{name}").define_fallback(lib)
     _python_lib = lib
@@ -247,6 +258,9 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     torch.library.register_fake("llamalab::dense_linear", dense_fake)
+    torch.library.register_fake("llamalab::dense_linears",
+                                lambda x, ws: [x.new_empty((*x.shape[:-1], w.shape[0])) for w in ws])
+    torch.library.register_fake("llamalab::dense_swiglu", lambda x, ws: x.new_empty((*x.shape[:-1], ws[0].shape[0])))
     for name in OP_MODULES:
         importlib.import_module(f"llamalab.kernels.{name}").register_fakes()
 

@@ -16,6 +16,7 @@
 // GEMM, which reuses each loaded activation over several weight rows, is faster.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <c10/util/BFloat16.h>
@@ -336,39 +337,67 @@ void rows_any(int64_t isa, const void* w, int64_t K, const float* x, int64_t M, 
   rows_scalar<T>(w, K, x, M, n0, n1, N, bias, y);
 }
 
-// y = x · Wᵀ (+ bias) for x (..., K) of any float dtype; y has x's leading shape and dtype.
-at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(w.dim() == 2, "llamalab dense_linear: w must be 2-D (N, K), got ", w.dim(), "-D");
-  const at::ScalarType wt = w.scalar_type();
+// [x · W_iᵀ (+ bias)] for x (..., K) of any float dtype and weights W_i (N_i, K) of one dtype (a bias only with
+// one weight); each y_i has x's leading shape and dtype. The activation is widened (and, for bf16 weights on
+// AVX-512, regrouped) once for all the weights, and the rows of all of them are one range split over the
+// threads; each output row is computed exactly as a call for its own weight alone computes it (the same row
+// kernel, the same sums), so joint and separate calls give the same bits.
+std::vector<at::Tensor> dense_products(const char* op, const at::Tensor& x_in, at::TensorList ws,
+                                       const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(!ws.empty(), "llamalab ", op, ": needs at least one weight");
+  const at::Tensor& w0 = ws[0];
+  TORCH_CHECK(w0.dim() == 2, "llamalab ", op, ": w must be 2-D (N, K), got ", w0.dim(), "-D");
+  const at::ScalarType wt = w0.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf,
-              "llamalab dense_linear: w must be float32, bfloat16 or float16, got ", wt);
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "llamalab dense_linear: x must be a float tensor");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.size(1), "llamalab dense_linear: x's last dimension (",
-              x_in.dim() ? x_in.size(-1) : 0, ") must be w's K = ", w.size(1));
-  const int64_t N = w.size(0), K = w.size(1);
+              "llamalab ", op, ": w must be float32, bfloat16 or float16, got ", wt);
+  const int64_t K = w0.size(1);
+  bool dense_ok = x_in.device().is_cpu();
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == wt, "llamalab ", op,
+                ": every weight must be 2-D (N, ", K, ") of dtype ", wt);
+    dense_ok = dense_ok && w.is_contiguous() && w.device().is_cpu();
+  }
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "llamalab ", op, ": x must be a float tensor");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "llamalab ", op, ": x's last dimension (",
+              x_in.dim() ? x_in.size(-1) : 0, ") must be w's K = ", K);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   if (has_bias) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "llamalab dense_linear: bias must be (N,) = (", N,
-                ",)");
+    TORCH_CHECK(ws.size() == 1, "llamalab ", op, ": a bias only with one weight");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == w0.size(0), "llamalab ", op, ": bias must be (N,) = (",
+                w0.size(0), ",)");
   }
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x_in.dim(); ++i) M *= x_in.size(i);
   const WType wk = wt == at::kFloat ? F32 : (wt == at::kBFloat16 ? BF16 : F16);
-  if (M > g_dense_rows[wk] || !w.is_contiguous() || !x_in.device().is_cpu() || !w.device().is_cpu()) {
+  const size_t nw = ws.size();
+  std::vector<at::Tensor> ys;
+  ys.reserve(nw);
+  if (M > g_dense_rows[wk] || !dense_ok) {
     // a GEMM amortises the weight over many rows (and handles what the kernel does not)
     const at::Tensor xw = x_in.to(wt);
-    return at::linear(xw, w, has_bias ? c10::optional<at::Tensor>(bias_in->to(wt)) : c10::nullopt)
-        .to(x_in.scalar_type());
+    for (const at::Tensor& w : ws)
+      ys.push_back(at::linear(xw, w, has_bias ? c10::optional<at::Tensor>(bias_in->to(wt)) : c10::nullopt)
+                       .to(x_in.scalar_type()));
+    return ys;
   }
-  c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-  out_sizes.back() = N;
   // A contiguous float32 / bfloat16 / float16 activation (the decode case) is read, and y written, with no
   // extra torch ops: 16-bit activations are widened into a per-thread buffer and the float32 result is
   // rounded (to nearest even, as Tensor.to) into y. Anything else goes through a float32 copy.
   const at::ScalarType xt = x_in.scalar_type();
   const bool direct = x_in.is_contiguous() && (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf);
-  at::Tensor y = at::empty(out_sizes, x_in.options().dtype(direct ? xt : at::kFloat));
-  if (M == 0 || N == 0) return direct ? y : y.to(xt);
+  const at::ScalarType yt = direct ? xt : at::kFloat;
+  int64_t total = 0;  // weight rows of all the weights
+  for (const at::Tensor& w : ws) {
+    c10::SmallVector<int64_t, 4> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+    out_sizes.back() = w.size(0);
+    ys.push_back(at::empty(out_sizes, x_in.options().dtype(yt)));
+    total += w.size(0);
+  }
+  if (M == 0 || total == 0) {
+    if (!direct)
+      for (auto& y : ys) y = y.to(xt);
+    return ys;
+  }
   thread_local std::vector<float> xbuf, ybuf;
   at::Tensor x;
   const float* xp;
@@ -388,22 +417,35 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
     x = x_in.to(at::kFloat).contiguous();
     xp = x.data_ptr<float>();
   }
-  float* yp;
-  if (y.scalar_type() == at::kFloat) {
-    yp = y.data_ptr<float>();
-  } else {
-    ybuf.resize(std::max<size_t>(ybuf.size(), M * N));
-    yp = ybuf.data();
+  // where each weight's float32 result goes: y itself, or (16-bit y) its part of one float32 buffer
+  if (yt != at::kFloat) ybuf.resize(std::max<size_t>(ybuf.size(), M * total));
+  struct Part {
+    const void* w;
+    int64_t N, first;  // rows, and the first of them in the joint range
+    float* y;
+  };
+  c10::SmallVector<Part, 4> parts;
+  int64_t first = 0;
+  for (size_t i = 0; i < nw; ++i) {
+    const int64_t N = ws[i].size(0);
+    float* yp = yt == at::kFloat ? ys[i].data_ptr<float>() : ybuf.data() + M * first;
+    parts.push_back({ws[i].data_ptr(), N, first, yp});
+    first += N;
   }
   at::Tensor bias;
   if (has_bias) bias = bias_in->to(at::kFloat).contiguous();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const void* wp = w.data_ptr();
   const int64_t isa = llamalab::current_isa();
   // at least llamalab::min_chunk() weight bytes x rows per thread: small batch-1 products stay on the calling
   // thread (blocks.cpp has the measurements)
-  const int64_t grain =
-      std::max<int64_t>(1, llamalab::min_chunk() / std::max<int64_t>(1, K * w.element_size() * M));
+  const int64_t grain = std::max<int64_t>(1, llamalab::min_chunk() / std::max<int64_t>(1, K * w0.element_size() * M));
+  // rows [r0, r1) of the joint range, weight by weight, through `rows(part, n0, n1)` (rows of that weight)
+  auto over_parts = [&](int64_t r0, int64_t r1, auto&& rows) {
+    for (const Part& p : parts) {
+      const int64_t a = std::max(r0, p.first), b = std::min(r1, p.first + p.N);
+      if (a < b) rows(p, a - p.first, b - p.first);
+    }
+  };
 #if LL_X86
   if (wk == BF16 && isa == 3) {
     thread_local std::vector<float> xrbuf;
@@ -411,35 +453,70 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::
     xrbuf.resize(std::max<size_t>(xrbuf.size(), M * Kp + 16));
     float* xr = (float*)(((uintptr_t)xrbuf.data() + 63) & ~(uintptr_t)63);  // 64-byte aligned rows (Kp % 16 == 0)
     regroup_eo(xp, M, K, Kp, xr);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      rows_avx512_bf16(wp, K, xr, Kp, M, n0, n1, N, bp, yp);
+    at::parallel_for(0, total, grain, [&](int64_t r0, int64_t r1) {
+      over_parts(r0, r1, [&](const Part& p, int64_t n0, int64_t n1) {
+        rows_avx512_bf16(p.w, K, xr, Kp, M, n0, n1, p.N, bp, p.y);
+      });
     });
   } else
 #endif
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (wk) {
-      case F32: return rows_any<F32>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-      case BF16: return rows_any<BF16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-      case F16: return rows_any<F16>(isa, wp, K, xp, M, n0, n1, N, bp, yp);
-    }
+  at::parallel_for(0, total, grain, [&](int64_t r0, int64_t r1) {
+    over_parts(r0, r1, [&](const Part& p, int64_t n0, int64_t n1) {
+      switch (wk) {
+        case F32: return rows_any<F32>(isa, p.w, K, xp, M, n0, n1, p.N, bp, p.y);
+        case BF16: return rows_any<BF16>(isa, p.w, K, xp, M, n0, n1, p.N, bp, p.y);
+        case F16: return rows_any<F16>(isa, p.w, K, xp, M, n0, n1, p.N, bp, p.y);
+      }
+    });
   });
-  if (y.scalar_type() == at::kBFloat16) {
-    c10::BFloat16* dst = y.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::BFloat16(yp[i]);
-  } else if (y.scalar_type() == at::kHalf) {
-    c10::Half* dst = y.data_ptr<c10::Half>();
-    for (int64_t i = 0; i < M * N; ++i) dst[i] = c10::Half(yp[i]);
+  for (size_t i = 0; i < nw && yt != at::kFloat; ++i) {
+    const float* src = parts[i].y;
+    const int64_t n = M * parts[i].N;
+    if (yt == at::kBFloat16) {
+      c10::BFloat16* dst = ys[i].data_ptr<c10::BFloat16>();
+      for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+    } else {
+      c10::Half* dst = ys[i].data_ptr<c10::Half>();
+      for (int64_t j = 0; j < n; ++j) dst[j] = c10::Half(src[j]);
+    }
   }
-  return direct ? y : y.to(xt);
+  if (!direct)
+    for (auto& y : ys) y = y.to(xt);
+  return ys;
+}
+
+// y = x · Wᵀ (+ bias) for x (..., K) of any float dtype; y has x's leading shape and dtype.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return dense_products("dense_linear", x, {w}, bias)[0];
+}
+
+// [x · W_iᵀ] for weights of one dtype and width that read the same x (q|k|v): each the dense_linear of its own
+std::vector<at::Tensor> dense_linears(const at::Tensor& x, at::TensorList ws) {
+  return dense_products("dense_linears", x, ws, c10::nullopt);
+}
+
+// SwiGLU's input to down_proj, silu(x · W_gateᵀ) ⊙ (x · W_upᵀ): dense_linears of the two, then
+// llamalab::silu_mul (norm.cpp) on them: the same ops and roundings as the three calls from Python, in one.
+at::Tensor dense_swiglu(const at::Tensor& x, at::TensorList ws) {
+  TORCH_CHECK(ws.size() == 2, "llamalab dense_swiglu: takes two weights (gate, up), got ", ws.size());
+  static const auto silu_mul = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("llamalab::silu_mul", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const std::vector<at::Tensor> gate_up = dense_products("dense_swiglu", x, ws, c10::nullopt);
+  return silu_mul.call(gate_up[0], gate_up[1]);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llamalab, lib) {
   lib.def("dense_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  lib.def("dense_linears(Tensor x, Tensor[] ws) -> Tensor[]");
+  lib.def("dense_swiglu(Tensor x, Tensor[] ws) -> Tensor");
   lib.def("dense_configure(int rows_f32, int rows_bf16, int rows_f16) -> int", &dense_configure);
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, lib) {
   lib.impl("dense_linear", &dense_linear);
+  lib.impl("dense_linears", &dense_linears);
+  lib.impl("dense_swiglu", &dense_swiglu);
 }

@@ -31,6 +31,8 @@ from llamalab import kernels
 from llamalab.module_call import DirectCall
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_grad_enabled = torch.is_grad_enabled
+_autocast_enabled = torch.is_autocast_enabled
 
 
 def _onednn_f32_default() -> bool:
@@ -60,18 +62,21 @@ class DenseLinear(DirectCall, nn.Linear):
     """``nn.Linear`` whose inference forward on CPU runs ``llamalab::dense_linear`` at few activation rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.is_cpu and w.is_cpu and x.dtype == w.dtype and w.dtype in _FLOATS
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                      or (self.bias is not None and self.bias.requires_grad)))
-                and not torch.is_autocast_enabled("cpu") and _native()):
-            if x.numel() <= kernels.DENSE_ROWS[w.dtype] * self.in_features:
+        # (the parameters from _parameters, where nn.Module.__getattr__ finds them, and the cheapest checks
+        # first: decode calls this twice a layer plus once for the head, ~1 µs of checks each)
+        p = self._parameters
+        w, b = p["weight"], p["bias"]
+        if (x.dtype == w.dtype and x.is_cpu and w.is_cpu and (rows := kernels.DENSE_ROWS.get(w.dtype))
+                and not (_grad_enabled()
+                         and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
+                and not _autocast_enabled("cpu") and _native()):
+            if x.numel() <= rows * self.in_features:
                 if is_dynamo_compiling():
-                    return torch.ops.llamalab.dense_linear(x, w, self.bias)
-                return kernels.OPS.dense_linear(x, w, self.bias)
+                    return torch.ops.llamalab.dense_linear(x, w, b)
+                return kernels.OPS.dense_linear(x, w, b)
             if BATCH_F32_ONEDNN and w.dtype == torch.float32 and not is_dynamo_compiling():
-                return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [None], "")
-        return F.linear(x, w, self.bias)
+                return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+        return F.linear(x, w, b)
 
 
 def _native() -> bool:

@@ -42,6 +42,8 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   static const auto q4_k = handle<at::Tensor(CT, CT)>("llamalab::q4_k_linear");
   static const auto q6_k = handle<at::Tensor(CT, CT)>("llamalab::q6_k_linear");
   static const auto dense = handle<at::Tensor(CT, CT, const c10::optional<at::Tensor>&)>("llamalab::dense_linear");
+  static const auto dense_many = handle<std::vector<at::Tensor>(CT, at::TensorList)>("llamalab::dense_linears");
+  static const auto dense_glu = handle<at::Tensor(CT, at::TensorList)>("llamalab::dense_swiglu");
   static const auto rms = handle<at::Tensor(CT, CT, double)>("llamalab::rms_norm");
   static const auto add_rms = handle<std::tuple<at::Tensor, at::Tensor>(CT, CT, CT, double)>("llamalab::add_rms_norm");
   static const auto silu = handle<at::Tensor(CT, CT)>("llamalab::silu_mul");
@@ -61,6 +63,8 @@ PYBIND11_MODULE(_llamalab_direct, m) {
   m.def("q6_k_linear", [](CT x, CT kq) { return q6_k.call(x, kq); }, nogil);
   m.def("dense_linear", [](CT x, CT w, const c10::optional<at::Tensor>& b) { return dense.call(x, w, b); },
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), nogil);
+  m.def("dense_linears", [](CT x, TV ws) { return dense_many.call(x, ws); }, nogil);
+  m.def("dense_swiglu", [](CT x, TV ws) { return dense_glu.call(x, ws); }, nogil);
   m.def("rms_norm", [](CT x, CT w, double eps) { return rms.call(x, w, eps); }, nogil);
   m.def("add_rms_norm", [](CT x, CT r, CT w, double eps) { return add_rms.call(x, r, w, eps); }, nogil);
   m.def("silu_mul", [](CT g, CT u) { return silu.call(g, u); }, nogil);

@@ -35,7 +35,7 @@ from torch import nn
 from llamalab import kernels
 from llamalab.model.kv_cache import CacheStep, KVCache, write_layer
 from llamalab.model.rope import rope_tables, rotate
-from llamalab.model.shared_input import joint_args
+from llamalab.model.shared_input import joint_linears
 from llamalab.module_call import DirectCall
 
 __all__ = ["CacheStep", "GroupedQueryAttention", "KVCache"]
@@ -74,8 +74,8 @@ class GroupedQueryAttention(DirectCall, nn.Module):
         if cos.dim() == 3:
             cos, signed_sin = rope_tables(cos, signed_sin)
         B, T, _ = x.shape
-        args = joint_args(self, _QKV, x)  # one kernel call where the three can share it (model/shared_input.py)
-        q, k, v = kernels.OPS.block_linears(x, *args) if args else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        qkv = joint_linears(self, _QKV, x)  # one kernel call where the three can share it (model/shared_input.py)
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         if step is not None:
             kv = kv if kv is not None else cache.layer(self.layer_idx)
             if T == 1 and (op := _decode_op(step)) and _fused_decode(q, k, v, kv[0], cos):

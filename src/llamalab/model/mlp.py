@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab import kernels
-from llamalab.model.shared_input import joint_args
+from llamalab.model.shared_input import joint_swiglu
 from llamalab.module_call import DirectCall
 
 _GATE_UP = ("gate_proj", "up_proj")
@@ -33,9 +33,9 @@ class SwiGLU(DirectCall, nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = joint_args(self, _GATE_UP, x)  # gate, up and silu_mul in one kernel call (model/shared_input.py)
-        if args:
-            return self._modules["down_proj"](kernels.OPS.block_swiglu(x, *args))  # (self.down_proj, see Block)
+        h = joint_swiglu(self, _GATE_UP, x)  # gate, up and silu_mul in one kernel call (model/shared_input.py)
+        if h is not None:
+            return self._modules["down_proj"](h)  # (self.down_proj without nn.Module.__getattr__, see Block)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if kernels.fused_for(gate, up):
             return self.down_proj(kernels.OPS.silu_mul(gate, up))  # the same math in one C++ call
