@@ -87,6 +87,32 @@ def test_no_reads_past_the_weight_or_the_activation(dense_rows_lifted, wdtype):
                 assert _err(got, x, w, None) < 2e-6
 
 
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_the_prefetch_mode_changes_no_bit(dense_rows_lifted, wdtype):
+    """The weight prefetch mode (far: 16-bit weights also prefetched 4 KB ahead, non-temporal) forced to each
+    mode: the same bits on every ISA, at 1..5 rows, for K around the kernels' steps and the 4 KB distance,
+    with weights whose rows end just before NaN (the prefetch reads ahead; the loads must not)."""
+    gen = torch.Generator().manual_seed(16)
+    try:
+        for n, k in [(3, 17), (9, 583), (5, 2049), (2, 4100)]:
+            wbuf = torch.full((n * k + 64,), float("nan")).to(wdtype)
+            wbuf[: n * k] = torch.randn(n * k, generator=gen).to(wdtype)
+            w = wbuf[: n * k].view(n, k)
+            x = torch.randn(5, k, generator=gen).to(wdtype if wdtype != torch.float16 else torch.float32)
+            for isa in kernels.available_isas():
+                kernels.set_isa(isa)
+                for m in (1, 2, 5):
+                    got = {}
+                    for mode in kernels.PREFETCH_MODES:
+                        kernels.set_block_prefetch(mode)
+                        got[mode] = kernels.dense_linear(x[:m], w)
+                    assert torch.isfinite(got["far"]).all()
+                    for mode in ("off", "near"):
+                        assert torch.equal(got[mode], got["far"]), (wdtype, isa, n, k, m, mode)
+    finally:
+        kernels.set_block_prefetch(None)
+
+
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_activations_are_the_float32_product_rounded(dense_rows_lifted, xdtype):
     """A 16-bit activation: the float32 result for the same (widened) values, rounded as Tensor.to."""

@@ -956,6 +956,7 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
 namespace llamalab {
 int64_t current_isa() { return active_isa(); }  // the ISA dense.cpp dispatches on too
 int64_t min_chunk() { return g_min_chunk; }       // the least work per thread dense.cpp splits by too
+int64_t weight_prefetch() { return prefetch_mode(); }  // far also turns on dense.cpp's NTA prefetch
 }
 
 TORCH_LIBRARY(llamalab, lib) {
