@@ -387,7 +387,7 @@ def test_float_joint_calls_step_aside_for_hooks_adapters_and_grad(monkeypatch):
     assert joint.by_op == {}
 
 
-def test_float_joint_calls_follow_new_weights():
+def test_float_joint_calls_follow_new_weights(monkeypatch):
     a, b = _dense_model(seed=0), _dense_model(seed=1)
     one = _ids()[:, :1]
     with torch.inference_mode():
@@ -401,6 +401,12 @@ def test_float_joint_calls_follow_new_weights():
             layer_b.self_attn.v_proj.weight = nn.Parameter(doubled.clone())
         got = a(one)
         assert torch.equal(got, b(one)) and not torch.equal(got, want)
+        for layer in a.layers:  # a bias given to a projection after the plan was made: it is in the forward
+            layer.mlp.up_proj.bias = nn.Parameter(torch.randn(layer.mlp.up_proj.out_features))
+        with_bias = a(one)
+        assert not torch.equal(with_bias, got)
+        monkeypatch.setattr(shared_input._Plan, "check", lambda plan, modules: False)  # each module called
+        assert torch.equal(a(one), with_bias)
 
 
 def test_float_joint_calls_after_a_save_and_a_load(tmp_path, monkeypatch):

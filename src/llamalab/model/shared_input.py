@@ -29,7 +29,8 @@ before (adapters, hooks, training, ``LLAMALAB_FUSED=0``).
 
 What the modules hold is looked at once and kept on the owner (``_joint``), checked on every call by
 identity: a module replaced (an adapter) or its tensors changed (``load_state_dict``, ``.to()``, which
-refresh a block linear's ``_args``; a new weight Parameter) makes a new plan.
+refresh a block linear's ``_args``; a new weight Parameter) makes a new plan, and a bias given to a dense
+module since takes it off the joint call.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class _Plan:
         dense = self.dense
         for name, mod, held in self.items:  # (called twice a layer per decode step: kept to plain look-ups)
             if modules[name] is not mod or (mod._parameters["weight"] if dense else mod._args) is not held:
+                return None
+            if dense and mod._parameters["bias"] is not None:  # a bias given since (the joint op takes none)
                 return None
             if mod._compiled_call_impl is not None or not (dense or mod.use_kernel):
                 free = False
