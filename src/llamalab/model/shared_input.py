@@ -49,7 +49,7 @@ class _Plan:
     """What the named linears of one owner hold, as the joint op takes it (``args``: None where it cannot):
     ``(qs, d, m, kind)`` for block linears, ``(weights,)`` for dense ones (``dense``)."""
 
-    __slots__ = ("names", "mods", "items", "hooks", "args", "dense", "rows")
+    __slots__ = ("names", "mods", "items", "hooks", "args", "dense")
 
     def __init__(self, names: tuple[str, ...], modules: dict[str, nn.Module]) -> None:
         self.names = names
@@ -64,12 +64,10 @@ class _Plan:
         kinds = {getattr(m, "joint_kind", None) for m in self.mods}
         widths = {getattr(m, "in_features", None) for m in self.mods}
         self.args = None
-        self.rows = 0  # dense: the most input elements the kernel takes (DENSE_ROWS rows of the width)
         if self.dense:
             dtypes = {w.dtype for w in held}
-            if len(widths) == 1 and len(dtypes) == 1 and (dtype := dtypes.pop()) in kernels.DENSE_ROWS:
+            if len(widths) == 1 and len(dtypes) == 1 and dtypes.pop() in kernels.DENSE_ROWS:
                 self.args = (list(held),)
-                self.rows = kernels.DENSE_ROWS[dtype] * widths.pop()
         elif len(kinds) == 1 and None not in kinds and len(widths) == 1 and None not in held:
             self.args = ([a[0] for a in held], [a[1] for a in held], [a[2] for a in held if len(a) == 3],
                          kinds.pop())
@@ -107,9 +105,10 @@ def _plan(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> _Plan | 
         ok = plan.check(modules)
     if not ok:
         return None
-    if plan.dense:  # what DenseLinear's forward would check before its kernel, per call
+    if plan.dense:  # what DenseLinear's forward would check before its kernel, per call (its weight's dtype now)
         w = plan.args[0][0]
-        if x.dtype != w.dtype or x.numel() > plan.rows or torch.is_autocast_enabled("cpu"):
+        rows = kernels.DENSE_ROWS.get(w.dtype)
+        if x.dtype != w.dtype or not rows or x.numel() > rows * w.shape[1] or torch.is_autocast_enabled("cpu"):
             return None
     return plan
 
