@@ -1,19 +1,18 @@
 // llamalab dense linears on CPU for few activation rows: y = x · Wᵀ (+ b), W (N, K) in float32, bfloat16 or
 // float16, x (M, K) converted to float32, products and sums in float32.
 //
-// Decode (M = 1) is a matrix-vector product that reads every weight once: its speed is the speed at which
-// the weight streams from memory. Each weight row is read in address order (rows one after the other, as
-// the hardware prefetchers like it), loaded once and multiplied by up to 8 activation rows held in L1
-// (4 on AVX2); more activation rows go by chunks over the same (now cached) weight row; one activation row
-// is a plain loop over the weight rows. Once per 4 KB of weight a prefetch a few pages ahead keeps the
-// stream going across page boundaries (`prefetch_page_ahead`); where blocks.cpp's far prefetch mode is on,
-// every line of a 16-bit weight is also prefetched 4 KB ahead, non-temporal (`kNtaAhead`). Weights are widened to float32 exactly: bf16
-// by a 16-bit left shift (on AVX-512, 32 at a time by even / odd halves against an activation regrouped
-// even / odd once per call), fp16 by vcvtph2ps (F16C / AVX-512F); one FMA per product, so the only
-// difference from a float32 GEMM is the order of the sums. AVX-512F (16 lanes,
-// masked tails), AVX2 + FMA + F16C (8 lanes, scalar tails) and portable scalar code, chosen at run time
-// from the ISA blocks.cpp dispatches on (AVX-512 VNNI -> AVX-512F, AVX2 / AVX-VNNI -> AVX2, scalar).
-// Above `g_dense_rows` activation rows (per weight dtype) the op hands over to at::linear: from there a
+// Decode (M = 1) is a matrix-vector product that reads every weight once: its speed is the speed at which the weight
+// streams from memory. Each weight row is read in address order (rows one after the other, as the hardware
+// prefetchers like it), loaded once and multiplied by up to 8 activation rows held in L1 (4 on AVX2); more
+// activation rows go by chunks over the same (now cached) weight row; one activation row is a plain loop over the
+// weight rows. Once per 4 KB of weight a prefetch a few pages ahead keeps the stream going across page boundaries
+// (`prefetch_page_ahead`); where blocks.cpp's far prefetch mode is on, every line of a 16-bit weight is also
+// prefetched 4 KB ahead, non-temporal (`kNtaAhead`). Weights are widened to float32 exactly: bf16 by a 16-bit left
+// shift (on AVX-512, 32 at a time by even / odd halves against an activation regrouped even / odd once per call),
+// fp16 by vcvtph2ps (F16C / AVX-512F); one FMA per product, so the only difference from a float32 GEMM is the order
+// of the sums. AVX-512F (16 lanes, masked tails), AVX2 + FMA + F16C (8 lanes, scalar tails) and portable scalar
+// code, chosen at run time from the ISA blocks.cpp dispatches on (AVX-512 VNNI -> AVX-512F, AVX2 / AVX-VNNI -> AVX2,
+// scalar). Above `g_dense_rows` activation rows (per weight dtype) the op hands over to at::linear: from there a
 // GEMM, which reuses each loaded activation over several weight rows, is faster.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -285,7 +284,7 @@ LL_DENSE_AVX512_ATTR void rows_avx512_bf16(const void* w, int64_t K, const float
 
 // rows n0..n1 of W times all M activation rows; MM-row chunks dispatched to the template instances (one
 // activation row: a plain loop of the 1-row instance, the same sums)
-#define LL_DENSE_ROWS(NAME, ATTR, ROW, CHUNK)                                                              \
+#define LL_DENSE_ROWS(NAME, ATTR, ROW, CHUNK)                                                             \
   template <WType T>                                                                                      \
   ATTR void NAME(const void* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, int64_t N,  \
                  const float* bias, float* y, bool nta) {                                                 \
@@ -293,7 +292,7 @@ LL_DENSE_AVX512_ATTR void rows_avx512_bf16(const void* w, int64_t K, const float
     float out[MB];                                                                                        \
     if (M == 1) {                                                                                         \
       for (int64_t n = n0; n < n1; ++n) {                                                                 \
-        ROW<T, 1>((const char*)w + n * K * esz, K, x, out, nta);                                               \
+        ROW<T, 1>((const char*)w + n * K * esz, K, x, out, nta);                                          \
         y[n] = out[0] + (bias ? bias[n] : 0.f);                                                           \
       }                                                                                                   \
       return;                                                                                             \
@@ -304,14 +303,14 @@ LL_DENSE_AVX512_ATTR void rows_avx512_bf16(const void* w, int64_t K, const float
         const float* xm = x + m0 * K;                                                                     \
         const int64_t mm = std::min<int64_t>(CHUNK, M - m0);                                              \
         switch (mm) {                                                                                     \
-          case 1: ROW<T, 1>(wr, K, xm, out, nta); break;                                                       \
-          case 2: ROW<T, 2>(wr, K, xm, out, nta); break;                                                       \
-          case 3: ROW<T, 3>(wr, K, xm, out, nta); break;                                                       \
-          case 4: ROW<T, 4>(wr, K, xm, out, nta); break;                                                       \
-          case 5: ROW<T, CHUNK < 5 ? 1 : 5>(wr, K, xm, out, nta); break;                                       \
-          case 6: ROW<T, CHUNK < 6 ? 1 : 6>(wr, K, xm, out, nta); break;                                       \
-          case 7: ROW<T, CHUNK < 7 ? 1 : 7>(wr, K, xm, out, nta); break;                                       \
-          default: ROW<T, CHUNK < 8 ? 1 : 8>(wr, K, xm, out, nta); break;                                      \
+          case 1: ROW<T, 1>(wr, K, xm, out, nta); break;                                                  \
+          case 2: ROW<T, 2>(wr, K, xm, out, nta); break;                                                  \
+          case 3: ROW<T, 3>(wr, K, xm, out, nta); break;                                                  \
+          case 4: ROW<T, 4>(wr, K, xm, out, nta); break;                                                  \
+          case 5: ROW<T, CHUNK < 5 ? 1 : 5>(wr, K, xm, out, nta); break;                                  \
+          case 6: ROW<T, CHUNK < 6 ? 1 : 6>(wr, K, xm, out, nta); break;                                  \
+          case 7: ROW<T, CHUNK < 7 ? 1 : 7>(wr, K, xm, out, nta); break;                                  \
+          default: ROW<T, CHUNK < 8 ? 1 : 8>(wr, K, xm, out, nta); break;                                 \
         }                                                                                                 \
         const float b = bias ? bias[n] : 0.f;                                                             \
         for (int64_t m = 0; m < mm; ++m) y[(m0 + m) * N + n] = out[m] + b;                                \
