@@ -374,7 +374,8 @@ LL_DEFINE_ROWS256(rows_avxvnni, LL_AVXVNNI_ATTR, true)
 // interleaving the 4 rows of a tile left a streamed weight at a third of it. Software prefetches (T0, 0.5 to
 // 16 KB ahead) got in the prefetchers' way on AMD Zen 4, while a prefetch per step reads a streamed weight
 // 17-28% faster on an Intel Xeon (T0 1 KB + T1 4 KB ahead) and ~3x faster on AMD Zen 5 (Q8_0: T0 8 KB + T1
-// 32 KB; Q4: NTA 8 KB): PF, from prefetch_mode. Prefetches change no arithmetic: the results are bit-identical in every mode.
+// 32 KB; Q4: NTA 8 KB): PF, from prefetch_mode. Prefetches change no arithmetic: the results are
+// bit-identical in every mode.
 #define LL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 
 template <Kind KIND>
